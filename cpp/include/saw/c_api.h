@@ -1,0 +1,87 @@
+// sawtrt kernel library: the C ABI shared by the torch ops (ctypes) and the TensorRT plugin.
+//
+// Every launcher validates its arguments, dispatches to a template instantiation and launches on
+// `stream`; it never synchronizes and never allocates, so all of them can be captured in CUDA
+// graphs. Return value: 0 (cudaSuccess) or a cudaError_t / SAW_ERR_* code; saw_error_string()
+// names it. Host-side sizes (max_q_len, max_seq_len) are upper bounds used only for grid sizing.
+//
+// Layout and numerics: sawtrt/spec.py is the definition; saw/layout.cuh mirrors it and
+// saw_page_layout() exports it so the Python tests check the two agree.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum SawKind { SAW_KIND_BF16 = 0, SAW_KIND_INT8 = 1, SAW_KIND_INT4 = 2 };
+enum SawDtype { SAW_DTYPE_FP16 = 0, SAW_DTYPE_BF16 = 1 };
+enum SawError {
+  SAW_ERR_UNSUPPORTED = 10001,   // a configuration with no instantiation (message says which)
+  SAW_ERR_BAD_ARGUMENT = 10002,  // null pointer, negative size, workspace too small, ...
+};
+
+typedef struct SawConfig {
+  int32_t num_q_heads;     // Hq
+  int32_t num_kv_heads;    // Hkv, Hq % Hkv == 0, group Hq/Hkv in 1..16
+  int32_t head_dim;        // D in {64, 128, 256}
+  int32_t page_size;       // tokens per page in {16, 32, 64, 128}
+  int32_t kind;            // SawKind of the cache
+  int32_t rotation_block;  // BDR block h (16..D, power of two, h | D); 0 = no rotation
+  int32_t rotate_v;        // 1: V is rotated too (output is inverse-rotated)
+  int32_t act_dtype;       // SawDtype of q/k/v and of the output
+  float sm_scale;          // softmax scale, usually 1/sqrt(D)
+  const float* signs;      // device pointer to D floats of +-1 applied before the FWHT, or NULL
+} SawConfig;
+
+typedef struct SawPageLayout {  // byte offsets inside one (page, KV head) block
+  int64_t code_bytes, param_bytes, k_codes, k_params, v_codes, v_params, head_block_bytes;
+} SawPageLayout;
+
+int saw_page_layout(const SawConfig* cfg, SawPageLayout* out);
+const char* saw_error_string(int code);
+// Last launcher error message (thread-local), more specific than saw_error_string.
+const char* saw_last_error_message(void);
+
+// Write K and V of `num_tokens` tokens into their slots (slot = page * page_size + offset;
+// slot < 0: skip). qkv: [num_tokens, qkv_stride] in act_dtype, Q at column 0, K at Hq*D,
+// V at (Hq+Hkv)*D (the fused projection output after RoPE). pool_layer: one layer's pool.
+int saw_write_kv(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
+                 const int32_t* slot_mapping, int32_t num_tokens, void* pool_layer,
+                 cudaStream_t stream);
+
+// Bytes of workspace the attention launchers need (split-KV partials).
+size_t saw_workspace_bytes(const SawConfig* cfg, int32_t num_seqs, int32_t num_tokens,
+                           int32_t max_seq_len);
+
+// Decode: one query token per sequence. q: [num_seqs, q_stride] (head h at column h*D),
+// block_tables: [num_seqs, max_pages_per_seq], seq_lens: [num_seqs] tokens in the cache
+// (the new token already written). out: [num_seqs, Hq*D].
+int saw_decode(const SawConfig* cfg, const void* q, int64_t q_stride, const void* pool_layer,
+               const int32_t* block_tables, int32_t max_pages_per_seq, const int32_t* seq_lens,
+               int32_t num_seqs, int32_t max_seq_len, void* out, void* workspace,
+               size_t workspace_bytes, cudaStream_t stream);
+
+// Prefill / chunked prefill / mixed batch: sequence b owns query rows
+// cu_q_lens[b] .. cu_q_lens[b+1]-1, which sit at the last (cu_q_lens[b+1]-cu_q_lens[b])
+// positions of its seq_lens[b] cached tokens and attend causally.
+int saw_prefill(const SawConfig* cfg, const void* q, int64_t q_stride, const void* pool_layer,
+                const int32_t* block_tables, int32_t max_pages_per_seq, const int32_t* seq_lens,
+                const int32_t* cu_q_lens, int32_t num_seqs, int32_t num_tokens,
+                int32_t max_q_len, int32_t max_seq_len, void* out, void* workspace,
+                size_t workspace_bytes, cudaStream_t stream);
+
+// One attention layer for a mixed batch (what the TensorRT plugin's enqueue calls): derives
+// each new token's slot from block_tables/seq_lens/cu_q_lens, writes its K/V, then runs
+// attention for every new token (decode path when all q_lens are 1). out: [num_tokens, Hq*D].
+int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
+                       void* pool_layer, const int32_t* block_tables, int32_t max_pages_per_seq,
+                       const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
+                       int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
+                       void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

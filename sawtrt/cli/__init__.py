@@ -1,0 +1,36 @@
+"""`sawtrt` command line: a thin Click layer over the Python API.
+
+Each command lives in its own module here and is listed in COMMANDS; modules are imported only
+when their command runs, so `sawtrt kv-plan` does not pay for the runtime or the server.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# command name -> "module:attribute" (relative to this package)
+COMMANDS = {
+    "kv-plan": "kv_plan:kv_plan",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="sawtrt")
+def main():
+    """sawtrt: SAW-INT4 (block-diagonal Hadamard + token-wise INT4) KV cache for TensorRT serving."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model specs, loaders and the torch model."""

@@ -1,0 +1,79 @@
+"""Reference paged attention over the SAW-INT4 cache (fp32 math), decode and chunked prefill.
+
+This is the oracle for the CUDA kernels and the CPU fallback of the runtime. Convention
+(write-then-attend, as in vLLM/TensorRT-LLM): the step's new K/V are written to the cache first,
+then attention reads only the cache. Sequence b has seq_lens[b] tokens in the cache, the last
+q_lens[b] of which are its new queries; new query i sits at position seq_lens[b] - q_lens[b] + i
+and attends causally to positions <= its own. Decode is q_lens == 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import hadamard
+from .kv_cache import gather_kv
+from .spec import PageLayout
+
+
+def rotate_query(q: torch.Tensor, layout: PageLayout) -> torch.Tensor:
+    """q [..., D] in fp32, in the cache's K basis."""
+    p = layout.policy
+    if not p.rotated:
+        return q.float()
+    return hadamard.rotate(q, p.rotation_block, p.signs(layout.head_dim))
+
+
+def unrotate_output(o: torch.Tensor, layout: PageLayout) -> torch.Tensor:
+    p = layout.policy
+    if not (p.rotated and p.rotate_v):
+        return o
+    return hadamard.inverse_rotate(o, p.rotation_block, p.signs(layout.head_dim))
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+                    sm_scale: float) -> torch.Tensor:
+    """Causal GQA attention in fp32. q [n, Hq, D] at positions q_start.., k/v [L, Hkv, D]."""
+    n, hq, d = q.shape
+    group = hq // k.shape[1]
+    kk = k.float().repeat_interleave(group, dim=1)            # [L, Hq, D]
+    vv = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), kk) * sm_scale
+    qpos = torch.arange(q_start, q_start + n, device=q.device)[:, None]
+    kpos = torch.arange(k.shape[0], device=q.device)[None, :]
+    scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", torch.softmax(scores, dim=-1), vv)
+
+
+def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayout,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    q_lens: torch.Tensor | None = None, sm_scale: float | None = None
+                    ) -> torch.Tensor:
+    """Attention of the step's queries over the paged cache.
+
+    q            [sum(q_lens), Hq, D] (any float dtype), sequences back to back
+    block_tables [B, max_pages] int32, seq_lens [B] int32 (tokens in cache, new ones included)
+    q_lens       [B] new tokens per sequence (default: all 1, i.e. decode)
+    returns      [sum(q_lens), Hq, D] in q's dtype
+    """
+    if q.shape[-1] != layout.head_dim:
+        raise ValueError(f"query head_dim {q.shape[-1]} != cache head_dim {layout.head_dim}")
+    if q.shape[1] % layout.num_kv_heads:
+        raise ValueError(f"{q.shape[1]} query heads do not group over {layout.num_kv_heads} KV heads")
+    batch = seq_lens.shape[0]
+    q_lens = torch.ones(batch, dtype=torch.int32) if q_lens is None else q_lens
+    if int(q_lens.sum()) != q.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} tokens but q_lens sums to {int(q_lens.sum())}")
+    sm_scale = 1.0 / math.sqrt(layout.head_dim) if sm_scale is None else sm_scale
+    qr = rotate_query(q, layout)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    start = 0
+    for b in range(batch):
+        n, length = int(q_lens[b]), int(seq_lens[b])
+        if n > length:
+            raise ValueError(f"sequence {b}: {n} new tokens but only {length} in the cache")
+        k, v = gather_kv(pool_layer, layout, block_tables[b], length)
+        out[start:start + n] = dense_attention(qr[start:start + n], k, v, length - n, sm_scale)
+        start += n
+    return unrotate_output(out, layout).to(q.dtype)
