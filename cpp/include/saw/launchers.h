@@ -1,0 +1,38 @@
+// C++ launchers behind the C ABI (c_api.h). cpp/c_api.cu validates arguments and calls these;
+// each is implemented next to its kernel in cpp/kernels/*.cu.
+#pragma once
+#include "saw/c_api.h"
+
+namespace saw {
+
+// cpp/kernels/write_kv.cu — rotate + quantize + store K and V at their slots.
+cudaError_t LaunchWriteKV(const SawConfig& cfg, const void* qkv, int64_t qkv_stride,
+                          const int32_t* slot_mapping, int32_t num_tokens, void* pool_layer,
+                          cudaStream_t stream);
+
+// cpp/kernels/write_kv.cu — slots of a step's new tokens from block tables and lengths
+// (token i of sequence b sits at position seq_lens[b] - q_len_b + i).
+cudaError_t LaunchStepSlots(const int32_t* block_tables, int32_t max_pages_per_seq,
+                            const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
+                            int32_t num_tokens, int32_t page_size, int32_t* slots_out,
+                            cudaStream_t stream);
+
+// cpp/kernels/decode.cu — split-KV paged decode attention.
+size_t DecodeWorkspaceBytes(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len);
+cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,
+                         const void* pool_layer, const int32_t* block_tables,
+                         int32_t max_pages_per_seq, const int32_t* seq_lens, int32_t num_seqs,
+                         int32_t max_seq_len, void* out, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream);
+
+// cpp/kernels/prefill.cu — causal paged prefill / mixed-batch attention.
+size_t PrefillWorkspaceBytes(const SawConfig& cfg, int32_t num_seqs, int32_t num_tokens,
+                             int32_t max_seq_len);
+cudaError_t LaunchPrefill(const SawConfig& cfg, const void* q, int64_t q_stride,
+                          const void* pool_layer, const int32_t* block_tables,
+                          int32_t max_pages_per_seq, const int32_t* seq_lens,
+                          const int32_t* cu_q_lens, int32_t num_seqs, int32_t num_tokens,
+                          int32_t max_q_len, int32_t max_seq_len, void* out, void* workspace,
+                          size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace saw
