@@ -1,0 +1,259 @@
+// The C ABI (saw/c_api.h): validate every argument, then call the launchers (saw/launchers.h).
+// Validation runs before any CUDA call, so a bad configuration is reported the same on a
+// machine without a GPU (tests/test_build.py relies on that).
+#include <math.h>
+#include <algorithm>
+#include <stdarg.h>
+#include <stdio.h>
+
+#include <cuda_runtime_api.h>
+
+#include "saw/c_api.h"
+#include "saw/launchers.h"
+#include "saw/layout.cuh"
+
+namespace saw {
+namespace {
+thread_local char g_message[512] = "";
+
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+}  // namespace
+
+cudaError_t SetError(int code, const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  vsnprintf(g_message, sizeof(g_message), fmt, args);
+  va_end(args);
+  return static_cast<cudaError_t>(code);
+}
+
+// Until cpp/kernels/decode.cu provides the split-KV decode kernel, these weak fallbacks keep the
+// library linkable; a strong definition in decode.cu replaces them at link time.
+__attribute__((weak)) size_t DecodeWorkspaceBytes(const SawConfig&, int32_t, int32_t) {
+  return 0;
+}
+__attribute__((weak)) cudaError_t LaunchDecode(const SawConfig&, const void*, int64_t,
+                                               const void*, const int32_t*, int32_t,
+                                               const int32_t*, int32_t, int32_t, void*, void*,
+                                               size_t, cudaStream_t) {
+  return SetError(SAW_ERR_UNSUPPORTED, "decode kernel not built into this library");
+}
+
+}  // namespace saw
+
+namespace {
+
+using saw::SetError;
+
+bool IsPow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
+
+// Returns 0 or an error code with the message set.
+int CheckConfig(const SawConfig* cfg) {
+  if (cfg == nullptr) return SetError(SAW_ERR_BAD_ARGUMENT, "config pointer is NULL");
+  const SawConfig& c = *cfg;
+  if (c.head_dim != 64 && c.head_dim != 128 && c.head_dim != 256)
+    return SetError(SAW_ERR_UNSUPPORTED, "head_dim %d not supported (64, 128, 256)", c.head_dim);
+  if (c.page_size != 16 && c.page_size != 32 && c.page_size != 64 && c.page_size != 128)
+    return SetError(SAW_ERR_UNSUPPORTED, "page_size %d not supported (16, 32, 64, 128)",
+                    c.page_size);
+  if (c.kind != SAW_KIND_BF16 && c.kind != SAW_KIND_INT8 && c.kind != SAW_KIND_INT4)
+    return SetError(SAW_ERR_UNSUPPORTED, "cache kind %d not supported (0 bf16, 1 int8, 2 int4)",
+                    c.kind);
+  if (c.num_kv_heads < 1)
+    return SetError(SAW_ERR_BAD_ARGUMENT, "num_kv_heads %d must be >= 1", c.num_kv_heads);
+  if (c.num_q_heads < 1 || c.num_q_heads % c.num_kv_heads)
+    return SetError(SAW_ERR_BAD_ARGUMENT, "num_q_heads %d is not a multiple of num_kv_heads %d",
+                    c.num_q_heads, c.num_kv_heads);
+  const int group = c.num_q_heads / c.num_kv_heads;
+  if (group > 16)
+    return SetError(SAW_ERR_UNSUPPORTED, "GQA group %d (num_q_heads %d / num_kv_heads %d) "
+                    "not supported (1..16)", group, c.num_q_heads, c.num_kv_heads);
+  if (c.rotation_block != 0) {
+    if (c.kind != SAW_KIND_INT4)
+      return SetError(SAW_ERR_UNSUPPORTED, "rotation block %d needs an int4 cache (kind %d)",
+                      c.rotation_block, c.kind);
+    if (!IsPow2(c.rotation_block) || c.rotation_block < 16 || c.rotation_block > c.head_dim)
+      return SetError(SAW_ERR_UNSUPPORTED, "rotation block %d must be a power of two in "
+                      "[16, head_dim %d]", c.rotation_block, c.head_dim);
+  } else {
+    if (c.rotate_v)
+      return SetError(SAW_ERR_BAD_ARGUMENT, "rotate_v %d set without a rotation block",
+                      c.rotate_v);
+    if (c.signs != nullptr)
+      return SetError(SAW_ERR_BAD_ARGUMENT, "signs given without a rotation block");
+  }
+  if (c.rotate_v != 0 && c.rotate_v != 1)
+    return SetError(SAW_ERR_BAD_ARGUMENT, "rotate_v %d must be 0 or 1", c.rotate_v);
+  if (c.act_dtype != SAW_DTYPE_FP16 && c.act_dtype != SAW_DTYPE_BF16)
+    return SetError(SAW_ERR_UNSUPPORTED, "activation dtype %d not supported (0 fp16, 1 bf16)",
+                    c.act_dtype);
+  if (!(isfinite(c.sm_scale) && c.sm_scale > 0.f))
+    return SetError(SAW_ERR_BAD_ARGUMENT, "sm_scale %g must be finite and > 0",
+                    double(c.sm_scale));
+  return 0;
+}
+
+#define SAW_REQUIRE(cond, code, ...) \
+  do {                               \
+    if (!(cond)) return SetError(code, __VA_ARGS__); \
+  } while (0)
+#define SAW_CHECK_CONFIG(cfg)          \
+  do {                                 \
+    if (int e_ = CheckConfig(cfg)) return e_; \
+  } while (0)
+
+int CheckAttentionArgs(const SawConfig& c, const void* q, int64_t q_stride, const void* pool,
+                       const int32_t* block_tables, int32_t max_pages, const int32_t* seq_lens,
+                       int32_t num_seqs, int32_t max_seq_len, const void* out) {
+  SAW_REQUIRE(num_seqs >= 0, SAW_ERR_BAD_ARGUMENT, "num_seqs %d is negative", num_seqs);
+  SAW_REQUIRE(max_pages >= 1, SAW_ERR_BAD_ARGUMENT, "max_pages_per_seq %d must be >= 1",
+              max_pages);
+  SAW_REQUIRE(max_seq_len >= 0 && int64_t(max_seq_len) <= int64_t(max_pages) * c.page_size,
+              SAW_ERR_BAD_ARGUMENT,
+              "max_seq_len %d outside [0, max_pages_per_seq %d * page_size %d]", max_seq_len,
+              max_pages, c.page_size);
+  SAW_REQUIRE(q_stride >= int64_t(c.num_q_heads) * c.head_dim, SAW_ERR_BAD_ARGUMENT,
+              "q stride %lld < num_q_heads * head_dim = %d", (long long)q_stride,
+              c.num_q_heads * c.head_dim);
+  if (num_seqs > 0) {
+    SAW_REQUIRE(q && pool && block_tables && seq_lens && out, SAW_ERR_BAD_ARGUMENT,
+                "NULL pointer among q %p, pool %p, block_tables %p, seq_lens %p, out %p", q,
+                pool, (const void*)block_tables, (const void*)seq_lens, out);
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int saw_page_layout(const SawConfig* cfg, SawPageLayout* out) {
+  SAW_CHECK_CONFIG(cfg);
+  SAW_REQUIRE(out != nullptr, SAW_ERR_BAD_ARGUMENT, "output pointer is NULL");
+  const saw::PageLayout l(cfg->kind, cfg->head_dim, cfg->page_size);
+  *out = SawPageLayout{l.code_bytes, l.param_bytes, l.k_codes, l.k_params,
+                       l.v_codes,    l.v_params,    l.head_block_bytes};
+  return 0;
+}
+
+const char* saw_error_string(int code) {
+  switch (code) {
+    case 0: return "success";
+    case SAW_ERR_UNSUPPORTED: return "unsupported configuration";
+    case SAW_ERR_BAD_ARGUMENT: return "bad argument";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+  }
+}
+
+const char* saw_last_error_message(void) { return saw::g_message; }
+
+int saw_write_kv(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
+                 const int32_t* slot_mapping, int32_t num_tokens, void* pool_layer,
+                 cudaStream_t stream) {
+  SAW_CHECK_CONFIG(cfg);
+  const int64_t need = int64_t(cfg->num_q_heads + 2 * cfg->num_kv_heads) * cfg->head_dim;
+  SAW_REQUIRE(num_tokens >= 0, SAW_ERR_BAD_ARGUMENT, "num_tokens %d is negative", num_tokens);
+  SAW_REQUIRE(qkv_stride >= need, SAW_ERR_BAD_ARGUMENT,
+              "qkv stride %lld < (num_q_heads + 2 * num_kv_heads) * head_dim = %lld",
+              (long long)qkv_stride, (long long)need);
+  if (num_tokens == 0) return 0;
+  SAW_REQUIRE(qkv && slot_mapping && pool_layer, SAW_ERR_BAD_ARGUMENT,
+              "NULL pointer among qkv %p, slot_mapping %p, pool %p", qkv,
+              (const void*)slot_mapping, pool_layer);
+  return saw::LaunchWriteKV(*cfg, qkv, qkv_stride, slot_mapping, num_tokens, pool_layer, stream);
+}
+
+size_t saw_workspace_bytes(const SawConfig* cfg, int32_t num_seqs, int32_t num_tokens,
+                           int32_t max_seq_len) {
+  if (CheckConfig(cfg) || num_seqs < 0 || num_tokens < 0 || max_seq_len < 0) return 0;
+  // [ step slots (saw_attention_step) | attention partials ]
+  const size_t attn = std::max(saw::DecodeWorkspaceBytes(*cfg, num_seqs, max_seq_len),
+                               saw::PrefillWorkspaceBytes(*cfg, num_seqs, num_tokens,
+                                                          max_seq_len));
+  return saw::AlignUp(size_t(num_tokens) * sizeof(int32_t)) + attn;
+}
+
+int saw_decode(const SawConfig* cfg, const void* q, int64_t q_stride, const void* pool_layer,
+               const int32_t* block_tables, int32_t max_pages_per_seq, const int32_t* seq_lens,
+               int32_t num_seqs, int32_t max_seq_len, void* out, void* workspace,
+               size_t workspace_bytes, cudaStream_t stream) {
+  SAW_CHECK_CONFIG(cfg);
+  if (int e = CheckAttentionArgs(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
+                                 seq_lens, num_seqs, max_seq_len, out))
+    return e;
+  if (num_seqs == 0) return 0;
+  const size_t need = saw::DecodeWorkspaceBytes(*cfg, num_seqs, max_seq_len);
+  SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
+              "workspace of %zu bytes at %p, decode needs %zu", workspace_bytes, workspace, need);
+  return saw::LaunchDecode(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
+                           seq_lens, num_seqs, max_seq_len, out, workspace, workspace_bytes,
+                           stream);
+}
+
+int saw_prefill(const SawConfig* cfg, const void* q, int64_t q_stride, const void* pool_layer,
+                const int32_t* block_tables, int32_t max_pages_per_seq, const int32_t* seq_lens,
+                const int32_t* cu_q_lens, int32_t num_seqs, int32_t num_tokens,
+                int32_t max_q_len, int32_t max_seq_len, void* out, void* workspace,
+                size_t workspace_bytes, cudaStream_t stream) {
+  SAW_CHECK_CONFIG(cfg);
+  if (int e = CheckAttentionArgs(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
+                                 seq_lens, num_seqs, max_seq_len, out))
+    return e;
+  SAW_REQUIRE(num_tokens >= 0, SAW_ERR_BAD_ARGUMENT, "num_tokens %d is negative", num_tokens);
+  SAW_REQUIRE(max_q_len >= 0 && max_q_len <= max_seq_len, SAW_ERR_BAD_ARGUMENT,
+              "max_q_len %d outside [0, max_seq_len %d]", max_q_len, max_seq_len);
+  if (num_seqs == 0 || num_tokens == 0) return 0;
+  SAW_REQUIRE(cu_q_lens != nullptr, SAW_ERR_BAD_ARGUMENT, "cu_q_lens is NULL");
+  const size_t need = saw::PrefillWorkspaceBytes(*cfg, num_seqs, num_tokens, max_seq_len);
+  SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
+              "workspace of %zu bytes at %p, prefill needs %zu", workspace_bytes, workspace,
+              need);
+  return saw::LaunchPrefill(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
+                            seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len, max_seq_len,
+                            out, workspace, workspace_bytes, stream);
+}
+
+int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
+                       void* pool_layer, const int32_t* block_tables, int32_t max_pages_per_seq,
+                       const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
+                       int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
+                       void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  SAW_CHECK_CONFIG(cfg);
+  const SawConfig& c = *cfg;
+  const int64_t need_stride = int64_t(c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim;
+  SAW_REQUIRE(qkv_stride >= need_stride, SAW_ERR_BAD_ARGUMENT,
+              "qkv stride %lld < (num_q_heads + 2 * num_kv_heads) * head_dim = %lld",
+              (long long)qkv_stride, (long long)need_stride);
+  if (int e = CheckAttentionArgs(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
+                                 seq_lens, num_seqs, max_seq_len, out))
+    return e;
+  SAW_REQUIRE(num_tokens >= 0, SAW_ERR_BAD_ARGUMENT, "num_tokens %d is negative", num_tokens);
+  SAW_REQUIRE(max_q_len >= 0 && max_q_len <= max_seq_len, SAW_ERR_BAD_ARGUMENT,
+              "max_q_len %d outside [0, max_seq_len %d]", max_q_len, max_seq_len);
+  if (num_seqs == 0 || num_tokens == 0) return 0;
+  SAW_REQUIRE(cu_q_lens != nullptr, SAW_ERR_BAD_ARGUMENT, "cu_q_lens is NULL");
+  const size_t slot_bytes = saw::AlignUp(size_t(num_tokens) * sizeof(int32_t));
+  const bool decode = max_q_len == 1 && num_tokens == num_seqs;
+  const size_t attn = decode ? saw::DecodeWorkspaceBytes(c, num_seqs, max_seq_len)
+                             : saw::PrefillWorkspaceBytes(c, num_seqs, num_tokens, max_seq_len);
+  SAW_REQUIRE(workspace != nullptr && workspace_bytes >= slot_bytes + attn, SAW_ERR_BAD_ARGUMENT,
+              "workspace of %zu bytes at %p, attention step needs %zu (saw_workspace_bytes)",
+              workspace_bytes, workspace, slot_bytes + attn);
+  int32_t* slots = static_cast<int32_t*>(workspace);
+  void* attn_ws = static_cast<char*>(workspace) + slot_bytes;
+  const size_t attn_bytes = workspace_bytes - slot_bytes;
+  cudaError_t e = saw::LaunchStepSlots(block_tables, max_pages_per_seq, seq_lens, cu_q_lens,
+                                       num_seqs, num_tokens, c.page_size, slots, stream);
+  if (e != cudaSuccess) return e;
+  e = saw::LaunchWriteKV(c, qkv, qkv_stride, slots, num_tokens, pool_layer, stream);
+  if (e != cudaSuccess) return e;
+  if (decode)
+    return saw::LaunchDecode(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
+                             seq_lens, num_seqs, max_seq_len, out, attn_ws, attn_bytes, stream);
+  return saw::LaunchPrefill(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
+                            seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len, max_seq_len,
+                            out, attn_ws, attn_bytes, stream);
+}
+
+}  // extern "C"

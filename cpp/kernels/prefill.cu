@@ -1,0 +1,373 @@
+// Causal paged prefill / chunked prefill / mixed-batch attention over the SAW-INT4 cache.
+//
+// Sequence b owns query rows cu_q_lens[b] .. cu_q_lens[b+1]-1; they are the last q_len_b of its
+// seq_lens[b] cached tokens (write-then-attend) and attend causally: query i at position
+// p_i = seq_len - q_len + i sees cache positions 0..p_i.
+//
+// \param q     [num_tokens, q_stride] fp16/bf16, head h at column h*D (unrotated)
+// \param out   [num_tokens, Hq*D], same dtype; in the original basis (V un-rotated if rotate_v)
+//
+// Structure (flash-attention 2 on mma.sync m16n8k16, fp32 accumulation):
+//   * a block = 4 warps = 64 query rows of ONE KV head; a row is (query token, group head), so
+//     the G query heads of a GQA group share every K/V tile that the block decodes;
+//   * the query is rotated in registers (saw/hadamard.cuh), pre-multiplied by sm_scale*log2(e)
+//     and rounded to the MMA type once; sum(q) per row is kept for the offset term;
+//   * K/V tiles of BK tokens are read page by page (any page order) as raw codes, turned into
+//     MMA operands without applying (s, m): the algebra of DESIGN.md does that exactly in fp32,
+//       q . k_hat = s * (q . code) + m * sum(q),   sum_t p_t v_hat_t = sum_t (p_t s_t) code_t + sum_t p_t m_t,
+//     so an INT4/INT8 code is an exact small integer operand and only q and p*s are rounded;
+//   * online softmax in registers; the finished tile is staged in shared memory so that each
+//     output row is inverse-rotated (rotate_v) by one warp and stored with coalesced writes.
+// A bf16 cache is the same kernel with s = 1, m = 0 and the stored values as operands.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "saw/dispatch.cuh"
+#include "saw/hadamard.cuh"
+#include "saw/launchers.h"
+#include "saw/layout.cuh"
+
+namespace saw {
+namespace {
+
+template <typename T, int D>
+struct PrefillTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = kWarps * 16;     // query rows per block (16 per warp: one MMA M)
+  // BK = 32 at D = 256 keeps shared memory under the 99 KB that sm_89 allows per block.
+  static constexpr int kBK = D >= 256 ? 32 : 64;
+  static constexpr int kPad = 8;                // 16 bytes: rows land on distinct banks
+  static constexpr int kQStride = D + kPad;     // elements, Qs[row][d]
+  static constexpr int kKStride = D + kPad;     // Ks[token][d]
+  static constexpr int kVStride = kBK + kPad;   // Vt[d][token] (transposed: B operand of P.V)
+  static constexpr int kOStride = D + 4;        // fp32 staging of the finished tile
+  static constexpr int kQBytes = kRows * kQStride * 2;
+  static constexpr int kKBytes = kBK * kKStride * 2;
+  static constexpr int kVBytes = D * kVStride * 2;
+  static constexpr int kTileBytes = kQBytes + kKBytes + kVBytes;
+  static constexpr int kOBytes = kRows * kOStride * 4;
+  static constexpr int kMainBytes = kTileBytes > kOBytes ? kTileBytes : kOBytes;
+  // + per-token (s, m) of K and V, + per-row sum(q)
+  static constexpr int kSmemBytes = kMainBytes + 4 * kBK * 4 + kRows * 4;
+  static_assert(D % 32 == 0 && kBK % 16 == 0, "tile shapes must match the MMA shape");
+  static_assert(kSmemBytes <= 99 * 1024, "must fit sm_89's shared memory per block");
+};
+
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T FromFloat(float x);
+template <> __device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t PackPair(float lo, float hi) {
+  T v[2] = {FromFloat<T>(lo), FromFloat<T>(hi)};
+  return *reinterpret_cast<const uint32_t*>(v);
+}
+
+// D[16x8] += A[16x16] * B[16x8], fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4],
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// 16 bytes of one token's codes -> MMA operand values (N of them) written by `put(i, value)`.
+template <typename T, int KIND, typename Put>
+__device__ __forceinline__ void DecodeChunk(const uint4& raw, Put put) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (KIND == SAW_KIND_INT4) {  // 32 codes, element i at bits [4i, 4i+4) of the chunk
+#pragma unroll
+    for (int i = 0; i < 32; ++i) put(i, FromFloat<T>(float((w[i / 8] >> (4 * (i % 8))) & 0xF)));
+  } else if constexpr (KIND == SAW_KIND_INT8) {  // 16 codes
+#pragma unroll
+    for (int i = 0; i < 16; ++i) put(i, FromFloat<T>(float((w[i / 4] >> (8 * (i % 4))) & 0xFF)));
+  } else {  // 8 bf16 values
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t bits = (w[i / 2] >> (16 * (i % 2))) & 0xFFFF;
+      put(i, FromFloat<T>(__uint_as_float(bits << 16)));
+    }
+  }
+}
+
+template <typename T, int KIND, int D>
+__global__ void __launch_bounds__(PrefillTraits<T, D>::kThreads)
+PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restrict__ pool,
+              const int32_t* __restrict__ block_tables, int32_t max_pages,
+              const int32_t* __restrict__ seq_lens, const int32_t* __restrict__ cu_q_lens,
+              int tiles_per_seq, int num_q_heads, int num_kv_heads, int page_size,
+              int rotation_block, int rotate_v, const float* __restrict__ signs, float q_scale,
+              T* __restrict__ out) {
+  using Tr = PrefillTraits<T, D>;
+  constexpr int BK = Tr::kBK, E = D / 32;
+  constexpr int kCodesPerChunk = KIND == SAW_KIND_INT4 ? 32 : KIND == SAW_KIND_INT8 ? 16 : 8;
+  constexpr int kChunks = D / kCodesPerChunk;  // 16-byte chunks per token row
+  extern __shared__ __align__(16) uint8_t smem[];
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Ks = reinterpret_cast<T*>(smem + Tr::kQBytes);
+  T* Vt = reinterpret_cast<T*>(smem + Tr::kQBytes + Tr::kKBytes);
+  float* Os = reinterpret_cast<float*>(smem);  // aliases Q/K/V once the tile is finished
+  float* k_s = reinterpret_cast<float*>(smem + Tr::kMainBytes);
+  float* k_m = k_s + BK;
+  float* v_s = k_m + BK;
+  float* v_m = v_s + BK;
+  float* q_sum = v_m + BK;
+
+  const int seq = blockIdx.x / tiles_per_seq, tile = blockIdx.x % tiles_per_seq;
+  const int kvh = blockIdx.y;
+  const int group = num_q_heads / num_kv_heads;
+  const int q_begin = cu_q_lens[seq], q_len = cu_q_lens[seq + 1] - q_begin;
+  const int seq_len = seq_lens[seq];
+  const int row0 = tile * Tr::kRows;  // first (token, head) row of this tile
+  if (row0 >= q_len * group) return;  // uniform per block
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;  // MMA fragment coordinates
+  const PageLayout layout(KIND, D, page_size);
+  const int32_t* table = block_tables + int64_t(seq) * max_pages;
+
+  // ---- query tile: rotate, scale, round; rows past q_len are zero
+  for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+    const int idx = row0 + r, qi = idx / group, g = idx % group;
+    float x[E];
+    if (qi < q_len) {
+      const T* src = q + int64_t(q_begin + qi) * q_stride + int64_t(kvh * group + g) * D + lane * E;
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] = ToFloat(src[i]);
+      if (rotation_block > 0) WarpRotate<E>(x, rotation_block, signs);
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] = 0.f;
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const T v = FromFloat<T>(x[i] * q_scale);
+      Qs[r * Tr::kQStride + lane * E + i] = v;
+      sum += ToFloat(v);  // sum of the operand actually used, so the m term matches the MMA
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+    if (lane == 0) q_sum[r] = sum;
+  }
+
+  // positions of this thread's two fragment rows (gid and gid + 8 of the warp's 16)
+  int qpos[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int qi = (row0 + warp * 16 + gid + 8 * h) / group;
+    qpos[h] = qi < q_len ? seq_len - q_len + qi : -1;  // -1: padding row, everything masked
+  }
+  const int last_row = min(row0 + Tr::kRows, q_len * group) - 1;
+  const int kv_end = seq_len - q_len + last_row / group + 1;  // causal: nothing later is seen
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, row_pm[2] = {0.f, 0.f};
+
+  for (int kv0 = 0; kv0 < kv_end; kv0 += BK) {
+    __syncthreads();  // previous tile fully consumed (and Q tile written, first time)
+    // ---- load + decode a K/V tile; token index fastest so Vt stores are contiguous
+    for (int item = threadIdx.x; item < BK * kChunks; item += Tr::kThreads) {
+      const int t = item % BK, c = item / BK, pos = kv0 + t;
+      uint4 kraw = make_uint4(0, 0, 0, 0), vraw = kraw;
+      if (pos < kv_end) {
+        const uint8_t* blk = layout.HeadBlock(pool, table[pos / page_size], kvh, num_kv_heads);
+        const int64_t row = int64_t(pos % page_size) * layout.code_bytes + c * 16;
+        kraw = __ldg(reinterpret_cast<const uint4*>(blk + layout.k_codes + row));
+        vraw = __ldg(reinterpret_cast<const uint4*>(blk + layout.v_codes + row));
+      }
+      T* krow = Ks + t * Tr::kKStride + c * kCodesPerChunk;
+      DecodeChunk<T, KIND>(kraw, [&](int i, T v) { krow[i] = v; });
+      T* vcol = Vt + (c * kCodesPerChunk) * Tr::kVStride + t;
+      DecodeChunk<T, KIND>(vraw, [&](int i, T v) { vcol[i * Tr::kVStride] = v; });
+    }
+    for (int t = threadIdx.x; t < BK; t += Tr::kThreads) {
+      const int pos = kv0 + t;
+      float ks = 0.f, km = 0.f, vs = 0.f, vm = 0.f;  // padding tokens: finite and masked
+      if (pos < kv_end) {
+        if constexpr (KIND == SAW_KIND_BF16) {
+          ks = vs = 1.f;
+        } else {
+          const uint8_t* blk = layout.HeadBlock(pool, table[pos / page_size], kvh, num_kv_heads);
+          const int64_t off = int64_t(pos % page_size) * kParamBytes;
+          const __half2 kp = *reinterpret_cast<const __half2*>(blk + layout.k_params + off);
+          const __half2 vp = *reinterpret_cast<const __half2*>(blk + layout.v_params + off);
+          ks = __low2float(kp), km = __high2float(kp), vs = __low2float(vp), vm = __high2float(vp);
+        }
+      }
+      k_s[t] = ks, k_m[t] = km, v_s[t] = vs, v_m[t] = vm;
+    }
+    __syncthreads();
+
+    // ---- S = Q K^T (codes), 16 rows x BK tokens per warp
+    float s[BK / 8][4];
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    const T* qa = Qs + (warp * 16 + gid) * Tr::kQStride + tig * 2;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = *reinterpret_cast<const uint32_t*>(qa + kk * 16);
+      a[1] = *reinterpret_cast<const uint32_t*>(qa + 8 * Tr::kQStride + kk * 16);
+      a[2] = *reinterpret_cast<const uint32_t*>(qa + kk * 16 + 8);
+      a[3] = *reinterpret_cast<const uint32_t*>(qa + 8 * Tr::kQStride + kk * 16 + 8);
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) {
+        const T* kb = Ks + (n * 8 + gid) * Tr::kKStride + kk * 16 + tig * 2;
+        Mma16816<T>(s[n], a, *reinterpret_cast<const uint32_t*>(kb),
+                    *reinterpret_cast<const uint32_t*>(kb + 8));
+      }
+    }
+
+    // ---- scores (log2 domain), causal mask, online softmax
+    float qs[2] = {q_sum[warp * 16 + gid], q_sum[warp * 16 + gid + 8]};
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int h = i >> 1, t = n * 8 + tig * 2 + (i & 1);
+        const float v = kv0 + t > qpos[h] ? -INFINITY : s[n][i] * k_s[t] + k_m[t] * qs[h];
+        s[n][i] = v;
+        tile_max[h] = fmaxf(tile_max[h], v);
+      }
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      const float m_new = fmaxf(row_max[h], tile_max[h]);
+      base[h] = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exp2 finite
+      alpha[h] = exp2f(row_max[h] - base[h]);
+      row_max[h] = m_new;
+      row_sum[h] *= alpha[h];
+      row_pm[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      o[d][0] *= alpha[0], o[d][1] *= alpha[0], o[d][2] *= alpha[1], o[d][3] *= alpha[1];
+    }
+    // p -> (p * s_v) as the A operand of P.V, sum p and sum p*m on the side
+    uint32_t pa[BK / 16][4];
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) {
+      float ps[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int h = i >> 1, t = n * 8 + tig * 2 + (i & 1);
+        const float p = exp2f(s[n][i] - base[h]);
+        row_sum[h] += p;
+        row_pm[h] += p * v_m[t];
+        ps[i] = p * v_s[t];
+      }
+      // n even -> k 0..7 of step n/2 (regs 0, 1); n odd -> k 8..15 (regs 2, 3)
+      pa[n / 2][(n & 1) * 2 + 0] = PackPair<T>(ps[0], ps[1]);
+      pa[n / 2][(n & 1) * 2 + 1] = PackPair<T>(ps[2], ps[3]);
+    }
+    // ---- O += (P * s_v) . codes_v
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        const T* vb = Vt + (d * 8 + gid) * Tr::kVStride + kk * 16 + tig * 2;
+        Mma16816<T>(o[d], pa[kk], *reinterpret_cast<const uint32_t*>(vb),
+                    *reinterpret_cast<const uint32_t*>(vb + 8));
+      }
+    }
+  }
+
+  // ---- finish: (O + sum p*m_v) / sum p, staged in shared memory
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int m = 1; m <= 2; m <<= 1) {
+      row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], m);
+      row_pm[h] += __shfl_xor_sync(0xffffffffu, row_pm[h], m);
+    }
+  }
+  __syncthreads();  // Os aliases the Q/K/V tiles other warps may still read
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+    float* orow = Os + (warp * 16 + gid + 8 * h) * Tr::kOStride + tig * 2;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      orow[d * 8 + 0] = (o[d][2 * h + 0] + row_pm[h]) * inv;
+      orow[d * 8 + 1] = (o[d][2 * h + 1] + row_pm[h]) * inv;
+    }
+  }
+  __syncwarp();
+  for (int r = warp * 16; r < warp * 16 + 16; ++r) {  // each warp stores its own rows
+    const int idx = row0 + r, qi = idx / group, g = idx % group;
+    if (qi >= q_len) break;  // rows are in order: the rest are padding too
+    float x[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = Os[r * Tr::kOStride + lane * E + i];
+    if (rotate_v) WarpInverseRotate<E>(x, rotation_block, signs);
+    T* dst = out + int64_t(q_begin + qi) * num_q_heads * D + int64_t(kvh * group + g) * D + lane * E;
+#pragma unroll
+    for (int i = 0; i < E; ++i) dst[i] = FromFloat<T>(x[i]);
+  }
+}
+
+template <typename T, int KIND, int D>
+cudaError_t RunPrefill(const SawConfig& cfg, const void* q, int64_t q_stride, const void* pool,
+                       const int32_t* block_tables, int32_t max_pages, const int32_t* seq_lens,
+                       const int32_t* cu_q_lens, int32_t num_seqs, int32_t max_q_len, void* out,
+                       cudaStream_t stream) {
+  using Tr = PrefillTraits<T, D>;
+  auto kernel = PrefillKernel<T, KIND, D>;
+  // Host-side and cheap; set on every call so it holds on whichever device is current.
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       Tr::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const int group = cfg.num_q_heads / cfg.num_kv_heads;
+  const int tiles = int((int64_t(max_q_len) * group + Tr::kRows - 1) / Tr::kRows);
+  const dim3 grid(unsigned(num_seqs * tiles), unsigned(cfg.num_kv_heads));
+  const float log2e = 1.4426950408889634f;
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(
+      static_cast<const T*>(q), q_stride, static_cast<const uint8_t*>(pool), block_tables,
+      max_pages, seq_lens, cu_q_lens, tiles, cfg.num_q_heads, cfg.num_kv_heads, cfg.page_size,
+      cfg.rotation_block, cfg.rotate_v, cfg.signs, cfg.sm_scale * log2e, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t PrefillWorkspaceBytes(const SawConfig&, int32_t, int32_t, int32_t) { return 0; }
+
+cudaError_t LaunchPrefill(const SawConfig& cfg, const void* q, int64_t q_stride,
+                          const void* pool_layer, const int32_t* block_tables,
+                          int32_t max_pages_per_seq, const int32_t* seq_lens,
+                          const int32_t* cu_q_lens, int32_t num_seqs, int32_t num_tokens,
+                          int32_t max_q_len, int32_t max_seq_len, void* out, void* workspace,
+                          size_t workspace_bytes, cudaStream_t stream) {
+  (void)num_tokens, (void)max_seq_len, (void)workspace, (void)workspace_bytes;
+  if (num_seqs == 0 || max_q_len == 0) return cudaSuccess;
+  SAW_DISPATCH_DTYPE(cfg.act_dtype, T, SAW_DISPATCH_KIND(cfg.kind, KIND, SAW_DISPATCH_HEAD_DIM(
+      cfg.head_dim, D,
+      return (RunPrefill<T, KIND, D>(cfg, q, q_stride, pool_layer, block_tables,
+                                     max_pages_per_seq, seq_lens, cu_q_lens, num_seqs, max_q_len,
+                                     out, stream)))));
+  return cudaSuccess;
+}
+
+}  // namespace saw
