@@ -1,0 +1,349 @@
+"""Serving logic with no Triton import: request parsing and the background engine loop.
+
+The Triton model (`triton_model.py`) turns each Triton request into a numpy input dict and a
+`Sink` (where responses go); everything else happens here, so tests drive it with a fake engine
+and fake sinks.
+
+Threading: one loop thread owns the engine (add_request / step / abort_request are only ever
+called from it). `submit()` is thread-safe: it queues the request and wakes the loop.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from sawtrt.engine.sampling import SamplingParams
+
+log = logging.getLogger("sawtrt.serving")
+
+MAX_PROMPT_BYTES = 1 << 20     # 1 MiB of text; longer is refused before tokenizing
+
+
+class RequestError(ValueError):
+    """A bad request: the message goes back to the client verbatim."""
+
+
+@dataclass
+class ParsedRequest:
+    prompt: str
+    params: SamplingParams
+    stream: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: numpy tensors (as Triton hands them, with the batch dimension) -> ParsedRequest
+# ---------------------------------------------------------------------------------------------
+
+def _single(name: str, arr) -> object:
+    """The one element of a [1], [1, 1] or [] tensor; RequestError otherwise."""
+    a = np.asarray(arr)
+    if a.ndim >= 1 and a.shape[0] != 1:
+        raise RequestError(f"{name}: batch size {a.shape[0]} is not supported; "
+                           "send one prompt per request (shape [1, 1])")
+    if a.size != 1:
+        raise RequestError(f"{name}: expected one value, got shape {list(a.shape)}")
+    return a.reshape(-1)[0]
+
+
+def _text(name: str, value) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        if len(value) > MAX_PROMPT_BYTES:
+            raise RequestError(f"{name}: {len(value)} bytes is over the {MAX_PROMPT_BYTES}-byte limit")
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{name}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if isinstance(value, (str, np.str_)):
+        return str(value)
+    raise RequestError(f"{name}: expected BYTES (a UTF-8 string), got {type(value).__name__}")
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise RequestError(f"{name}: expected an integer, got {np.asarray(value).dtype} value {value!r}")
+    return int(value)
+
+
+def _float(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestError(f"{name}: expected a number, got {np.asarray(value).dtype} value {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise RequestError(f"{name}: must be finite, got {v}")
+    return v
+
+
+def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
+    """Validate the tensors of one request; raise RequestError naming the bad input.
+
+    `inputs` maps input name -> numpy array (absent or None: not sent). Only the prompt's
+    emptiness is checked here; its token length is checked by the engine on add_request.
+    """
+    unknown = sorted(set(k for k, v in inputs.items() if v is not None) - set(_KNOWN_INPUTS))
+    if unknown:
+        raise RequestError(f"unknown input(s) {unknown}; expected a subset of {list(_KNOWN_INPUTS)}")
+    for required in ("text_input", "max_tokens"):
+        if inputs.get(required) is None:
+            raise RequestError(f"missing required input '{required}'")
+
+    prompt = _text("text_input", _single("text_input", inputs["text_input"]))
+    if not prompt:
+        raise RequestError("text_input: the prompt is empty")
+
+    max_tokens = _int("max_tokens", _single("max_tokens", inputs["max_tokens"]))
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens: must be >= 1, got {max_tokens}")
+
+    kwargs = {"max_tokens": max_tokens}
+    if inputs.get("temperature") is not None:
+        kwargs["temperature"] = _float("temperature", _single("temperature", inputs["temperature"]))
+    if inputs.get("top_p") is not None:
+        kwargs["top_p"] = _float("top_p", _single("top_p", inputs["top_p"]))
+    if inputs.get("top_k") is not None:
+        kwargs["top_k"] = _int("top_k", _single("top_k", inputs["top_k"]))
+    if inputs.get("seed") is not None:
+        kwargs["seed"] = _int("seed", _single("seed", inputs["seed"]))
+    if inputs.get("stop_words") is not None:
+        sw = np.asarray(inputs["stop_words"], dtype=object)
+        if sw.ndim >= 2 and sw.shape[0] != 1:
+            raise RequestError(f"stop_words: batch size {sw.shape[0]} is not supported")
+        # TensorRT-LLM clients send [[""]] for "none": empty strings are dropped.
+        kwargs["stop"] = tuple(s for s in (_text("stop_words", v) for v in sw.reshape(-1)) if s)
+    stream = False
+    if inputs.get("stream") is not None:
+        v = _single("stream", inputs["stream"])
+        if not isinstance(v, (bool, np.bool_)):
+            raise RequestError(f"stream: expected BOOL, got {np.asarray(v).dtype}")
+        stream = bool(v)
+
+    params = SamplingParams(**kwargs)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    return ParsedRequest(prompt, params, stream)
+
+
+_KNOWN_INPUTS = ("text_input", "max_tokens", "temperature", "top_k", "top_p", "seed",
+                 "stop_words", "stream")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine loop
+# ---------------------------------------------------------------------------------------------
+
+class Sink(Protocol):
+    """Where the responses of one request go (a Triton response sender, or a test double)."""
+
+    def send(self, text: str, num_input_tokens: int, num_output_tokens: int,
+             finish_reason: str | None, final: bool) -> None: ...
+
+    def error(self, message: str) -> None: ...      # final error response
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class _Active:
+    sink: Sink
+    stream: bool
+    submitted: float
+    parts: list = field(default_factory=list)     # non-streaming: text pieces so far
+
+
+@dataclass
+class LoopStats:
+    submitted: int = 0
+    completed: int = 0
+    rejected: int = 0          # bad requests (parse or add_request errors)
+    cancelled: int = 0
+    failed: int = 0            # internal errors (engine step raised, sink broke)
+    steps: int = 0
+
+
+class EngineLoop:
+    """Runs `engine.step()` in a background thread and routes outputs to per-request sinks.
+
+    engine: the LLMEngine contract (add_request, step, abort_request, has_unfinished,
+    kv_cache_usage). `on_step(loop)` is called after every step and idle wake-up (metrics).
+    `cancel_check_interval_s`: how often each active request is asked `is_cancelled()`
+    (in Triton that is an IPC round trip, so not every step at large batch).
+    """
+
+    def __init__(self, engine, *, on_step: Callable[["EngineLoop"], None] | None = None,
+                 cancel_check_interval_s: float = 0.05, idle_wait_s: float = 0.5):
+        self.engine = engine
+        self.on_step = on_step
+        self.cancel_check_interval_s = cancel_check_interval_s
+        self.idle_wait_s = idle_wait_s
+        self.stats = LoopStats()
+        self._incoming: deque = deque()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._active: dict[str, _Active] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._last_cancel_check = 0.0
+
+    # --- public, thread-safe -----------------------------------------------------------------
+    def start(self) -> "EngineLoop":
+        self._thread = threading.Thread(target=self._run, name="sawtrt-engine-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still active get an error response ("server shutting down")."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, parsed: ParsedRequest, sink: Sink, tag: str = "") -> str:
+        """Queue one parsed request; returns the engine request id."""
+        rid = f"{next(self._ids)}" + (f"-{tag}" if tag else "")
+        with self._wake:
+            if self._stop:
+                sink.error("server is shutting down")
+                return rid
+            self._incoming.append((rid, parsed, sink))
+            self.stats.submitted += 1
+            self._wake.notify()
+        return rid
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active) + len(self._incoming)
+
+    def kv_cache_usage(self) -> dict:
+        return self.engine.kv_cache_usage()
+
+    # --- loop thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    if not self._stop and not self._incoming and not self.engine.has_unfinished():
+                        self._wake.wait(self.idle_wait_s)
+                    if self._stop:
+                        break
+                    incoming = list(self._incoming)
+                    self._incoming.clear()
+                try:
+                    for item in incoming:
+                        self._admit(*item)
+                    self._check_cancelled()
+                    if self.engine.has_unfinished():
+                        self._step()
+                except Exception:        # noqa: BLE001 - keep serving; _step handles engine errors
+                    log.error("engine loop error: %s", traceback.format_exc())
+                    time.sleep(0.01)
+                self._notify()
+        finally:
+            self._shutdown()
+
+    def _admit(self, rid: str, parsed: ParsedRequest, sink: Sink) -> None:
+        try:
+            self.engine.add_request(rid, parsed.prompt, parsed.params)
+        except ValueError as e:           # empty / too long prompt, bad params
+            self.stats.rejected += 1
+            self._safe_error(sink, f"bad request: {e}")
+            return
+        except Exception as e:           # noqa: BLE001 - a broken request must not kill the loop
+            self.stats.failed += 1
+            log.error("add_request failed: %s", traceback.format_exc())
+            self._safe_error(sink, f"internal error while adding the request: {type(e).__name__}: {e}")
+            return
+        self._active[rid] = _Active(sink, parsed.stream, time.monotonic())
+
+    def _check_cancelled(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_cancel_check < self.cancel_check_interval_s:
+            return
+        self._last_cancel_check = now
+        for rid, a in list(self._active.items()):
+            try:
+                cancelled = a.sink.is_cancelled()
+            except Exception:            # noqa: BLE001 - a dead request counts as cancelled
+                cancelled = True
+            if cancelled:
+                self._abort(rid)
+                self.stats.cancelled += 1
+                self._safe_error(a.sink, "request cancelled")
+
+    def _abort(self, rid: str) -> None:
+        self._active.pop(rid, None)
+        try:
+            self.engine.abort_request(rid)
+        except Exception:                # noqa: BLE001
+            log.error("abort_request(%s) failed: %s", rid, traceback.format_exc())
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:           # noqa: BLE001
+            # The engine state of the batch is unknown: fail every active request, free their pages.
+            log.error("engine step failed: %s", traceback.format_exc())
+            for rid, a in list(self._active.items()):
+                self._abort(rid)
+                self.stats.failed += 1
+                self._safe_error(a.sink, f"internal error in the engine step: {type(e).__name__}: {e}")
+            return
+        self.stats.steps += 1
+        for out in outputs:
+            a = self._active.get(out.request_id)
+            if a is None:
+                continue
+            final = bool(out.finished)
+            try:
+                if a.stream:
+                    if out.new_text or final:
+                        a.sink.send(out.new_text, out.num_prompt_tokens, out.num_output_tokens,
+                                    out.finish_reason if final else None, final)
+                else:
+                    a.parts.append(out.new_text)
+                    if final:
+                        a.sink.send("".join(a.parts), out.num_prompt_tokens, out.num_output_tokens,
+                                    out.finish_reason, True)
+            except Exception:            # noqa: BLE001 - the client went away
+                log.warning("sending a response for %s failed; aborting it: %s",
+                            out.request_id, traceback.format_exc())
+                self._abort(out.request_id)
+                self.stats.failed += 1
+                continue
+            if final:
+                self._active.pop(out.request_id, None)
+                self.stats.completed += 1
+
+    def _notify(self) -> None:
+        if self.on_step is not None:
+            try:
+                self.on_step(self)
+            except Exception:            # noqa: BLE001 - metrics must never stop serving
+                log.warning("on_step failed: %s", traceback.format_exc())
+
+    def _shutdown(self) -> None:
+        with self._wake:
+            pending = list(self._incoming)
+            self._incoming.clear()
+        for _, _, sink in pending:
+            self._safe_error(sink, "server is shutting down")
+        for rid, a in list(self._active.items()):
+            self._abort(rid)
+            self._safe_error(a.sink, "server is shutting down")
+
+    @staticmethod
+    def _safe_error(sink: Sink, message: str) -> None:
+        try:
+            sink.error(message)
+        except Exception:                # noqa: BLE001
+            log.warning("could not deliver error %r: %s", message, traceback.format_exc())

@@ -1,0 +1,239 @@
+"""Find and launch a real `tritonserver` for a model repository.
+
+Where the binary comes from: a `tritonserver` on PATH (a Triton container, with its own
+backends), else the one inside the `nvidia-pytriton` wheel (Triton 2.51 with the Python backend).
+The wheel's layout needs three things to run outside PyTriton, all done here:
+
+- a backend directory whose `python/` holds `libtriton_python.so`, `triton_python_backend_utils.py`
+  and the stub built for *this* interpreter's Python version (the wheel ships one per version);
+- `LD_LIBRARY_PATH` with the wheel's `nvidia_pytriton.libs` (libtritonserver and friends) and, first,
+  this interpreter's own `libpython` directory, so the stub embeds the same Python build;
+- `PATH` with this interpreter's `bin/` first: the stub ignores PYTHONPATH and derives its
+  `sys.prefix` from the `python3` it finds on PATH, which is how it sees the venv's packages.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TritonNotFound(RuntimeError):
+    pass
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonDist:
+    binary: Path
+    backend_dir: Path | None   # None: the binary's own default (/opt/tritonserver/backends)
+    libs_dir: Path | None      # extra shared libraries the binary needs
+
+
+def find_tritonserver() -> TritonDist:
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonDist(Path(on_path), None, None)
+    try:
+        import pytriton  # noqa: F401  (the nvidia-pytriton wheel)
+    except ImportError as e:
+        raise TritonNotFound(
+            "no `tritonserver` on PATH and the nvidia-pytriton wheel is not installed; "
+            "install the serving extra: pip install -e '.[serving]'") from e
+    root = Path(pytriton.__file__).resolve().parent
+    dist = root / "tritonserver"
+    binary = dist / "bin" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not binary.exists() or not stub.exists():
+        raise TritonNotFound(f"nvidia-pytriton at {root} has no tritonserver or no Python {version} stub")
+    return TritonDist(binary, dist / "backends", root.parent / "nvidia_pytriton.libs")
+
+
+def prepare_backend_dir(dist: TritonDist, workdir: Path) -> Path | None:
+    """A backend directory for the wheel's server: python/ with the stub for this Python."""
+    if dist.backend_dir is None:
+        return None
+    out = Path(workdir) / "backends"
+    py = out / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist.backend_dir.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
+    for src, name in ((dist.backend_dir / "python" / "libtriton_python.so", "libtriton_python.so"),
+                      (dist.backend_dir / "python" / "triton_python_backend_utils.py",
+                       "triton_python_backend_utils.py"),
+                      (stub, "triton_python_backend_stub")):
+        dst = py / name
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(src)
+    return out
+
+
+def server_env(dist: TritonDist, base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    lib_dirs = []
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        lib_dirs.append(sysconfig.get_config_var("LIBDIR"))
+    if dist.libs_dir is not None:
+        lib_dirs.append(os.fspath(dist.libs_dir))
+    if env.get("LD_LIBRARY_PATH"):
+        lib_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(lib_dirs)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (bind port 0). Racy by nature; fine for tests."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+@dataclass
+class TritonServer:
+    """One `tritonserver` process serving `model_repository` on 127.0.0.1 (or `host`).
+
+    Ports left at 0 are picked free. Use as a context manager, or start()/wait_ready()/stop().
+    """
+    model_repository: Path
+    grpc_port: int = 0
+    http_port: int = 0
+    metrics_port: int = 0
+    host: str = "127.0.0.1"
+    log_file: Path | None = None
+    log_verbose: int = 0
+    exit_timeout_s: int = 10
+    extra_args: tuple = ()
+    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _workdir: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+    _log: object = field(default=None, init=False, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, dist: TritonDist, backend_dir: Path | None) -> list[str]:
+        cmd = [os.fspath(dist.binary),
+               f"--model-repository={self.model_repository}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               f"--exit-timeout-secs={self.exit_timeout_s}",
+               f"--log-verbose={self.log_verbose}",
+               # a unique shared-memory prefix: several servers may run on one machine
+               f"--backend-config=python,shm-region-prefix-name=sawtrt{os.getpid()}_{id(self)}_"]
+        if backend_dir is not None:
+            cmd.append(f"--backend-directory={backend_dir}")
+        return cmd + list(self.extra_args)
+
+    def start(self) -> "TritonServer":
+        if self.proc is not None:
+            raise ServerError("server already started")
+        dist = find_tritonserver()
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.http_port = self.http_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        self._workdir = tempfile.TemporaryDirectory(prefix="sawtrt-triton-")
+        backend_dir = prepare_backend_dir(dist, Path(self._workdir.name))
+        out = subprocess.DEVNULL
+        if self.log_file is not None:
+            self._log = open(self.log_file, "ab")
+            out = self._log
+        self.proc = subprocess.Popen(self.command(dist, backend_dir), env=server_env(dist),
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def is_ready(self) -> bool:
+        return _http_ok(f"{self.http_url}/v2/health/ready")
+
+    def wait_ready(self, timeout: float = 300.0, model: str | None = None) -> None:
+        """Wait until the server (and `model`, if given) is ready; raise if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        url = f"{self.http_url}/v2/models/{model}/ready" if model else f"{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise ServerError(f"tritonserver exited (code {code}) before it was ready"
+                                  + self._log_hint())
+            if _http_ok(url):
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        if self.log_file is None:
+            return ""
+        try:
+            tail = Path(self.log_file).read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+        return f"; log tail ({self.log_file}):\n{tail}"
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests for exit_timeout_s), then SIGKILL the group."""
+        proc, self.proc = self.proc, None
+        code = None
+        if proc is not None:
+            timeout = self.exit_timeout_s + 20 if timeout is None else timeout
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+            code = proc.returncode
+            # The Python stubs are children in the server's session; make sure none outlives it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,309 @@
+"""sawtrt.serving without Triton: request parsing and the background engine loop.
+
+The engine here is a small fake that keeps the LLMEngine contract (pages per request, abort frees
+them, step() returns StepOutputs); the real engine behind a real tritonserver is in
+test_serving_triton.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sawtrt.engine.llm_engine import StepOutput
+from sawtrt.serving.backend import EngineLoop, ParsedRequest, RequestError, parse_request
+from sawtrt.engine.sampling import SamplingParams
+
+
+def req(prompt=b"hello", max_tokens=4, **extra):
+    d = {"text_input": np.array([[prompt]], dtype=object),
+         "max_tokens": np.array([[max_tokens]], dtype=np.int32)}
+    d.update(extra)
+    return d
+
+
+def one(value, dtype):
+    return np.array([[value]], dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_request
+# ---------------------------------------------------------------------------------------------
+
+def test_parse_defaults_and_options():
+    p = parse_request(req())
+    assert p.prompt == "hello" and p.params.max_tokens == 4 and not p.stream
+    assert p.params.temperature == 0.0 and p.params.stop == ()
+    p = parse_request(req("héllo".encode(), 7, temperature=one(0.5, np.float32),
+                          top_k=one(5, np.int32), top_p=one(0.9, np.float32),
+                          seed=one(123, np.uint64), stream=one(True, bool),
+                          stop_words=np.array([[b"\n", b"", b"END"]], dtype=object)))
+    assert p.prompt == "héllo" and p.stream
+    assert p.params.max_tokens == 7 and p.params.top_k == 5 and p.params.seed == 123
+    assert p.params.temperature == pytest.approx(0.5) and p.params.top_p == pytest.approx(0.9)
+    assert p.params.stop == ("\n", "END")        # TRT-LLM clients send "" for none
+    # shape [1] (no batch dim) is accepted too
+    p = parse_request({"text_input": np.array([b"x"], dtype=object),
+                       "max_tokens": np.array([2], dtype=np.int32)})
+    assert p.prompt == "x" and p.params.max_tokens == 2
+
+
+@pytest.mark.parametrize("inputs, needle", [
+    ({"max_tokens": one(4, np.int32)}, "missing required input 'text_input'"),
+    ({"text_input": one(b"hi", object)}, "missing required input 'max_tokens'"),
+    (req(b""), "prompt is empty"),
+    (req(max_tokens=-1), "max_tokens: must be >= 1, got -1"),
+    (req(max_tokens=0), "max_tokens: must be >= 1, got 0"),
+    (req(max_tokens=np.iinfo(np.int32).max), "absurd"),
+    ({"text_input": one(b"hi", object), "max_tokens": one(4.0, np.float32)},
+     "max_tokens: expected an integer"),
+    ({"text_input": one(3, np.int32), "max_tokens": one(4, np.int32)},
+     "text_input: expected BYTES"),
+    (req(b"\xff\xfe"), "not valid UTF-8"),
+    (req(temperature=one(np.nan, np.float32)), "temperature: must be finite"),
+    (req(temperature=one(np.inf, np.float32)), "temperature: must be finite"),
+    (req(temperature=one(-1.0, np.float32)), "temperature must be >= 0"),
+    (req(temperature=one(1e9, np.float32)), "absurd"),
+    (req(top_p=one(0.0, np.float32)), "top_p must be in (0, 1]"),
+    (req(top_p=one(1.5, np.float32)), "top_p must be in (0, 1]"),
+    (req(top_k=one(-3, np.int32)), "top_k must be >= 0"),
+    (req(seed=one(2**64 - 1, np.uint64)), "seed must be"),
+    (req(stream=one(1, np.int32)), "stream: expected BOOL"),
+    ({"text_input": np.array([[b"a"], [b"b"]], dtype=object),
+      "max_tokens": np.array([[1], [1]], dtype=np.int32)}, "batch size 2 is not supported"),
+    ({**req(), "bogus": one(1, np.int32)}, "unknown input(s) ['bogus']"),
+    (req(stop_words=np.array([[b"x"] * 17], dtype=object)), "at most 16 stop strings"),
+])
+def test_parse_rejects_with_clear_message(inputs, needle):
+    with pytest.raises(RequestError) as e:
+        parse_request(inputs)
+    assert needle in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# EngineLoop over a fake engine
+# ---------------------------------------------------------------------------------------------
+
+class FakeEngine:
+    """LLMEngine contract in miniature: output token i of a request is chr(ord('a') + i % 26),
+    one page per 4 tokens, prompts over `max_prompt` characters are refused."""
+
+    def __init__(self, total_pages=64, page_size=4, max_prompt=32):
+        self.total_pages, self.page_size, self.max_prompt = total_pages, page_size, max_prompt
+        self.seqs = {}           # rid -> [prompt_len, n_out, max_tokens, pages]
+        self.pending = []
+        self.fail_next_step = False
+        self.step_delay = 0.0
+        self.lock = threading.Lock()
+        self.calls_from = set()
+
+    def _used(self):
+        return sum(s[3] for s in self.seqs.values())
+
+    def add_request(self, rid, prompt, params):
+        self.calls_from.add(threading.current_thread().name)
+        params.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) > self.max_prompt:
+            raise ValueError(f"prompt has {len(prompt)} tokens; at most {self.max_prompt}")
+        if rid in self.seqs:
+            raise ValueError(f"duplicate request id {rid!r}")
+        pages = -(-len(prompt) // self.page_size)
+        self.seqs[rid] = [len(prompt), 0, params.max_tokens, pages]
+
+    def abort_request(self, rid):
+        self.calls_from.add(threading.current_thread().name)
+        s = self.seqs.pop(rid, None)
+        if s is None:
+            return False
+        self.pending.append(StepOutput(rid, [], "", True, "abort", s[0], s[1]))
+        return True
+
+    def has_unfinished(self):
+        return bool(self.seqs or self.pending)
+
+    def kv_cache_usage(self):
+        return {"used_pages": self._used(), "total_pages": self.total_pages,
+                "page_size": self.page_size}
+
+    def step(self):
+        self.calls_from.add(threading.current_thread().name)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        outs, self.pending = self.pending, []
+        for rid, s in list(self.seqs.items()):
+            s[1] += 1
+            s[3] = -(-(s[0] + s[1]) // self.page_size)
+            done = s[1] >= s[2]
+            outs.append(StepOutput(rid, [s[1]], chr(ord("a") + (s[1] - 1) % 26), done,
+                                   "length" if done else None, s[0], s[1]))
+            if done:
+                del self.seqs[rid]
+        return outs
+
+
+class ListSink:
+    def __init__(self, cancel_after=None):
+        self.events = []           # ("send", text, n_in, n_out, reason, final) | ("error", msg)
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+        self.fail_send = False
+
+    def send(self, text, n_in, n_out, reason, final):
+        if self.fail_send:
+            raise RuntimeError("client gone")
+        self.events.append(("send", text, n_in, n_out, reason, final))
+        if final:
+            self.done.set()
+
+    def error(self, message):
+        self.events.append(("error", message))
+        self.done.set()
+
+    def is_cancelled(self):
+        sends = sum(1 for e in self.events if e[0] == "send")
+        return self.cancel_after is not None and sends >= self.cancel_after
+
+    @property
+    def text(self):
+        return "".join(e[1] for e in self.events if e[0] == "send")
+
+
+def parsed(prompt="hello", max_tokens=5, stream=True):
+    return ParsedRequest(prompt, SamplingParams(max_tokens=max_tokens), stream)
+
+
+@pytest.fixture
+def loop():
+    engine = FakeEngine()
+    lp = EngineLoop(engine, cancel_check_interval_s=0.0, idle_wait_s=0.05).start()
+    yield lp
+    lp.stop(timeout=10)
+
+
+def wait_all(sinks, timeout=10):
+    for s in sinks:
+        assert s.done.wait(timeout), f"request did not finish: {s.events}"
+
+
+def test_streaming_and_non_streaming_agree(loop):
+    streamed, whole = ListSink(), ListSink()
+    loop.submit(parsed(max_tokens=30, stream=True), streamed)
+    loop.submit(parsed(max_tokens=30, stream=False), whole)
+    wait_all([streamed, whole])
+    expect = "".join(chr(ord("a") + i % 26) for i in range(30))
+    assert streamed.text == expect and whole.text == expect
+    assert len([e for e in streamed.events if e[0] == "send"]) == 30
+    assert len(whole.events) == 1 and whole.events[0][-1] is True
+    last = streamed.events[-1]
+    assert last[0] == "send" and last[-1] is True and last[4] == "length" and last[3] == 30
+    assert all(e[-1] is False for e in streamed.events[:-1])
+    assert loop.stats.completed == 2 and loop.engine.kv_cache_usage()["used_pages"] == 0
+    assert loop.engine.calls_from == {"sawtrt-engine-loop"}   # engine touched by one thread
+
+
+def test_many_concurrent_submitters(loop):
+    sinks = [ListSink() for _ in range(40)]
+    threads = [threading.Thread(target=loop.submit, args=(parsed(max_tokens=3 + i % 5), s))
+               for i, s in enumerate(sinks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_all(sinks)
+    for i, s in enumerate(sinks):
+        assert s.text == "abcdefg"[:3 + i % 5]
+    assert loop.stats.completed == 40 and loop.num_active == 0
+
+
+def test_engine_rejection_is_an_error_response_and_loop_survives(loop):
+    too_long, dup_ok = ListSink(), ListSink()
+    loop.submit(parsed(prompt="x" * 100), too_long)
+    loop.submit(parsed(), dup_ok)
+    wait_all([too_long, dup_ok])
+    assert too_long.events == [("error", "bad request: prompt has 100 tokens; at most 32")]
+    assert dup_ok.text == "abcde"
+    assert loop.stats.rejected == 1
+
+
+def test_cancel_aborts_and_frees_pages(loop):
+    loop.engine.step_delay = 0.01
+    sink = ListSink(cancel_after=3)
+    other = ListSink()
+    loop.submit(parsed(max_tokens=10_000), sink)
+    loop.submit(parsed(max_tokens=40), other)
+    wait_all([sink, other])
+    assert sink.events[-1] == ("error", "request cancelled")
+    assert 3 <= len(sink.events) - 1 < 10
+    assert other.text == "".join(chr(ord("a") + i % 26) for i in range(40))
+    deadline = time.monotonic() + 5
+    while loop.engine.kv_cache_usage()["used_pages"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.engine.kv_cache_usage()["used_pages"] == 0
+    assert loop.stats.cancelled == 1 and loop.stats.completed == 1
+
+
+def test_broken_client_is_aborted(loop):
+    sink = ListSink()
+    sink.fail_send = True
+    ok = ListSink()
+    loop.submit(parsed(max_tokens=1000), sink)
+    loop.submit(parsed(max_tokens=3), ok)
+    wait_all([ok])
+    deadline = time.monotonic() + 5
+    while loop.stats.failed == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.stats.failed == 1 and "0" not in loop.engine.seqs
+
+
+def test_engine_step_failure_fails_active_requests_only(loop):
+    loop.engine.step_delay = 0.01
+    a = ListSink()
+    loop.submit(parsed(max_tokens=1000), a)
+    time.sleep(0.1)
+    loop.engine.fail_next_step = True
+    wait_all([a])
+    assert a.events[-1][0] == "error" and "RuntimeError: boom" in a.events[-1][1]
+    assert loop.engine.kv_cache_usage()["used_pages"] == 0
+    b = ListSink()
+    loop.submit(parsed(max_tokens=4), b)
+    wait_all([b])
+    assert b.text == "abcd"
+
+
+def test_stop_fails_pending_requests():
+    engine = FakeEngine()
+    engine.step_delay = 0.01
+    lp = EngineLoop(engine, idle_wait_s=0.05).start()
+    s = ListSink()
+    lp.submit(parsed(max_tokens=100_000), s)
+    time.sleep(0.1)
+    lp.stop(timeout=10)
+    assert s.events[-1] == ("error", "server is shutting down")
+    assert engine.kv_cache_usage()["used_pages"] == 0
+    late = ListSink()
+    lp.submit(parsed(), late)
+    assert late.events == [("error", "server is shutting down")]
+
+
+def test_on_step_metrics_errors_do_not_stop_serving():
+    calls = []
+
+    def on_step(lp):
+        calls.append(lp.kv_cache_usage()["used_pages"])
+        raise RuntimeError("metrics broke")
+
+    lp = EngineLoop(FakeEngine(), on_step=on_step, idle_wait_s=0.05).start()
+    try:
+        s = ListSink()
+        lp.submit(parsed(max_tokens=6), s)
+        wait_all([s])
+        assert s.text == "abcdef" and len(calls) >= 6
+    finally:
+        lp.stop()
