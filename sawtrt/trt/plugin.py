@@ -120,6 +120,10 @@ class SawAttention(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
         core.check_shapes(self.params, [d.dims for d in inp], [d.dims for d in out])
 
     def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+        if self.phase == trt.TensorRTPhase.BUILD:
+            # The builder times enqueue on uninitialized inputs: block tables and lengths would
+            # be garbage, so launching would read and write outside the pool.
+            return
         core.enqueue(self.params, input_desc, output_desc, inputs, outputs, workspace, stream,
                      signs_ptr=self._signs.ptr)
 
