@@ -12,6 +12,8 @@ import click
 # command name -> "module:attribute" (relative to this package)
 COMMANDS = {
     "kv-plan": "kv_plan:kv_plan",
+    "serve": "serve:serve",
+    "client": "client:client",
 }
 
 

@@ -82,6 +82,15 @@ def _float(name: str, value) -> float:
     return v
 
 
+def _bool(name: str, arr) -> bool:
+    if arr is None:
+        return False
+    v = _single(name, arr)
+    if not isinstance(v, (bool, np.bool_)):
+        raise RequestError(f"{name}: expected BOOL, got {np.asarray(v).dtype}")
+    return bool(v)
+
+
 def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
     """Validate the tensors of one request; raise RequestError naming the bad input.
 
@@ -118,12 +127,9 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
             raise RequestError(f"stop_words: batch size {sw.shape[0]} is not supported")
         # TensorRT-LLM clients send [[""]] for "none": empty strings are dropped.
         kwargs["stop"] = tuple(s for s in (_text("stop_words", v) for v in sw.reshape(-1)) if s)
-    stream = False
-    if inputs.get("stream") is not None:
-        v = _single("stream", inputs["stream"])
-        if not isinstance(v, (bool, np.bool_)):
-            raise RequestError(f"stream: expected BOOL, got {np.asarray(v).dtype}")
-        stream = bool(v)
+    stream = _bool("stream", inputs.get("stream"))
+    if inputs.get("ignore_eos") is not None:
+        kwargs["ignore_eos"] = _bool("ignore_eos", inputs["ignore_eos"])
 
     params = SamplingParams(**kwargs)
     try:
@@ -134,7 +140,7 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
 
 
 _KNOWN_INPUTS = ("text_input", "max_tokens", "temperature", "top_k", "top_p", "seed",
-                 "stop_words", "stream")
+                 "stop_words", "stream", "ignore_eos")
 
 
 # ---------------------------------------------------------------------------------------------

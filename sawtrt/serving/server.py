@@ -125,7 +125,7 @@ class TritonServer:
     http_port: int = 0
     metrics_port: int = 0
     host: str = "127.0.0.1"
-    log_file: Path | None = None
+    log_file: Path | str | None = None    # None: discard the server's output; "-": inherit it
     log_verbose: int = 0
     exit_timeout_s: int = 10
     extra_args: tuple = ()
@@ -170,7 +170,9 @@ class TritonServer:
         self._workdir = tempfile.TemporaryDirectory(prefix="sawtrt-triton-")
         backend_dir = prepare_backend_dir(dist, Path(self._workdir.name))
         out = subprocess.DEVNULL
-        if self.log_file is not None:
+        if self.log_file == "-":
+            out = None
+        elif self.log_file is not None:
             self._log = open(self.log_file, "ab")
             out = self._log
         self.proc = subprocess.Popen(self.command(dist, backend_dir), env=server_env(dist),
@@ -196,7 +198,7 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
 
     def _log_hint(self) -> str:
-        if self.log_file is None:
+        if self.log_file is None or self.log_file == "-":
             return ""
         try:
             tail = Path(self.log_file).read_text(errors="replace")[-3000:]

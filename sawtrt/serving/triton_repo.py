@@ -24,6 +24,7 @@ Tensor names follow TensorRT-LLM's `ensemble`/`tensorrt_llm_bls` models so their
 | seed          | UINT64 | [B, 1]     | optional sampling seed                                    |
 | stop_words    | BYTES  | [B, N]     | optional stop strings (empty strings are ignored)         |
 | stream        | BOOL   | [B, 1]     | optional; true: one response per step carrying the delta  |
+| ignore_eos    | BOOL   | [B, 1]     | optional; generate max_tokens even past EOS (benchmarks)  |
 | text_output   | BYTES  | [B, 1]     | generated text (a delta when streaming; no prompt echo)   |
 | num_input_tokens  | INT32 | [B, 1]  | prompt length in tokens                                   |
 | num_output_tokens | INT32 | [B, 1]  | tokens generated so far                                   |
@@ -49,6 +50,7 @@ INPUTS = (
     ("seed", "TYPE_UINT64", (1,), True),
     ("stop_words", "TYPE_STRING", (-1,), True),
     ("stream", "TYPE_BOOL", (1,), True),
+    ("ignore_eos", "TYPE_BOOL", (1,), True),
 )
 OUTPUTS = (
     ("text_output", "TYPE_STRING", (1,)),
