@@ -1,20 +1,189 @@
 """Attention-cache ops used by the runtime. Same signatures as the PyTorch reference
 (sawtrt.kv_cache.write_kv, sawtrt.reference.paged_attention); CUDA tensors go to the compiled
-kernels once they are bound here, everything else to the reference."""
+kernels (libsawtrt_kernels.so, see library.py) when the library is present and the configuration
+has an instantiation, everything else to the reference.
+
+The GPU path never synchronizes with the host (no .item(), no host copies), so it can be captured
+in a CUDA graph: give host-side upper bounds (max_q_len, max_seq_len) where the defaults would
+need to look at device data, and call once before capture so the workspace is allocated.
+"""
 from __future__ import annotations
 
+import ctypes
+import math
+
+import torch
+
 from .. import kv_cache, reference
+from ..spec import PageLayout
+from . import library
+
+_workspaces: dict[int, torch.Tensor] = {}       # device index -> uint8 buffer, grown on demand
+_signs: dict[tuple, torch.Tensor] = {}           # (layout json, device index) -> float32 [D]
 
 
 def available() -> bool:
     """True when the compiled kernels serve CUDA tensors."""
-    return False
+    return torch.cuda.is_available() and library.try_load() is not None
+
+
+def _signs_ptr(layout: PageLayout, device: torch.device) -> int:
+    if layout.policy.sign_seed is None:
+        return 0
+    key = (layout.to_json(), device.index)
+    buf = _signs.get(key)
+    if buf is None:
+        buf = _signs[key] = layout.policy.signs(layout.head_dim).to(device)
+    return buf.data_ptr()
+
+
+def kernel_config(layout: PageLayout, num_q_heads: int, dtype, device,
+                  sm_scale: float | None = None) -> library.SawConfig | None:
+    """The library's config for this call, or None when the kernels don't serve it (no
+    library, CPU tensors, fp32 activations, a head_dim/group without an instantiation)."""
+    if torch.device(device).type != "cuda" or library.act_dtype_code(dtype) is None:
+        return None
+    lib = library.try_load()
+    if lib is None:
+        return None
+    cfg = library.make_config(layout, num_q_heads, dtype, sm_scale,
+                              _signs_ptr(layout, torch.device(device)))
+    probe = library.SawPageLayout()
+    if lib.saw_page_layout(ctypes.byref(cfg), ctypes.byref(probe)):
+        return None   # validation says no instantiation: the reference serves it
+    return cfg
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _workspaces.get(idx)
+    if buf is None or buf.numel() < nbytes:
+        buf = _workspaces[idx] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8,
+                                             device=device)
+    return buf
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _i32(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.int32).contiguous()
 
 
 def write_kv(pool_layer, layout, k, v, slot_mapping):
-    return kv_cache.write_kv(pool_layer, layout, k, v, slot_mapping)
+    """Rotate + quantize k, v [T, Hkv, D] and store them at slot_mapping [T] (-1: skip)."""
+    cfg = kernel_config(layout, layout.num_kv_heads, k.dtype, k.device)
+    if cfg is None or v.dtype != k.dtype or pool_layer.device != k.device:
+        return kv_cache.write_kv(pool_layer, layout, k, v, slot_mapping)
+    t = k.shape[0]
+    # the kernel reads the fused projection layout [T, (Hq + 2 Hkv) D]; a Q slot of Hkv heads
+    # (never read) makes separate k and v fit it
+    qkv = torch.empty(t, 3, layout.num_kv_heads * layout.head_dim, dtype=k.dtype, device=k.device)
+    qkv[:, 1] = k.reshape(t, -1)
+    qkv[:, 2] = v.reshape(t, -1)
+    slots = _i32(slot_mapping, k.device)
+    lib = library.load()
+    library.check(lib.saw_write_kv(ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0),
+                                   slots.data_ptr(), t, pool_layer.data_ptr(),
+                                   _stream(k.device)), lib)
 
 
-def paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens=None, sm_scale=None):
-    return reference.paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens,
-                                     sm_scale)
+def paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens=None, sm_scale=None,
+                    *, max_q_len: int | None = None, max_seq_len: int | None = None):
+    """Attention of the step's queries q [sum(q_lens), Hq, D] over the paged cache; see
+    reference.paged_attention. Kernels: decode when q_lens is None (or max_q_len == 1 and one
+    token per sequence), else prefill. max_q_len / max_seq_len: host-side upper bounds (defaults
+    need no device data: q.shape[0] and block_tables.shape[1] * page_size)."""
+    cfg = kernel_config(layout, q.shape[1], q.dtype, q.device, sm_scale)
+    if cfg is None or pool_layer.device != q.device or q.shape[-1] != layout.head_dim:
+        return reference.paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens,
+                                         sm_scale)
+    dev = q.device
+    n, hq, d = q.shape
+    batch = seq_lens.shape[0]
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    tables, lens = _i32(block_tables, dev), _i32(seq_lens, dev)
+    max_pages = tables.shape[1]
+    max_seq_len = max_pages * layout.page_size if max_seq_len is None else max_seq_len
+    if max_q_len is None:
+        max_q_len = 1 if q_lens is None else (int(q_lens.max()) if q_lens.device.type == "cpu"
+                                              else n)
+    out = torch.empty(n, hq, d, dtype=q.dtype, device=dev)
+    lib = library.load()
+    stream = _stream(dev)
+    ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), batch, n, max_seq_len))
+    ws = _workspace(dev, ws_bytes)
+    if max_q_len == 1 and n == batch:
+        code = lib.saw_decode(ctypes.byref(cfg), q.data_ptr(), q.stride(0), pool_layer.data_ptr(),
+                              tables.data_ptr(), max_pages, lens.data_ptr(), batch, max_seq_len,
+                              out.data_ptr(), ws.data_ptr(), ws.numel(), stream)
+        if code != library.ERR_UNSUPPORTED:   # a library without decode falls through to prefill
+            library.check(code, lib)
+            return out
+    if q_lens is None:
+        q_lens = torch.ones(batch, dtype=torch.int32, device=dev)
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    cu[1:] = torch.cumsum(_i32(q_lens, dev), 0)
+    library.check(lib.saw_prefill(ctypes.byref(cfg), q.data_ptr(), q.stride(0),
+                                  pool_layer.data_ptr(), tables.data_ptr(), max_pages,
+                                  lens.data_ptr(), cu.data_ptr(), batch, n, max_q_len,
+                                  max_seq_len, out.data_ptr(), ws.data_ptr(), ws.numel(), stream),
+                  lib)
+    return out
+
+
+def step_slots(layout: PageLayout, block_tables, seq_lens, cu_q_lens, num_tokens: int):
+    """Slot of each new token (reference form of the kernel's LaunchStepSlots); -1 padding."""
+    dev = block_tables.device
+    slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=dev)
+    cu = cu_q_lens.long().tolist()
+    for b in range(len(cu) - 1):
+        n = cu[b + 1] - cu[b]
+        pos = torch.arange(int(seq_lens[b]) - n, int(seq_lens[b]), device=dev)
+        slots[cu[b]:cu[b + 1]] = (block_tables[b, pos // layout.page_size].long()
+                                  * layout.page_size + pos % layout.page_size)
+    return slots
+
+
+def attention_step(qkv, pool_layer, layout, num_q_heads, block_tables, seq_lens, cu_q_lens,
+                   max_q_len: int, max_seq_len: int | None = None, sm_scale=None, out=None):
+    """One attention layer for a mixed batch, fused (what the runtime and the TensorRT plugin
+    run): write the new tokens' K/V from qkv [T, (Hq + 2 Hkv) D] (after RoPE) into their slots
+    (derived from block_tables / seq_lens / cu_q_lens), then attend. Returns out [T, Hq*D].
+    max_q_len: host-side max of the q_lens (1 selects the decode kernel when T == batch)."""
+    d, hkv = layout.head_dim, layout.num_kv_heads
+    t = qkv.shape[0]
+    cfg = kernel_config(layout, num_q_heads, qkv.dtype, qkv.device, sm_scale)
+    if cfg is None or qkv.stride(-1) != 1:
+        slots = step_slots(layout, block_tables, seq_lens, cu_q_lens, t)
+        k = qkv[:, num_q_heads * d:(num_q_heads + hkv) * d].reshape(t, hkv, d)
+        v = qkv[:, (num_q_heads + hkv) * d:(num_q_heads + 2 * hkv) * d].reshape(t, hkv, d)
+        kv_cache.write_kv(pool_layer, layout, k, v, slots)
+        q = qkv[:, :num_q_heads * d].reshape(t, num_q_heads, d)
+        res = reference.paged_attention(q, pool_layer, layout, block_tables, seq_lens,
+                                        (cu_q_lens[1:] - cu_q_lens[:-1]).cpu(), sm_scale)
+        res = res.reshape(t, num_q_heads * d)
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
+    dev = qkv.device
+    tables, lens, cu = _i32(block_tables, dev), _i32(seq_lens, dev), _i32(cu_q_lens, dev)
+    batch, max_pages = lens.shape[0], tables.shape[1]
+    max_seq_len = max_pages * layout.page_size if max_seq_len is None else max_seq_len
+    if out is None:
+        out = torch.empty(t, num_q_heads * d, dtype=qkv.dtype, device=dev)
+    lib = library.load()
+    ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), batch, t, max_seq_len))
+    ws = _workspace(dev, ws_bytes)
+    library.check(lib.saw_attention_step(
+        ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0), pool_layer.data_ptr(), tables.data_ptr(),
+        max_pages, lens.data_ptr(), cu.data_ptr(), batch, t, max_q_len, max_seq_len,
+        out.data_ptr(), ws.data_ptr(), ws.numel(), _stream(dev)), lib)
+    return out
+
+
+def default_sm_scale(layout: PageLayout) -> float:
+    return 1.0 / math.sqrt(layout.head_dim)
