@@ -164,17 +164,20 @@ def _capi():
 
 
 def make_config(params: AttentionParams, act_dtype: str, signs_ptr: int = 0):
-    """SawConfig for these fields (act_dtype 'fp16' | 'bf16'; signs_ptr a device address or 0)."""
-    return _capi().make_config(params.layout, params.num_q_heads, act_dtype=act_dtype,
+    """SawConfig for these fields (act_dtype 'fp16' | 'bf16'; signs_ptr a device address, or 0
+    when the policy has no signs)."""
+    from ..kernels import library
+    return library.make_config(params.layout, params.num_q_heads, act_dtype,
                                sm_scale=params.scale, signs_ptr=signs_ptr)
 
 
 def workspace_size(params: AttentionParams, num_seqs: int, num_tokens: int, max_seq_len: int,
                    act_dtype: str = "fp16") -> int:
-    """Bytes of split-KV workspace for a call of this size (the C ABI's saw_workspace_bytes)."""
+    """Bytes of split-KV workspace for a call of this size (the C ABI's saw_workspace_bytes).
+    The signs change no size, so sizing needs no device buffer."""
     if num_seqs <= 0 or num_tokens <= 0:
         return 0
-    cfg = make_config(params, act_dtype)
+    cfg = make_config(params.replace(sign_seed=-1) if params.needs_signs else params, act_dtype)
     return int(_capi().workspace_bytes(cfg, num_seqs, num_tokens, max_seq_len))
 
 

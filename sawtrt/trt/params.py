@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..spec import PAGE_SIZES, KVPolicy, PageLayout, PolicyError
 
@@ -62,7 +61,7 @@ FIELDS: tuple[Field, ...] = (
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 _BY_NAME = {f.name: f for f in FIELDS}
-_NP = {"int32": np.int32, "float32": np.float32, "char": np.int8}
+_NP = {"int32": "int32", "float32": "float32", "char": "int8"}    # numpy dtypes of the data
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class AttentionParams:
         for f in FIELDS:
             v = getattr(self, f.name)
             if f.kind == "int32":
-                if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                     raise PluginParamError(f"SawAttention field {f.name} must be an integer, "
                                            f"got {v!r}")
                 object.__setattr__(self, f.name, int(v))
@@ -178,7 +177,8 @@ class AttentionParams:
 
     # -- serialized form ------------------------------------------------------------------------
     def to_fields(self) -> list[tuple[str, np.ndarray, str]]:
-        """[(name, data, kind)] for every field, in FIELDS order."""
+        """[(name, data, kind)] for every field, in FIELDS order (data: numpy arrays)."""
+        import numpy as np          # only serialization needs numpy (the GPU box may lack it)
         out = []
         for f in FIELDS:
             v = getattr(self, f.name)
@@ -215,6 +215,7 @@ class AttentionParams:
 
 
 def _parse(f: Field, data):
+    import numpy as np
     arr = np.asarray(data)
     if f.kind == "char":
         if arr.dtype.kind == "S":
