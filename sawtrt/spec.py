@@ -11,7 +11,8 @@ Quantization (per token, per KV head, over the whole — rotated — head vector
        s = fp16_round_up((max x - m) / L)            (stored scale, fp16), L = 2^bits - 1
        Directed rounding keeps (x - m) / s inside [0, L], so |x - x_hat| <= s / 2.
     3. code = clamp(rint((x - m) * (1 / s)), 0, L)    in fp32, rint = round half to even;
-       s == 0 (a constant vector) gives code 0 everywhere.
+       s == 0 (a constant vector whose value fp16 represents) gives code 0 everywhere; a
+       constant fp16 cannot represent gets m just below it and s spanning the rounding gap.
     4. x_hat = code * s + m                           (fp32)
 
 INT4 packing: byte j of a token's code row holds element 2j in its low nibble and element

@@ -1,0 +1,1 @@
+"""Small measured studies behind numbers quoted in docs/ and asserted in tests."""
