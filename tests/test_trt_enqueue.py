@@ -15,7 +15,7 @@ import torch
 
 from sawtrt import kv_cache, reference
 from sawtrt.spec import KVPolicy, PageLayout
-from sawtrt.trt import core
+from sawtrt.trt import core, golden
 from sawtrt.trt.params import AttentionParams
 
 def _library_or_skip():
@@ -60,22 +60,11 @@ def make_case(policy: str, dtype, prefix, new, hq=8, hkv=2, d=128, page=16, seed
     return layout, pool, tables, seq_lens, q_lens, cu, qkv
 
 
-def reference_step(layout, pool, tables, seq_lens, q_lens, qkv, hq, sm_scale):
-    """Write the new K/V (reference), then attend (reference). Returns (out, pool)."""
+def reference_step(params, pool, tables, seq_lens, cu, qkv):
+    """The plugin's golden reference on CPU copies. Returns (out fp32, pool after the write)."""
     pool = pool.clone()
-    d, hkv = layout.head_dim, layout.num_kv_heads
-    T = qkv.shape[0]
-    q, k, v = qkv.float().split((hq * d, hkv * d, hkv * d), dim=-1)
-    slots = []
-    for b in range(len(q_lens)):
-        n, L = int(q_lens[b]), int(seq_lens[b])
-        pos = torch.arange(L - n, L)
-        slots.append(tables[b, pos // layout.page_size].long() * layout.page_size +
-                     pos % layout.page_size)
-    kv_cache.write_kv(pool, layout, k.reshape(T, hkv, d), v.reshape(T, hkv, d), torch.cat(slots))
-    out = reference.paged_attention(q.reshape(T, hq, d), pool, layout, tables, seq_lens, q_lens,
-                                    sm_scale)
-    return out.reshape(T, hq * d), pool
+    out = golden.sawattention(params, qkv.float(), pool, tables, seq_lens, cu)
+    return out.float(), pool
 
 
 CASES = [
@@ -95,8 +84,7 @@ def run_case(policy, dtype, prefix, new, dev, launch):
     layout, pool, tables, seq_lens, q_lens, cu, qkv = make_case(policy, dtype, prefix, new, hq=hq)
     params = AttentionParams.from_layout(hq, layout, layer_index=3, max_seq_len=512,
                                          max_batch=8)
-    ref_out, ref_pool = reference_step(layout, pool, tables, seq_lens, q_lens, qkv, hq,
-                                       params.scale)
+    ref_out, ref_pool = reference_step(params, pool, tables, seq_lens, cu, qkv)
     g = {n: t.to(dev) for n, t in dict(qkv=qkv, pool=pool, tables=tables, seq_lens=seq_lens,
                                        cu=cu).items()}
     out = torch.full((qkv.shape[0], hq * layout.head_dim), float("nan"), dtype=dtype,
