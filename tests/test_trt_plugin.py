@@ -515,3 +515,24 @@ def test_compat_reports_engine_path():
             assert "no plugin" in reason
     else:
         assert compat.has_plugin_layers(mod) and reason is None
+
+
+def test_readme_documents_every_field_and_the_register_entry_point(capsys):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "trt_plugin" / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[1].startswith("`") and cells[0].startswith("`"):
+            rows[cells[1].strip("`")] = (cells[0].strip("`"), cells[2], cells[3])
+    for f in FIELDS:
+        assert f.name in rows, f"README lacks field {f.name}"
+        kind, version, default = rows[f.name]
+        assert (kind, version) == (f.kind, f.version)
+        assert default.strip("`") == ("required" if f.default is None else str(f.default))
+    import trt_plugin
+    import importlib
+    reg = importlib.import_module("trt_plugin.register")
+    assert trt_plugin.SawAttention is P.SawAttention
+    assert reg.main() == 0
+    assert "sawtrt::SawAttention v1" in capsys.readouterr().out
