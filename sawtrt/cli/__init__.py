@@ -12,6 +12,7 @@ import click
 # command name -> "module:attribute" (relative to this package)
 COMMANDS = {
     "kv-plan": "kv_plan:kv_plan",
+    "bench": "bench:bench",
     "serve": "serve:serve",
     "client": "client:client",
 }

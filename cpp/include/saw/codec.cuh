@@ -1,0 +1,100 @@
+// INT4 codes -> 16-bit floats in registers, without a per-element int->float conversion.
+//
+// \note Nibble order (sawtrt/spec.py): byte j of a token's code row holds element 2j (low
+// nibble) and 2j+1 (high nibble), so one 32-bit word holds elements e0..e7 at bits 0,4,..,28.
+// Masking with 0x000F000F selects (e0, e4) as the two halves of a 32-bit register; OR-ing the
+// exponent of 1024 (fp16 0x6400) or 128 (bf16 0x4300) turns a nibble n into the exact float
+// 1024 + n (or 128 + n); one packed subtract/FMA removes the bias. The decode kernel loads the
+// query in the matching order (q[0], q[4]), (q[1], q[5]), ... instead of shuffling codes.
+#pragma once
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace saw {
+
+__device__ __forceinline__ uint32_t Lop3AndOr(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t d;  // (a & mask) | magic; immLut 0xEA = (0xF0 & 0xCC) | 0xAA
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t HFma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t BFma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// One word of 8 nibbles -> four fp16x2: h[0] = (e0,e4), h[1] = (e1,e5), h[2] = (e2,e6),
+// h[3] = (e3,e7) (low half first). 9 instructions for 8 elements: the 0x00F000F0 mask keeps the
+// nibble at bit 4 (value 1024 + 16n), undone by the FMA (x/16 - 64) instead of a shift.
+__device__ __forceinline__ void Int4x8ToHalf2(uint32_t w, uint32_t (&h)[4]) {
+  constexpr uint32_t kMagic = 0x64006400;      // (1024, 1024)
+  constexpr uint32_t kOne = 0x3C003C00;        // (1, 1)
+  constexpr uint32_t kNeg1024 = 0xE400E400;    // (-1024, -1024)
+  constexpr uint32_t kSixteenth = 0x2C002C00;  // (1/16, 1/16)
+  constexpr uint32_t kNeg64 = 0xD400D400;      // (-64, -64)
+  const uint32_t w8 = w >> 8;
+  h[0] = HFma2(Lop3AndOr(w, 0x000F000F, kMagic), kOne, kNeg1024);
+  h[1] = HFma2(Lop3AndOr(w, 0x00F000F0, kMagic), kSixteenth, kNeg64);
+  h[2] = HFma2(Lop3AndOr(w8, 0x000F000F, kMagic), kOne, kNeg1024);
+  h[3] = HFma2(Lop3AndOr(w8, 0x00F000F0, kMagic), kSixteenth, kNeg64);
+}
+
+// Low 16 bits of `x` hold nibbles n0..n3 of one token, high 16 bits n0..n3 of another
+// (built with __byte_perm from two tokens' words): four bf16x2 (token a, token b) pairs, one
+// per nibble position. bf16 has 7 mantissa bits, so every nibble is shifted to bit 0.
+__device__ __forceinline__ void Int4PairsToBf162(uint32_t x, uint32_t (&h)[4]) {
+  constexpr uint32_t kMagic = 0x43004300;      // (128, 128)
+  constexpr uint32_t kOne = 0x3F803F80;        // (1, 1)
+  constexpr uint32_t kNeg128 = 0xC300C300;     // (-128, -128)
+  h[0] = BFma2(Lop3AndOr(x, 0x000F000F, kMagic), kOne, kNeg128);
+  h[1] = BFma2(Lop3AndOr(x >> 4, 0x000F000F, kMagic), kOne, kNeg128);
+  h[2] = BFma2(Lop3AndOr(x >> 8, 0x000F000F, kMagic), kOne, kNeg128);
+  h[3] = BFma2(Lop3AndOr(x >> 12, 0x000F000F, kMagic), kOne, kNeg128);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t PackFloat2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t PackFloat2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t PackFloat2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ float ToFloat(T x);
+template <>
+__device__ __forceinline__ float ToFloat<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float ToFloat<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float2 Half2ToFloat2(uint32_t h) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
+}  // namespace saw
