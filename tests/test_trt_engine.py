@@ -58,6 +58,58 @@ def test_build_step_reports_why_it_skipped(tmp_path):
             assert "not installed" in why
 
 
+class FakeContext:
+    """Records what TrtCausalLM binds (an IExecutionContext stand-in)."""
+
+    def __init__(self):
+        self.shapes, self.addresses, self.ran = {}, {}, 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        self.ran += 1
+        return True
+
+
+def test_runtime_binds_the_step_like_the_torch_model(tmp_path):
+    """TrtCausalLM's bindings for one mixed step (no TensorRT needed: the context is a fake)."""
+    from sawtrt.models.model import AttentionMetadata
+    from sawtrt.trt import network as N
+    from sawtrt.trt.runtime import PlanError, TrtCausalLM
+    cfg = write_engine_dir(tmp_path)
+    m = object.__new__(TrtCausalLM)
+    m.cfg, m.spec, m.layout, m.device = cfg, cfg.model, cfg.layout, torch.device("cpu")
+    m.limits = N.Limits.for_engine(cfg.max_batch, cfg.max_seq_len, cfg.layout.page_size,
+                                   max_tokens=64)
+    m.context = FakeContext()
+    m._stream = lambda: 0
+    pool = torch.zeros(2, 12, cfg.layout.num_kv_heads, cfg.layout.head_block_bytes,
+                       dtype=torch.uint8)
+    meta = AttentionMetadata(
+        positions=torch.tensor([0, 1, 2, 9, 4]), slot_mapping=torch.tensor([16, 17, 18, 41, 4]),
+        block_tables=torch.tensor([[1, 0], [5, 2], [0, 0]], dtype=torch.int32),
+        seq_lens=torch.tensor([3, 10, 5], dtype=torch.int32),
+        q_lens=torch.tensor([3, 1, 1], dtype=torch.int32),
+        logits_indices=torch.tensor([2, 3, 4]))
+    out = m(torch.tensor([5, 6, 7, 8, 9]), meta, pool)
+    ctx = m.context
+    assert ctx.ran == 1 and out.shape == (3, cfg.model.vocab_size) and out.dtype == torch.float32
+    assert ctx.shapes == {"input_ids": (5,), "positions": (5,), "block_tables": (3, 2),
+                          "seq_lens": (3,), "cu_q_lens": (4,), "logits_indices": (3,),
+                          "kv_pool_0": (12, 2, cfg.layout.head_block_bytes),
+                          "kv_pool_1": (12, 2, cfg.layout.head_block_bytes)}
+    assert ctx.addresses["kv_pool_1"] == pool[1].data_ptr()          # the runtime's own pages
+    assert ctx.addresses["logits"] == out.data_ptr()
+    with pytest.raises(PlanError, match="exceeds the plan's profile"):
+        m(torch.zeros(65, dtype=torch.long), meta, pool)
+
+
 # not marked gpu: the skip reason should name what is missing first (usually TensorRT)
 @pytest.mark.parametrize("arch, policy", [("qwen3", "int4-bdr"),
                                           ("llama", "int4-bdr:h=32,kv,seed=5")])

@@ -107,12 +107,14 @@ class TrtCausalLM:
             self._bind(pool_name(i), kv_pool[i])
         logits = torch.empty(rows.numel(), self.spec.vocab_size, dtype=torch.float32, device=dev)
         self.context.set_tensor_address(OUTPUT_NAME, logits.data_ptr())
-        stream = torch.cuda.current_stream(dev)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if not self.context.execute_async_v3(self._stream()):
             raise PlanError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         return logits[:S]
 
     forward = __call__
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
 
 
 def engine_from_plan(engine_dir, device="cuda", **kwargs):
