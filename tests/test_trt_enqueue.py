@@ -78,6 +78,15 @@ CASES = [
 ]
 
 
+def assert_within(got, ref, eps, k_max, k_fro):
+    """|got - ref| <= k_max * eps * max|ref row| elementwise, ||got - ref|| <= k_fro * eps * ||ref||."""
+    row = ref.abs().amax(-1, keepdim=True).clamp_min(1e-6)
+    err = (got - ref).abs()
+    assert (err <= k_max * eps * row).all(), f"max err / row max {(err / row).max():.3g}"
+    assert err.norm() <= k_fro * eps * ref.norm() + 1e-6, \
+        f"relative error {err.norm() / ref.norm():.3g} > {k_fro} eps"
+
+
 def run_case(policy, dtype, prefix, new, dev, launch):
     """Drive core.enqueue through `launch` on `dev` and check it against the references."""
     hq = 8
@@ -115,10 +124,12 @@ def run_case(policy, dtype, prefix, new, dev, launch):
     same_pool = reference.paged_attention(
         qkv.float()[:, :hq * layout.head_dim].reshape(-1, hq, layout.head_dim),
         g["pool"].cpu(), layout, tables, seq_lens, q_lens, params.scale).reshape(got.shape)
-    tol = 2e-2 if dtype == torch.float16 else 5e-2
-    torch.testing.assert_close(got, same_pool, atol=tol, rtol=tol)
-    # 3. and close to the reference end to end (write + attend)
-    torch.testing.assert_close(got, ref_out, atol=4 * tol, rtol=4 * tol)
+    # tolerance as tests/test_kernels_gpu.py states it for these kernels: they round the
+    # rotated, pre-scaled query and p*s_v to the activation type (eps) and the output once more
+    eps = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    assert_within(got, same_pool, eps, k_max=16, k_fro=4)
+    # 3. and the golden reference end to end (its own write, then attend)
+    assert_within(got, ref_out, eps, k_max=32, k_fro=8)
     # 4. the same numbers as the torch op that runs the same C ABI (sawtrt.kernels.ops)
     from sawtrt.kernels import ops
     pool2 = pool.to(dev)
@@ -128,7 +139,7 @@ def run_case(policy, dtype, prefix, new, dev, launch):
     if dev.type == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(pool2, g["pool"])            # identical K/V bytes
-    torch.testing.assert_close(got, ops_out.float().cpu(), atol=1e-3, rtol=1e-3)
+    assert_within(got, ops_out.float().cpu(), eps, k_max=1, k_fro=0.25)
 
 
 @pytest.mark.gpu
