@@ -13,6 +13,8 @@ import click
 COMMANDS = {
     "kv-plan": "kv_plan:kv_plan",
     "bench": "bench:bench",
+    "build": "build:build",
+    "generate": "generate:generate",
     "serve": "serve:serve",
     "client": "client:client",
 }

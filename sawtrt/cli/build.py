@@ -1,0 +1,48 @@
+import click
+
+from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
+
+
+@click.command("build")
+@click.option("--model", required=True,
+              help="Model name (qwen3-0.6b/1.7b/4b/8b, smollm2-135m) or a name for --checkpoint.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="HF safetensors directory (with config.json, tokenizer.json) or a .gguf file.")
+@click.option("--random-weights", is_flag=True,
+              help="Random weights of the real shapes (speed work); regenerated at load.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --random-weights.")
+@click.option("--kv-cache", default="int4-bdr", show_default=True, metavar="POLICY",
+              help=f"KV policy: one of {', '.join(KINDS)}, optionally with options, e.g. "
+                   "int4-bdr:h=32,kv,seed=3.")
+@click.option("--rotation-block", type=int, default=None,
+              help="BDR block size h (int4-bdr; default min(128, head_dim)).")
+@click.option("--rotate", type=click.Choice(["k", "kv"]), default=None,
+              help="Rotate K only (default) or K and V (int4-bdr).")
+@click.option("--sign-seed", type=int, default=None, help="Seed of random +-1 signs (int4-bdr).")
+@click.option("--page-size", default=DEFAULT_PAGE_SIZE, show_default=True,
+              type=click.Choice([str(p) for p in PAGE_SIZES]))
+@click.option("--max-batch", default=32, show_default=True, type=int,
+              help="Most sequences decoded together.")
+@click.option("--max-seq-len", default=None, type=int,
+              help="Prompt + output tokens per sequence [default: min(4096, model context)].")
+@click.option("--gpu-arch", multiple=True,
+              help="Compute capability to compile for (repeatable, e.g. 90 or sm_90). Default: "
+                   "the local GPU's, or 80, 89, 90 when there is none.")
+@click.option("--no-kernels", is_flag=True, help="Do not compile the kernel library.")
+@click.option("--output", default=None, type=click.Path(),
+              help="Engine directory [default: engines/<model>-<kv kind>].")
+def build(model, checkpoint, random_weights, seed, kv_cache, rotation_block, rotate, sign_seed,
+          page_size, max_batch, max_seq_len, gpu_arch, no_kernels, output):
+    """Validate inputs, convert weights, compile kernels, write an engine directory."""
+    from ..engine.build import BuildError, BuildOptions, build_engine
+    opts = BuildOptions(model=model, checkpoint=checkpoint, random_weights=random_weights,
+                        seed=seed, kv_cache=kv_cache, rotation_block=rotation_block,
+                        rotate=rotate, sign_seed=sign_seed, page_size=int(page_size),
+                        max_batch=max_batch, max_seq_len=max_seq_len,
+                        gpu_arch=tuple(gpu_arch) or None, output=output,
+                        compile_kernels=not no_kernels)
+    try:
+        out = build_engine(opts)
+    except BuildError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(str(out))

@@ -1,0 +1,1 @@
+"""The runtime: sequences, page manager, scheduler, model runner, sampler, LLMEngine and LLM."""

