@@ -63,6 +63,7 @@ class BuildOptions:
     gpu_arch: tuple[str, ...] | None = None
     output: str | None = None
     compile_kernels: bool = True
+    spec: ModelSpec | None = None        # Python API only: a custom spec for --random-weights
 
 
 @dataclass
@@ -141,10 +142,15 @@ def plan_build(o: BuildOptions) -> BuildPlan:
     if o.checkpoint and o.random_weights:
         raise BuildError("give either --checkpoint or --random-weights, not both")
     source: dict
+    if o.spec is not None and not o.random_weights:
+        raise BuildError("a custom spec is only for random weights")
     if o.random_weights:
-        if not known:
+        if o.spec is not None:
+            spec = dataclasses.replace(o.spec, name=name)
+        elif not known:
             raise BuildError(str(UnknownModel(o.model)) + " (--random-weights needs a known model)")
-        spec = get_spec(name)
+        else:
+            spec = get_spec(name)
         source = {"kind": "random", "seed": int(o.seed)}
     elif o.checkpoint:
         ck = Path(o.checkpoint).expanduser()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..kv_cache import new_pool
+from ..spec import KVPolicy, PageLayout
 from ..models import tokenizer as tokenizers
 from ..models.model import CausalLM
 from ..models.weights import random_weights
@@ -99,15 +100,20 @@ class LLMEngine:
 
     @classmethod
     def from_engine_dir(cls, engine_dir, device=None, dtype: torch.dtype | None = None,
-                        **kwargs) -> "LLMEngine":
+                        kv_policy: str | KVPolicy | None = None, **kwargs) -> "LLMEngine":
         """Load an engine directory made by `sawtrt build`.
 
         device: "cpu", "cuda", ... (default: cuda when available); dtype of the weights and
         activations: bf16 on GPU, fp32 on CPU unless given. kwargs go to __init__ (num_pages,
-        max_num_batched_tokens, kv_memory_bytes, cuda_graphs, max_num_seqs).
+        max_num_batched_tokens, kv_memory_bytes, cuda_graphs, max_num_seqs). kv_policy
+        overrides the engine's KV policy (e.g. "int4-bdr:h=32"); the weights do not depend on it.
         """
         engine_dir = Path(engine_dir)
         cfg = EngineConfig.load(engine_dir)
+        if kv_policy is not None:
+            pol = KVPolicy.parse(kv_policy) if isinstance(kv_policy, str) else kv_policy
+            cfg.layout = PageLayout(pol, cfg.layout.head_dim, cfg.layout.num_kv_heads,
+                                    cfg.layout.page_size)
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
