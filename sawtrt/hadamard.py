@@ -65,7 +65,7 @@ def rotate(x: torch.Tensor, block: int, signs: torch.Tensor | None = None) -> to
     check_block(x.shape[-1], block)
     y = x.double() if x.dtype == torch.float64 else x.float()
     if signs is not None:
-        y = y * signs.to(y.dtype)
+        y = y * signs.to(device=y.device, dtype=y.dtype)
     return fwht(y, block) * (1.0 / math.sqrt(block))
 
 
@@ -75,5 +75,5 @@ def inverse_rotate(y: torch.Tensor, block: int, signs: torch.Tensor | None = Non
     x = y.double() if y.dtype == torch.float64 else y.float()
     x = fwht(x, block) * (1.0 / math.sqrt(block))
     if signs is not None:
-        x = x * signs.to(x.dtype)
+        x = x * signs.to(device=x.device, dtype=x.dtype)
     return x

@@ -10,12 +10,18 @@
 // Structure (flash-attention 2 on mma.sync m16n8k16, fp32 accumulation):
 //   * a block = 4 warps = 64 query rows of ONE KV head; a row is (query token, group head), so
 //     the G query heads of a GQA group share every K/V tile that the block decodes;
-//   * the query is rotated in registers (saw/hadamard.cuh), pre-multiplied by sm_scale*log2(e)
-//     and rounded to the MMA type once; sum(q) per row is kept for the offset term;
+//   * the query is rotated in registers (saw/hadamard.cuh) and stored as MMA operands: an
+//     unrotated query is exact in its own type; a rotated one is split q = hi + lo (both in the
+//     MMA type, two MMAs into one fp32 accumulator), so rounding the rotated query costs no
+//     accuracy (with hi alone, outlier-heavy K made errors of 10 % of a row's magnitude in bf16,
+//     measured on the H200). sm_scale*log2(e) is applied in fp32 after the MMA; sum(q) per row
+//     is kept for the offset term;
 //   * K/V tiles of BK tokens are read page by page (any page order) as raw codes, turned into
 //     MMA operands without applying (s, m): the algebra of DESIGN.md does that exactly in fp32,
 //       q . k_hat = s * (q . code) + m * sum(q),   sum_t p_t v_hat_t = sum_t (p_t s_t) code_t + sum_t p_t m_t,
-//     so an INT4/INT8 code is an exact small integer operand and only q and p*s are rounded;
+//     so an INT4/INT8 code is an exact small integer operand and only p*s is rounded;
+//   * the MMA operands are fp16 whatever the activation type: codes and bf16-cache values are
+//     exact in it, and p*s keeps 11 bits instead of bf16's 8;
 //   * online softmax in registers; the finished tile is staged in shared memory so that each
 //     output row is inverse-rotated (rotate_v) by one warp and stored with coalesced writes.
 // A bf16 cache is the same kernel with s = 1, m = 0 and the stored values as operands.
@@ -30,19 +36,21 @@
 namespace saw {
 namespace {
 
-template <typename T, int D>
+template <typename T, int KIND, int D>
 struct PrefillTraits {
+  // int4 is the only kind with a rotation, hence the only one that needs q = hi + lo
+  static constexpr int kQParts = KIND == SAW_KIND_INT4 ? 2 : 1;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = kWarps * 16;     // query rows per block (16 per warp: one MMA M)
-  // BK = 32 at D = 256 keeps shared memory under the 99 KB that sm_89 allows per block.
-  static constexpr int kBK = D >= 256 ? 32 : 64;
+  // Smaller K/V tiles at D = 256 keep shared memory under the 99 KB sm_89 allows per block.
+  static constexpr int kBK = D >= 256 ? (kQParts == 2 ? 16 : 32) : 64;
   static constexpr int kPad = 8;                // 16 bytes: rows land on distinct banks
   static constexpr int kQStride = D + kPad;     // elements, Qs[row][d]
   static constexpr int kKStride = D + kPad;     // Ks[token][d]
   static constexpr int kVStride = kBK + kPad;   // Vt[d][token] (transposed: B operand of P.V)
   static constexpr int kOStride = D + 4;        // fp32 staging of the finished tile
-  static constexpr int kQBytes = kRows * kQStride * 2;
+  static constexpr int kQBytes = kQParts * kRows * kQStride * 2;
   static constexpr int kKBytes = kBK * kKStride * 2;
   static constexpr int kVBytes = D * kVStride * 2;
   static constexpr int kTileBytes = kQBytes + kKBytes + kVBytes;
@@ -88,15 +96,18 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4],
 }
 
 // 16 bytes of one token's codes -> MMA operand values (N of them) written by `put(i, value)`.
+// Integer codes are centred (int4: code - 8, int8: code - 128; exact in fp16): the offset term
+// m + bias * s is then near the vector's middle instead of its minimum, so the code term and
+// the offset term no longer cancel in the output (measured: 6-17 u of error before, bf16).
 template <typename T, int KIND, typename Put>
 __device__ __forceinline__ void DecodeChunk(const uint4& raw, Put put) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
   if constexpr (KIND == SAW_KIND_INT4) {  // 32 codes, element i at bits [4i, 4i+4) of the chunk
 #pragma unroll
-    for (int i = 0; i < 32; ++i) put(i, FromFloat<T>(float((w[i / 8] >> (4 * (i % 8))) & 0xF)));
+    for (int i = 0; i < 32; ++i) put(i, FromFloat<T>(float((w[i / 8] >> (4 * (i % 8))) & 0xF) - 8.f));
   } else if constexpr (KIND == SAW_KIND_INT8) {  // 16 codes
 #pragma unroll
-    for (int i = 0; i < 16; ++i) put(i, FromFloat<T>(float((w[i / 4] >> (8 * (i % 4))) & 0xFF)));
+    for (int i = 0; i < 16; ++i) put(i, FromFloat<T>(float((w[i / 4] >> (8 * (i % 4))) & 0xFF) - 128.f));
   } else {  // 8 bf16 values
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -107,21 +118,24 @@ __device__ __forceinline__ void DecodeChunk(const uint4& raw, Put put) {
 }
 
 template <typename T, int KIND, int D>
-__global__ void __launch_bounds__(PrefillTraits<T, D>::kThreads)
+__global__ void __launch_bounds__(PrefillTraits<T, KIND, D>::kThreads)
 PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restrict__ pool,
               const int32_t* __restrict__ block_tables, int32_t max_pages,
               const int32_t* __restrict__ seq_lens, const int32_t* __restrict__ cu_q_lens,
               int tiles_per_seq, int num_q_heads, int num_kv_heads, int page_size,
               int rotation_block, int rotate_v, const float* __restrict__ signs, float q_scale,
               T* __restrict__ out) {
-  using Tr = PrefillTraits<T, D>;
+  using Tr = PrefillTraits<T, KIND, D>;
+  using M = __half;  // MMA operand type, see the header comment
   constexpr int BK = Tr::kBK, E = D / 32;
   constexpr int kCodesPerChunk = KIND == SAW_KIND_INT4 ? 32 : KIND == SAW_KIND_INT8 ? 16 : 8;
   constexpr int kChunks = D / kCodesPerChunk;  // 16-byte chunks per token row
+  constexpr float kBias = KIND == SAW_KIND_INT4 ? 8.f : 128.f;  // code centring (DecodeChunk)
   extern __shared__ __align__(16) uint8_t smem[];
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = reinterpret_cast<T*>(smem + Tr::kQBytes);
-  T* Vt = reinterpret_cast<T*>(smem + Tr::kQBytes + Tr::kKBytes);
+  M* Qs = reinterpret_cast<M*>(smem);
+  M* Qlo = Qs + Tr::kRows * Tr::kQStride;  // only when kQParts == 2
+  M* Ks = reinterpret_cast<M*>(smem + Tr::kQBytes);
+  M* Vt = reinterpret_cast<M*>(smem + Tr::kQBytes + Tr::kKBytes);
   float* Os = reinterpret_cast<float*>(smem);  // aliases Q/K/V once the tile is finished
   float* k_s = reinterpret_cast<float*>(smem + Tr::kMainBytes);
   float* k_m = k_s + BK;
@@ -141,7 +155,8 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
   const PageLayout layout(KIND, D, page_size);
   const int32_t* table = block_tables + int64_t(seq) * max_pages;
 
-  // ---- query tile: rotate, scale, round; rows past q_len are zero
+  const bool split_q = Tr::kQParts == 2 && rotation_block > 0;
+  // ---- query tile: rotate and store as hi (+ lo); rows past q_len are zero
   for (int r = warp * 16; r < warp * 16 + 16; ++r) {
     const int idx = row0 + r, qi = idx / group, g = idx % group;
     float x[E];
@@ -157,9 +172,15 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      const T v = FromFloat<T>(x[i] * q_scale);
-      Qs[r * Tr::kQStride + lane * E + i] = v;
-      sum += ToFloat(v);  // sum of the operand actually used, so the m term matches the MMA
+      const M hi = FromFloat<M>(x[i]);
+      Qs[r * Tr::kQStride + lane * E + i] = hi;
+      float used = ToFloat(hi);
+      if (split_q) {
+        const M lo = FromFloat<M>(x[i] - used);
+        Qlo[r * Tr::kQStride + lane * E + i] = lo;
+        used += ToFloat(lo);
+      }
+      sum += used;  // sum of the operands actually used, so the m term matches the MMA
     }
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
@@ -193,23 +214,27 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
         kraw = __ldg(reinterpret_cast<const uint4*>(blk + layout.k_codes + row));
         vraw = __ldg(reinterpret_cast<const uint4*>(blk + layout.v_codes + row));
       }
-      T* krow = Ks + t * Tr::kKStride + c * kCodesPerChunk;
-      DecodeChunk<T, KIND>(kraw, [&](int i, T v) { krow[i] = v; });
-      T* vcol = Vt + (c * kCodesPerChunk) * Tr::kVStride + t;
-      DecodeChunk<T, KIND>(vraw, [&](int i, T v) { vcol[i * Tr::kVStride] = v; });
+      M* krow = Ks + t * Tr::kKStride + c * kCodesPerChunk;
+      DecodeChunk<M, KIND>(kraw, [&](int i, M v) { krow[i] = v; });
+      M* vcol = Vt + (c * kCodesPerChunk) * Tr::kVStride + t;
+      DecodeChunk<M, KIND>(vraw, [&](int i, M v) { vcol[i * Tr::kVStride] = v; });
     }
     for (int t = threadIdx.x; t < BK; t += Tr::kThreads) {
       const int pos = kv0 + t;
       float ks = 0.f, km = 0.f, vs = 0.f, vm = 0.f;  // padding tokens: finite and masked
       if (pos < kv_end) {
         if constexpr (KIND == SAW_KIND_BF16) {
-          ks = vs = 1.f;
+          ks = q_scale, vs = 1.f;
         } else {
           const uint8_t* blk = layout.HeadBlock(pool, table[pos / page_size], kvh, num_kv_heads);
           const int64_t off = int64_t(pos % page_size) * kParamBytes;
           const __half2 kp = *reinterpret_cast<const __half2*>(blk + layout.k_params + off);
           const __half2 vp = *reinterpret_cast<const __half2*>(blk + layout.v_params + off);
-          ks = __low2float(kp), km = __high2float(kp), vs = __low2float(vp), vm = __high2float(vp);
+          // operands are centred codes (code - kBias), so the offset becomes m + kBias * s;
+          // sm_scale * log2(e) folded into the K terms: scores come out in the log2 domain
+          ks = __low2float(kp), km = __high2float(kp) + kBias * ks;
+          ks *= q_scale, km *= q_scale;
+          vs = __low2float(vp), vm = __high2float(vp) + kBias * vs;
         }
       }
       k_s[t] = ks, k_m[t] = km, v_s[t] = vs, v_m[t] = vm;
@@ -220,7 +245,7 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
     float s[BK / 8][4];
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    const T* qa = Qs + (warp * 16 + gid) * Tr::kQStride + tig * 2;
+    const M* qa = Qs + (warp * 16 + gid) * Tr::kQStride + tig * 2;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
@@ -230,9 +255,22 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
       a[3] = *reinterpret_cast<const uint32_t*>(qa + 8 * Tr::kQStride + kk * 16 + 8);
 #pragma unroll
       for (int n = 0; n < BK / 8; ++n) {
-        const T* kb = Ks + (n * 8 + gid) * Tr::kKStride + kk * 16 + tig * 2;
-        Mma16816<T>(s[n], a, *reinterpret_cast<const uint32_t*>(kb),
+        const M* kb = Ks + (n * 8 + gid) * Tr::kKStride + kk * 16 + tig * 2;
+        Mma16816<M>(s[n], a, *reinterpret_cast<const uint32_t*>(kb),
                     *reinterpret_cast<const uint32_t*>(kb + 8));
+      }
+      if (Tr::kQParts == 2 && split_q) {  // + q_lo . code into the same accumulators
+        const M* ql = qa + (Qlo - Qs);
+        a[0] = *reinterpret_cast<const uint32_t*>(ql + kk * 16);
+        a[1] = *reinterpret_cast<const uint32_t*>(ql + 8 * Tr::kQStride + kk * 16);
+        a[2] = *reinterpret_cast<const uint32_t*>(ql + kk * 16 + 8);
+        a[3] = *reinterpret_cast<const uint32_t*>(ql + 8 * Tr::kQStride + kk * 16 + 8);
+#pragma unroll
+        for (int n = 0; n < BK / 8; ++n) {
+          const M* kb = Ks + (n * 8 + gid) * Tr::kKStride + kk * 16 + tig * 2;
+          Mma16816<M>(s[n], a, *reinterpret_cast<const uint32_t*>(kb),
+                      *reinterpret_cast<const uint32_t*>(kb + 8));
+        }
       }
     }
 
@@ -279,16 +317,16 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
         ps[i] = p * v_s[t];
       }
       // n even -> k 0..7 of step n/2 (regs 0, 1); n odd -> k 8..15 (regs 2, 3)
-      pa[n / 2][(n & 1) * 2 + 0] = PackPair<T>(ps[0], ps[1]);
-      pa[n / 2][(n & 1) * 2 + 1] = PackPair<T>(ps[2], ps[3]);
+      pa[n / 2][(n & 1) * 2 + 0] = PackPair<M>(ps[0], ps[1]);
+      pa[n / 2][(n & 1) * 2 + 1] = PackPair<M>(ps[2], ps[3]);
     }
     // ---- O += (P * s_v) . codes_v
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
 #pragma unroll
       for (int d = 0; d < D / 8; ++d) {
-        const T* vb = Vt + (d * 8 + gid) * Tr::kVStride + kk * 16 + tig * 2;
-        Mma16816<T>(o[d], pa[kk], *reinterpret_cast<const uint32_t*>(vb),
+        const M* vb = Vt + (d * 8 + gid) * Tr::kVStride + kk * 16 + tig * 2;
+        Mma16816<M>(o[d], pa[kk], *reinterpret_cast<const uint32_t*>(vb),
                     *reinterpret_cast<const uint32_t*>(vb + 8));
       }
     }
@@ -333,7 +371,7 @@ cudaError_t RunPrefill(const SawConfig& cfg, const void* q, int64_t q_stride, co
                        const int32_t* block_tables, int32_t max_pages, const int32_t* seq_lens,
                        const int32_t* cu_q_lens, int32_t num_seqs, int32_t max_q_len, void* out,
                        cudaStream_t stream) {
-  using Tr = PrefillTraits<T, D>;
+  using Tr = PrefillTraits<T, KIND, D>;
   auto kernel = PrefillKernel<T, KIND, D>;
   // Host-side and cheap; set on every call so it holds on whichever device is current.
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
