@@ -39,3 +39,9 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
         click.echo(f"wrote {json_path}")
+
+
+# `sawtrt bench serve`: the serving load generator lives with the serving CLI.
+from .bench_serve import bench_serve as _bench_serve  # noqa: E402
+
+bench.add_command(_bench_serve, "serve")

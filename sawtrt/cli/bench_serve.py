@@ -35,9 +35,10 @@ def _levels(text):
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
               help="Requests sent (and not counted) before the first level.")
 @click.option("--device", default="", help="With --engine: the engine device.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every level's numbers here as JSON ('-' for stdout).")
 def bench_serve(url, engine_dir, model, concurrency, num_requests, prompt_len, output_len,
-                num_gpus, timeout, warmup, device, as_json):
+                num_gpus, timeout, warmup, device, json_path):
     """Closed-loop load test: TTFT, inter-token latency, output tok/s per user and per GPU."""
     from ..serving.bench import LevelConfig, format_table, make_prompt, run_level
     from ..serving.client import generate
@@ -68,10 +69,16 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, prompt_len, o
     finally:
         if server is not None:
             server.stop()
-    if as_json:
-        json.dump({"url": url, "model": model, "levels": results}, sys.stdout, indent=1)
+    record = {"url": url, "model": model, "prompt_len_words": prompt_len,
+              "output_len": output_len, "num_gpus": num_gpus, "levels": results}
+    if json_path == "-":
+        json.dump(record, sys.stdout, indent=1)
         click.echo()
     else:
         click.echo(format_table(results))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(record, f, indent=1)
+            click.echo(f"wrote {json_path}", err=True)
     if any(lv["lost"] for lv in results):
         raise click.ClickException(f"{sum(lv['lost'] for lv in results)} request(s) lost")

@@ -43,12 +43,14 @@ def serve(engine_dir, model_repository, host, grpc_port, http_port, metrics_port
     try:
         try:
             server.start()
-            click.echo(f"sawtrt serve: starting tritonserver (model repository {repo})", err=True)
-            server.wait_ready(ready_timeout, model=MODEL_NAME)
+            click.echo(f"sawtrt serve: starting tritonserver pid {server.proc.pid} "
+                       f"(model repository {repo})", err=True)
+            ready = server.wait_ready(ready_timeout, model=MODEL_NAME, cancel=stop)
         except (TritonNotFound, ServerError) as e:
             raise click.ClickException(str(e)) from None
-        click.echo(f"sawtrt serve: ready  grpc {server.grpc_url}  http {server.http_url}  "
-                   f"metrics {server.metrics_url}  (Ctrl-C stops)", err=True)
+        if ready:
+            click.echo(f"sawtrt serve: ready  grpc {server.grpc_url}  http {server.http_url}  "
+                       f"metrics {server.metrics_url}  (Ctrl-C stops)", err=True)
         while not stop.is_set():
             if server.proc is None or server.proc.poll() is not None:
                 code = None if server.proc is None else server.proc.returncode
@@ -60,3 +62,5 @@ def serve(engine_dir, model_repository, host, grpc_port, http_port, metrics_port
         for sig, old in signals.items():
             signal.signal(sig, old)
     click.echo(f"sawtrt serve: tritonserver exited with code {code}", err=True)
+    if code != 0:
+        raise click.ClickException("tritonserver did not stop cleanly")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -183,17 +184,21 @@ class TritonServer:
     def is_ready(self) -> bool:
         return _http_ok(f"{self.http_url}/v2/health/ready")
 
-    def wait_ready(self, timeout: float = 300.0, model: str | None = None) -> None:
-        """Wait until the server (and `model`, if given) is ready; raise if it exits or times out."""
+    def wait_ready(self, timeout: float = 300.0, model: str | None = None,
+                   cancel: threading.Event | None = None) -> bool:
+        """Wait until the server (and `model`, if given) is ready; raise if it exits or times out.
+        Returns False when `cancel` was set first (e.g. by a signal handler)."""
         deadline = time.monotonic() + timeout
         url = f"{self.http_url}/v2/models/{model}/ready" if model else f"{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                return False
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise ServerError(f"tritonserver exited (code {code}) before it was ready"
                                   + self._log_hint())
             if _http_ok(url):
-                return
+                return True
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
 
