@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "generate:generate",
     "serve": "serve:serve",
     "client": "client:client",
+    "eval": "eval:eval_cmd",
 }
 
 

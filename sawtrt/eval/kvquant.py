@@ -1,0 +1,185 @@
+"""Fake quantization of K/V by the project's spec, plus prototype variants (eval only).
+
+`KVScheme` = a `sawtrt.spec.KVPolicy` (the served format: bits, rotation block, V rotation,
+signs) plus optional *variants* that keep the system constraints of the paged cache (same page
+table, per-token (s, m) fp16 parameters, no extra passes over the cache). Written as
+"POLICY[@VARIANT[@VARIANT...]]", e.g.
+
+    int4-bdr:h=64                 the served policy, exactly as spec.py defines it
+    int4-bdr:h=64@clip            per token, the range [m, m + 15 s] that minimises the MSE among
+                                  a few shrink ratios of [min, max] (tried at write time)
+    int4-bdr:h=64@lut             K only: 16 non-uniform levels between min and max instead of
+                                  16 equidistant ones (a fixed table fitted by calibrate.py)
+    int4-bdr:h=64@center          K minus a fixed per-layer, per-KV-head channel mean before the
+                                  rotation (softmax is invariant to it: q.(k - mu) = q.k - q.mu)
+    int4-bdr:h=64@k8=0+1          layers 0 and 1 store K and V as int8 (pages are per layer)
+    int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
+
+Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
+fp32 tensor of the same shape, in the *original* basis: x_hat = R^T Q(R x). For the served policy
+this is exactly what `sawtrt.kv_cache.encode` + `decode` store and read back (same sanitize,
+rotation, directed fp16 rounding of (s, m), round-half-even codes), so the fake-quant path and the
+paged-cache path differ only in fp32 summation order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import hadamard, quant
+from ..spec import KVPolicy, PolicyError
+
+# Shrink ratios tried per token by the "clip" variant (1.0 = the spec's min/max range).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def split_schemes(text: str) -> list[str]:
+    """"fp32,bf16,int4-bdr:h=32,kv,seed=1@clip,int4" -> one string per scheme: a comma starts a
+    new scheme unless what follows is a policy option (h=, seed=, kv, k) or a variant."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not part:
+            continue
+        key = part.split("@")[0].split("=")[0]
+        if out and key in ("h", "seed", "kv", "k", "rotate"):
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
+@dataclass(frozen=True)
+class KVScheme:
+    policy: KVPolicy
+    clip: bool = False
+    lut: bool = False
+    center: bool = False
+    int8_layers: tuple[int, ...] = ()
+    only: str | None = None          # "k" or "v": the other tensor stays bf16
+    text: str = field(default="", compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> "KVScheme":
+        base, *variants = [p.strip() for p in text.strip().split("@")]
+        kw: dict = {}
+        for v in variants:
+            key, eq, val = v.partition("=")
+            if key == "clip" and not eq:
+                kw["clip"] = True
+            elif key == "lut" and not eq:
+                kw["lut"] = True
+            elif key == "center" and not eq:
+                kw["center"] = True
+            elif key in ("konly", "vonly") and not eq:
+                kw["only"] = key[0]
+            elif key == "k8" and eq:
+                kw["int8_layers"] = tuple(sorted(int(x) for x in val.split("+") if x.strip()))
+            else:
+                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, konly, vonly, k8=L+L..)")
+        scheme = cls(KVPolicy.parse(base), text=text.strip(), **kw)
+        if (scheme.clip or scheme.lut) and not scheme.policy.quantized:
+            raise PolicyError(f"{text!r}: clip/lut need a quantized policy")
+        return scheme
+
+    @property
+    def is_plain(self) -> bool:
+        """True when this is exactly a served policy (no prototype variant)."""
+        return not (self.clip or self.lut or self.center or self.int8_layers or self.only)
+
+    def __str__(self) -> str:
+        return self.text or str(self.policy)
+
+    def policy_for_layer(self, layer: int) -> KVPolicy:
+        if layer in self.int8_layers:
+            return KVPolicy("int8")
+        return self.policy
+
+    def policy_for(self, layer: int, which: str) -> KVPolicy:
+        """The policy K ("k") or V ("v") of `layer` is stored in."""
+        if self.only is not None and which != self.only:
+            return KVPolicy("bf16")
+        return self.policy_for_layer(layer)
+
+    def cache_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+        """Bytes of K+V cache per token over all layers (codes + in-page params)."""
+        from ..spec import PageLayout
+        total = 0
+        for layer in range(num_layers):
+            for which in "kv":
+                lay = PageLayout(self.policy_for(layer, which), head_dim, num_kv_heads)
+                total += lay.code_bytes + lay.param_bytes
+        return total * num_kv_heads
+
+
+def quantize_dequant(x: torch.Tensor, bits: int, clip: bool = False,
+                     levels: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-wise asymmetric quantization of the last dim, returned dequantized (fp32).
+
+    Plain (clip=False, levels=None) is bit-identical to `sawtrt.quant.quantize` + `dequantize`.
+    clip: per token, try the ranges [c - r w/2, c + r w/2] (c, w the centre and width of
+    [min, max], r in CLIP_RATIOS), keep the one with the smallest squared error.
+    levels: 2^bits increasing values in [0, 1]; x_hat = m + s_full * levels[code] with
+    s_full = (max - min) (stored as s = s_full / L to keep the param format), nearest level.
+    """
+    L = (1 << bits) - 1
+    x = quant.sanitize(x)
+    if levels is None and not clip:
+        codes, scale, offset = quant.quantize(x, bits)
+        return quant.dequantize(codes, scale, offset)
+    lo, hi = x.amin(-1), x.amax(-1)
+    best, best_err = None, None
+    ratios = CLIP_RATIOS if clip else (1.0,)
+    for r in ratios:
+        c, w = (lo + hi) * 0.5, (hi - lo) * (0.5 * r)
+        m = quant.fp16_round_down(c - w).float()
+        s = quant.fp16_round_up(((c + w) - m) / L).float()
+        if levels is None:
+            inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)),
+                              torch.zeros_like(s))
+            code = torch.round((x - m[..., None]) * inv[..., None]).clamp_(0, L)
+            xh = code * s[..., None] + m[..., None]
+        else:
+            span = (s * L)[..., None]
+            u = (x - m[..., None]) / torch.where(span > 0, span, torch.ones_like(span))
+            mids = (levels[1:] + levels[:-1]) * 0.5
+            code = torch.bucketize(u.clamp(0, 1).contiguous(), mids)
+            xh = levels[code] * span + m[..., None]
+        err = (xh - x).pow(2).sum(-1)
+        if best is None:
+            best, best_err = xh, err
+        else:
+            take = err < best_err
+            best = torch.where(take[..., None], xh, best)
+            best_err = torch.where(take, err, best_err)
+    return best
+
+
+def fake_quant(x: torch.Tensor, policy: KVPolicy, which: str, scheme: KVScheme | None = None,
+               mean: torch.Tensor | None = None, levels: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """x [..., Hkv, T, D] or [..., D] after RoPE -> what the cache gives back, in x's basis (fp32).
+
+    which: "k" or "v" (V is rotated only with policy.rotate_v). mean: [Hkv, 1, D] or [D] channel
+    mean subtracted before rotation and added back after (the "center" variant).
+    """
+    if not policy.quantized:
+        return quant.sanitize(x).bfloat16().float()
+    d = x.shape[-1]
+    policy = policy.resolve(d)
+    rotated = policy.rotated and (which == "k" or policy.rotate_v)
+    y = quant.sanitize(x)
+    if mean is not None:
+        y = y - mean
+    signs = policy.signs(d) if rotated else None
+    if rotated:
+        y = hadamard.rotate(y, policy.rotation_block, signs)
+    clip = scheme.clip if scheme else False
+    lv = levels if (scheme and scheme.lut and which == "k") else None
+    y = quantize_dequant(y, policy.bits, clip=clip, levels=lv)
+    if rotated:
+        y = hadamard.inverse_rotate(y, policy.rotation_block, signs)
+    if mean is not None:
+        y = y + mean
+    return y

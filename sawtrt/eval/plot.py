@@ -1,0 +1,39 @@
+"""PNG plot of perplexity per scheme, one panel per model (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+
+def plot(results: list[dict], path, title: str = "Perplexity vs KV-cache policy") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"reference": "#777777", "runtime": "#1f77b4", "hf-paged": "#2ca02c",
+              "fake": "#ff7f0e"}
+    fig, axes = plt.subplots(1, len(results), figsize=(max(6, 0.55 * max(
+        len(r["results"]) for r in results)) * len(results), 4.8), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rows = res["results"]
+        x = range(len(rows))
+        bars = ax.bar(x, [r["ppl"] for r in rows], color=[colors.get(r["path"], "k") for r in rows])
+        bf16 = next((r["ppl"] for r in rows if r["scheme"] == "bf16" and r["path"] != "fake"), None)
+        if bf16:
+            ax.axhline(bf16, color="k", lw=0.8, ls="--")
+            ax.axhline(bf16 * 1.02, color="r", lw=0.8, ls=":", label="bf16 + 2 %")
+        for b, r in zip(bars, rows):
+            if "vs_bf16_pct" in r:
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(),
+                        f"{r['vs_bf16_pct']:+.1f}%", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([f"{r['scheme']}\n[{r['path']}]" for r in rows], rotation=60,
+                           ha="right", fontsize=7)
+        lo = min(r["ppl"] for r in rows)
+        ax.set_ylim(lo * 0.9, max(r["ppl"] for r in rows) * 1.05)
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{res['model']}: {res['tokens']} tok/source, W={res['window']}", fontsize=9)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+        ax.legend(handles + ax.get_legend_handles_labels()[0],
+                  list(colors) + ax.get_legend_handles_labels()[1], fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""The served path: sawtrt's own torch model (sawtrt.models.model.CausalLM) over the paged cache.
+
+For Llama-architecture checkpoints the runtime knows (SmolLM2-135M): weights from the GGUF by
+`sawtrt.models.weights.load_gguf`, the model's forward writes each step's K/V into the pool with
+`ops.write_kv` and attends with `ops.paged_attention` — exactly what `LLM.generate` runs, minus
+the scheduler. The model computes in fp32 here so that the KV policy is the only thing that
+changes between rows of a table.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kv_cache
+from ..spec import KVPolicy, PageLayout
+from .corpus import Window
+
+RUNTIME_MODELS = ("smollm2-135m",)
+
+
+class RuntimeModel:
+    """One CausalLM per KV policy, sharing one set of weights."""
+
+    def __init__(self, name: str, page_size: int = 64, dtype=torch.float32):
+        from ..models.weights import load_gguf
+        from .hf_models import gguf_source
+        src, fname = gguf_source(name)
+        self.spec, self.weights = load_gguf(src / fname, name)
+        self.page_size, self.dtype = page_size, dtype
+        self._models: dict[str, object] = {}
+
+    def model(self, policy: KVPolicy):
+        from ..models.model import CausalLM
+        key = str(policy)
+        if key not in self._models:
+            layout = PageLayout(policy, self.spec.head_dim, self.spec.num_kv_heads, self.page_size)
+            self._models = {key: CausalLM(self.spec, layout, self.weights, dtype=self.dtype,
+                                          max_positions=8192)}
+        return self._models[key]
+
+    def _pool(self, m, tokens: int):
+        pages = -(-tokens // self.page_size)
+        pool = kv_cache.new_pool(m.layout, self.spec.num_layers, pages)
+        return pool, torch.arange(pages, dtype=torch.int32)
+
+    def _meta(self, table, start: int, n: int, logits_rows):
+        from ..models.model import AttentionMetadata
+        pos = torch.arange(start, start + n)
+        slots = table[pos // self.page_size].long() * self.page_size + pos % self.page_size
+        return AttentionMetadata(pos, slots, table[None], torch.tensor([start + n], dtype=torch.int32),
+                                 torch.tensor([n], dtype=torch.int32), logits_rows,
+                                 is_decode=(n == 1))
+
+    def window_nll(self, policy: KVPolicy, window: Window, chunk: int = 128):
+        """(sum -log p, count) over the window: one prefill of BOS + W tokens."""
+        m = self.model(policy)
+        ids = torch.tensor(window.ids)
+        pool, table = self._pool(m, len(ids))
+        logits = m(ids, self._meta(table, 0, len(ids), torch.arange(len(ids) - 1)), pool)
+        target = ids[1:]
+        lp = torch.log_softmax(logits, -1)
+        return -float(lp.gather(-1, target[:, None]).sum()), int(target.numel())
+
+    def greedy(self, policy: KVPolicy, prompt: list[int], steps: int) -> list[int]:
+        """Prefill the prompt, then decode `steps` tokens one at a time (greedy)."""
+        m = self.model(policy)
+        pool, table = self._pool(m, len(prompt) + steps)
+        ids = torch.tensor(prompt)
+        logits = m(ids, self._meta(table, 0, len(ids), torch.tensor([len(ids) - 1])), pool)
+        out = [int(logits[0].argmax())]
+        for i in range(steps - 1):
+            pos = len(prompt) + i
+            logits = m(torch.tensor([out[-1]]), self._meta(table, pos, 1, torch.tensor([0])), pool)
+            out.append(int(logits[0].argmax()))
+        return out
