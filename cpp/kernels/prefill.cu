@@ -48,11 +48,11 @@ struct PrefillTraits {
   static constexpr int kPad = 8;                // 16 bytes: rows land on distinct banks
   static constexpr int kQStride = D + kPad;     // elements, Qs[row][d]
   static constexpr int kKStride = D + kPad;     // Ks[token][d]
-  static constexpr int kVStride = kBK + kPad;   // Vt[d][token] (transposed: B operand of P.V)
+  static constexpr int kVStride = D + kPad;     // Vs[token][d] (ldmatrix.trans feeds P.V)
   static constexpr int kOStride = D + 4;        // fp32 staging of the finished tile
   static constexpr int kQBytes = kQParts * kRows * kQStride * 2;
   static constexpr int kKBytes = kBK * kKStride * 2;
-  static constexpr int kVBytes = D * kVStride * 2;
+  static constexpr int kVBytes = kBK * kVStride * 2;
   static constexpr int kTileBytes = kQBytes + kKBytes + kVBytes;
   static constexpr int kOBytes = kRows * kOStride * 4;
   static constexpr int kMainBytes = kTileBytes > kOBytes ? kTileBytes : kOBytes;
@@ -95,26 +95,53 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
-// 16 bytes of one token's codes -> MMA operand values (N of them) written by `put(i, value)`.
+// 16 bytes of one token's codes -> fp16 MMA operands at `dst` (16-byte aligned, shared memory).
 // Integer codes are centred (int4: code - 8, int8: code - 128; exact in fp16): the offset term
 // m + bias * s is then near the vector's middle instead of its minimum, so the code term and
 // the offset term no longer cancel in the output (measured: 6-17 u of error before, bf16).
-template <typename T, int KIND, typename Put>
-__device__ __forceinline__ void DecodeChunk(const uint4& raw, Put put) {
+// Codes become fp16 by the exponent trick: 0x6400 | c is the fp16 number 1024 + c (c < 1024).
+template <int KIND>
+__device__ __forceinline__ void DecodeChunk(const uint4& raw, __half* dst) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (KIND == SAW_KIND_INT4) {  // 32 codes, element i at bits [4i, 4i+4) of the chunk
+  uint32_t h[KIND == SAW_KIND_INT4 ? 16 : KIND == SAW_KIND_INT8 ? 8 : 4];  // half2 words
+  if constexpr (KIND == SAW_KIND_INT4) {  // 32 codes, element i at bits [4i, 4i+4)
+    const __half2 bias = __floats2half2_rn(1032.f, 1032.f);
 #pragma unroll
-    for (int i = 0; i < 32; ++i) put(i, FromFloat<T>(float((w[i / 8] >> (4 * (i % 8))) & 0xF) - 8.f));
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t u = w[j / 4] >> (8 * (j % 4));  // elements 2j, 2j+1 in bits 0..7
+      const uint32_t x = (u & 0xFu) | ((u & 0xF0u) << 12) | 0x64006400u;
+      const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&x), bias);
+      h[j] = *reinterpret_cast<const uint32_t*>(&v);
+    }
   } else if constexpr (KIND == SAW_KIND_INT8) {  // 16 codes
+    const __half2 bias = __floats2half2_rn(1152.f, 1152.f);
 #pragma unroll
-    for (int i = 0; i < 16; ++i) put(i, FromFloat<T>(float((w[i / 4] >> (8 * (i % 4))) & 0xFF) - 128.f));
-  } else {  // 8 bf16 values
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t u = w[j / 2] >> (16 * (j % 2));
+      const uint32_t x = (u & 0xFFu) | ((u & 0xFF00u) << 8) | 0x64006400u;
+      const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&x), bias);
+      h[j] = *reinterpret_cast<const uint32_t*>(&v);
+    }
+  } else {  // 8 bf16 values -> fp16 (exact inside fp16's range; the cache is clamped to 60000)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t bits = (w[i / 2] >> (16 * (i % 2))) & 0xFFFF;
-      put(i, FromFloat<T>(__uint_as_float(bits << 16)));
+    for (int j = 0; j < 4; ++j) {
+      const __half2 v = __floats2half2_rn(__uint_as_float(w[j] << 16),
+                                          __uint_as_float(w[j] & 0xFFFF0000u));
+      h[j] = *reinterpret_cast<const uint32_t*>(&v);
     }
   }
+  uint4* out = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int j = 0; j < int(sizeof(h) / 16); ++j)
+    out[j] = make_uint4(h[4 * j], h[4 * j + 1], h[4 * j + 2], h[4 * j + 3]);
+}
+
+// Four 8x8 fp16 matrices from shared memory, transposed: the B operand of P.V from row-major V.
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem_ptr) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
 template <typename T, int KIND, int D>
@@ -135,7 +162,7 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
   M* Qs = reinterpret_cast<M*>(smem);
   M* Qlo = Qs + Tr::kRows * Tr::kQStride;  // only when kQParts == 2
   M* Ks = reinterpret_cast<M*>(smem + Tr::kQBytes);
-  M* Vt = reinterpret_cast<M*>(smem + Tr::kQBytes + Tr::kKBytes);
+  M* Vs = reinterpret_cast<M*>(smem + Tr::kQBytes + Tr::kKBytes);
   float* Os = reinterpret_cast<float*>(smem);  // aliases Q/K/V once the tile is finished
   float* k_s = reinterpret_cast<float*>(smem + Tr::kMainBytes);
   float* k_m = k_s + BK;
@@ -202,44 +229,61 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, row_pm[2] = {0.f, 0.f};
 
-  for (int kv0 = 0; kv0 < kv_end; kv0 += BK) {
-    __syncthreads();  // previous tile fully consumed (and Q tile written, first time)
-    // ---- load + decode a K/V tile; token index fastest so Vt stores are contiguous
-    for (int item = threadIdx.x; item < BK * kChunks; item += Tr::kThreads) {
-      const int t = item % BK, c = item / BK, pos = kv0 + t;
-      uint4 kraw = make_uint4(0, 0, 0, 0), vraw = kraw;
+  // ---- K/V tiles: raw bytes are fetched into registers one tile ahead (the loads fly while
+  // the tensor cores work on the current tile), then decoded into shared memory
+  constexpr int kItems = BK * kChunks / Tr::kThreads;  // 16-byte chunks per thread per tile
+  static_assert(BK * kChunks % Tr::kThreads == 0 && BK <= Tr::kThreads, "tile split");
+  uint4 kraw[kItems], vraw[kItems];
+  __half2 kpar = __floats2half2_rn(0.f, 0.f), vpar = kpar;
+  auto fetch = [&](int kv0) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int item = threadIdx.x + i * Tr::kThreads, t = item % BK, c = item / BK;
+      const int pos = kv0 + t;
+      kraw[i] = vraw[i] = make_uint4(0, 0, 0, 0);
       if (pos < kv_end) {
         const uint8_t* blk = layout.HeadBlock(pool, table[pos / page_size], kvh, num_kv_heads);
         const int64_t row = int64_t(pos % page_size) * layout.code_bytes + c * 16;
-        kraw = __ldg(reinterpret_cast<const uint4*>(blk + layout.k_codes + row));
-        vraw = __ldg(reinterpret_cast<const uint4*>(blk + layout.v_codes + row));
+        kraw[i] = __ldg(reinterpret_cast<const uint4*>(blk + layout.k_codes + row));
+        vraw[i] = __ldg(reinterpret_cast<const uint4*>(blk + layout.v_codes + row));
       }
-      M* krow = Ks + t * Tr::kKStride + c * kCodesPerChunk;
-      DecodeChunk<M, KIND>(kraw, [&](int i, M v) { krow[i] = v; });
-      M* vcol = Vt + (c * kCodesPerChunk) * Tr::kVStride + t;
-      DecodeChunk<M, KIND>(vraw, [&](int i, M v) { vcol[i * Tr::kVStride] = v; });
     }
-    for (int t = threadIdx.x; t < BK; t += Tr::kThreads) {
-      const int pos = kv0 + t;
-      float ks = 0.f, km = 0.f, vs = 0.f, vm = 0.f;  // padding tokens: finite and masked
+    if (KIND != SAW_KIND_BF16 && threadIdx.x < BK) {
+      const int pos = kv0 + threadIdx.x;
+      kpar = vpar = __floats2half2_rn(0.f, 0.f);  // padding tokens: finite, and masked
       if (pos < kv_end) {
-        if constexpr (KIND == SAW_KIND_BF16) {
-          ks = q_scale, vs = 1.f;
-        } else {
-          const uint8_t* blk = layout.HeadBlock(pool, table[pos / page_size], kvh, num_kv_heads);
-          const int64_t off = int64_t(pos % page_size) * kParamBytes;
-          const __half2 kp = *reinterpret_cast<const __half2*>(blk + layout.k_params + off);
-          const __half2 vp = *reinterpret_cast<const __half2*>(blk + layout.v_params + off);
-          // operands are centred codes (code - kBias), so the offset becomes m + kBias * s;
-          // sm_scale * log2(e) folded into the K terms: scores come out in the log2 domain
-          ks = __low2float(kp), km = __high2float(kp) + kBias * ks;
-          ks *= q_scale, km *= q_scale;
-          vs = __low2float(vp), vm = __high2float(vp) + kBias * vs;
-        }
+        const uint8_t* blk = layout.HeadBlock(pool, table[pos / page_size], kvh, num_kv_heads);
+        const int64_t off = int64_t(pos % page_size) * kParamBytes;
+        kpar = *reinterpret_cast<const __half2*>(blk + layout.k_params + off);
+        vpar = *reinterpret_cast<const __half2*>(blk + layout.v_params + off);
+      }
+    }
+  };
+  fetch(0);
+  for (int kv0 = 0; kv0 < kv_end; kv0 += BK) {
+    __syncthreads();  // previous tile fully consumed (and Q tile written, first time)
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int item = threadIdx.x + i * Tr::kThreads, t = item % BK, c = item / BK;
+      DecodeChunk<KIND>(kraw[i], Ks + t * Tr::kKStride + c * kCodesPerChunk);
+      DecodeChunk<KIND>(vraw[i], Vs + t * Tr::kVStride + c * kCodesPerChunk);
+    }
+    if (threadIdx.x < BK) {
+      const int t = threadIdx.x;
+      float ks, km, vs, vm;
+      if constexpr (KIND == SAW_KIND_BF16) {
+        ks = kv0 + t < kv_end ? q_scale : 0.f, km = 0.f, vs = 1.f, vm = 0.f;
+      } else {
+        // operands are centred codes (code - kBias), so the offset becomes m + kBias * s;
+        // sm_scale * log2(e) folded into the K terms: scores come out in the log2 domain
+        ks = __low2float(kpar), km = __high2float(kpar) + kBias * ks;
+        ks *= q_scale, km *= q_scale;
+        vs = __low2float(vpar), vm = __high2float(vpar) + kBias * vs;
       }
       k_s[t] = ks, k_m[t] = km, v_s[t] = vs, v_m[t] = vm;
     }
     __syncthreads();
+    if (kv0 + BK < kv_end) fetch(kv0 + BK);
 
     // ---- S = Q K^T (codes), 16 rows x BK tokens per warp
     float s[BK / 8][4];
@@ -323,11 +367,15 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
     // ---- O += (P * s_v) . codes_v
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
+      // lanes 0-7 / 8-15 address tokens 0-7 / 8-15 of the step at dims d*8.., lanes 16-31 the
+      // same at (d+1)*8..: r = {B(d) k-lo, B(d) k-hi, B(d+1) k-lo, B(d+1) k-hi}
+      const M* vrow = Vs + (kk * 16 + (lane & 15)) * Tr::kVStride + (lane >> 4) * 8;
 #pragma unroll
-      for (int d = 0; d < D / 8; ++d) {
-        const M* vb = Vt + (d * 8 + gid) * Tr::kVStride + kk * 16 + tig * 2;
-        Mma16816<M>(o[d], pa[kk], *reinterpret_cast<const uint32_t*>(vb),
-                    *reinterpret_cast<const uint32_t*>(vb + 8));
+      for (int d = 0; d < D / 8; d += 2) {
+        uint32_t r[4];
+        LdMatrixX4Trans(r, vrow + d * 8);
+        Mma16816<M>(o[d], pa[kk], r[0], r[1]);
+        Mma16816<M>(o[d + 1], pa[kk], r[2], r[3]);
       }
     }
   }
