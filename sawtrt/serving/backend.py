@@ -305,6 +305,7 @@ class EngineLoop:
                 self._safe_error(a.sink, f"internal error in the engine step: {type(e).__name__}: {e}")
             return
         self.stats.steps += 1
+        self._notify()           # metrics first: a client that reacts to a token sees them
         for out in outputs:
             a = self._active.get(out.request_id)
             if a is None:
