@@ -10,6 +10,8 @@ need to look at device data, and call once before capture so the workspace is al
 from __future__ import annotations
 
 import ctypes
+import functools
+import json
 import math
 
 import torch
@@ -187,3 +189,46 @@ def attention_step(qkv, pool_layer, layout, num_q_heads, block_tables, seq_lens,
 
 def default_sm_scale(layout: PageLayout) -> float:
     return 1.0 / math.sqrt(layout.head_dim)
+
+
+# -- torch custom ops: the same kernels as opaque ops (torch.compile / graph friendly) ----------
+@functools.lru_cache(maxsize=64)
+def _layout_from_json(text: str) -> PageLayout:
+    return PageLayout.from_dict(json.loads(text))
+
+
+def _register_custom_ops() -> bool:
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:   # torch < 2.4
+        return False
+
+    @custom_op("sawtrt::attention_step", mutates_args=("pool_layer",))
+    def _attention_step_op(qkv: torch.Tensor, pool_layer: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           cu_q_lens: torch.Tensor, layout_json: str, num_q_heads: int,
+                           max_q_len: int, max_seq_len: int, sm_scale: float) -> torch.Tensor:
+        return attention_step(qkv, pool_layer, _layout_from_json(layout_json), num_q_heads,
+                              block_tables, seq_lens, cu_q_lens, max_q_len, max_seq_len,
+                              sm_scale)
+
+    @_attention_step_op.register_fake
+    def _(qkv, pool_layer, block_tables, seq_lens, cu_q_lens, layout_json, num_q_heads,
+          max_q_len, max_seq_len, sm_scale):
+        d = _layout_from_json(layout_json).head_dim
+        return qkv.new_empty(qkv.shape[0], num_q_heads * d)
+
+    @custom_op("sawtrt::write_kv", mutates_args=("pool_layer",))
+    def _write_kv_op(pool_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     slot_mapping: torch.Tensor, layout_json: str) -> None:
+        write_kv(pool_layer, _layout_from_json(layout_json), k, v, slot_mapping)
+
+    @_write_kv_op.register_fake
+    def _(pool_layer, k, v, slot_mapping, layout_json):
+        return None
+
+    return True
+
+
+# torch.ops.sawtrt.attention_step(qkv, pool, tables, lens, cu, layout.to_json(), Hq, max_q_len,
+# max_seq_len, sm_scale) and torch.ops.sawtrt.write_kv(pool, k, v, slots, layout.to_json())
+CUSTOM_OPS = _register_custom_ops()

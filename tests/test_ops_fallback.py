@@ -1,0 +1,41 @@
+"""CPU fallback of the kernel ops: ops.attention_step (and its torch custom op) equals the
+reference write + reference attention, and step_slots places each new token right."""
+from __future__ import annotations
+
+import torch
+
+from sawtrt import kv_cache, reference
+from sawtrt.kernels import ops
+from sawtrt.spec import KVPolicy, PageLayout
+
+
+def test_attention_step_cpu_fallback_matches_reference():
+    gen = torch.Generator().manual_seed(3)
+    d, hkv, hq, page = 64, 2, 4, 16
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=32,kv,seed=2"), d, hkv, page)
+    seq_lens, q_lens = [21, 40], [21, 6]
+    tables = torch.tensor([[3, 0, 9], [5, 1, 7]], dtype=torch.int32)
+    pool = kv_cache.new_pool(layout, 1, 10)[0]
+    # cached prefix of sequence 1 (positions 0..33)
+    pos = torch.arange(34)
+    slots = tables[1, pos // page].long() * page + pos % page
+    kv_cache.write_kv(pool, layout, torch.randn(34, hkv, d, generator=gen),
+                      torch.randn(34, hkv, d, generator=gen), slots)
+    ref_pool = pool.clone()
+    n = sum(q_lens)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen)
+    cu = torch.tensor([0, 21, 27], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = torch.ops.sawtrt.attention_step(qkv, pool, tables, lens, cu, layout.to_json(), hq, 21,
+                                          40, 0.125)
+    new_slots = ops.step_slots(layout, tables, lens, cu, n)
+    expect = torch.cat([tables[0, torch.arange(21) // page].long() * page + torch.arange(21) % page,
+                        tables[1, torch.arange(34, 40) // page].long() * page
+                        + torch.arange(34, 40) % page])
+    assert torch.equal(new_slots, expect)
+    kv_cache.write_kv(ref_pool, layout, qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d),
+                      qkv[:, (hq + hkv) * d:].reshape(n, hkv, d), new_slots)
+    assert torch.equal(pool, ref_pool)
+    ref = reference.paged_attention(qkv[:, :hq * d].reshape(n, hq, d), ref_pool, layout, tables,
+                                    lens, torch.tensor(q_lens), 0.125)
+    torch.testing.assert_close(out, ref.reshape(n, hq * d), rtol=0, atol=0)
