@@ -214,7 +214,7 @@ DecodeKernel(const DecodeParams p) {
   };
 
   SoftmaxState st[NT][2];
-  float pm[NT][2];       // sum_t p_t m_t (INT4 V offsets), this thread's tokens
+  float pm[NT][2];  // sum_t p_t m_t - 128 sum_t p'_t (INT4 V offsets and code bias), own tokens
   float o[NT][TR::kMT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -242,11 +242,13 @@ DecodeKernel(const DecodeParams p) {
   }
   const float qscale = p.q_scale * (p.rot_block ? rsqrtf((float)p.rot_block) : 1.f);
   uint32_t qf[NT][TR::kKPairs][4];
-  float qsum[NT][2];  // sum of q' for heads 2c, 2c+1 of each n-tile (INT4 offset term)
+  // INT4: sum of the effective q' (offset term m * sum q) and the code bias 1024 * sum of the
+  // stored fp16 q' (codes enter the MMA as 1024 + n or 1024 + 16 n), for heads 2c, 2c+1
+  float qsum[NT][2], qbias[NT][2];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const float* qh = qs + (8 * nt + r) * D;  // B operand column = head lane/4
-    float part = 0.f;
+    float part = 0.f, bias = 0.f;
 #pragma unroll
     for (int u = 0; u < TR::kKPairs; ++u) {
       const int base = KWordBase<TR>(c, u);
@@ -256,9 +258,12 @@ DecodeKernel(const DecodeParams p) {
         const int d0 = TR::kInt4 ? base + i : base + 2 * i;
         const int d1 = TR::kInt4 ? base + i + 4 : base + 2 * i + 1;
         if constexpr (TR::kInt4) {
-          qf[nt][u][i] = PackFloat2<__half>(qh[d0] * qscale, qh[d1] * qscale);
+          // slots 1, 3 face 1024 + 16 n (Int4x8ToHalf2Biased): q' / 16 there (exact scaling)
+          const float f16 = (i & 1) ? 0.0625f : 1.f;
+          qf[nt][u][i] = PackFloat2<__half>(qh[d0] * qscale * f16, qh[d1] * qscale * f16);
           const float2 f = Half2ToFloat2(qf[nt][u][i]);
-          part += f.x + f.y;
+          part += (f.x + f.y) * ((i & 1) ? 16.f : 1.f);
+          bias += f.x + f.y;
         } else {
           qf[nt][u][i] = PackFloat2<__nv_bfloat16>(qh[d0] * qscale, qh[d1] * qscale);
         }
@@ -266,8 +271,12 @@ DecodeKernel(const DecodeParams p) {
     }
     part += __shfl_xor_sync(0xffffffff, part, 1);
     part += __shfl_xor_sync(0xffffffff, part, 2);  // quad sum: head r's full sum
+    bias += __shfl_xor_sync(0xffffffff, bias, 1);
+    bias += __shfl_xor_sync(0xffffffff, bias, 2);
     qsum[nt][0] = __shfl_sync(0xffffffff, part, (2 * c) * 4);
     qsum[nt][1] = __shfl_sync(0xffffffff, part, (2 * c + 1) * 4);
+    qbias[nt][0] = 1024.f * __shfl_sync(0xffffffff, bias, (2 * c) * 4);
+    qbias[nt][1] = 1024.f * __shfl_sync(0xffffffff, bias, (2 * c + 1) * 4);
   }
 
   for (int j = 0; j < my_tiles; ++j) {
@@ -304,8 +313,8 @@ DecodeKernel(const DecodeParams p) {
       for (int u = 0; u < TR::kKPairs; ++u) {
         uint32_t a0[4], a1[4];
         if constexpr (TR::kInt4) {
-          Int4x8ToHalf2(kw0[u], a0);
-          Int4x8ToHalf2(kw1[u], a1);
+          Int4x8ToHalf2Biased(kw0[u], a0);
+          Int4x8ToHalf2Biased(kw1[u], a1);
         } else {
 #pragma unroll
           for (int i = 0; i < 4; ++i) { a0[i] = kw0[4 * u + i]; a1[i] = kw1[4 * u + i]; }
@@ -340,10 +349,41 @@ DecodeKernel(const DecodeParams p) {
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          sacc[nt][hh] = k0.x * sacc[nt][hh] + k0.y * qsum[nt][hh];
-          sacc[nt][2 + hh] = k1.x * sacc[nt][2 + hh] + k1.y * qsum[nt][hh];
+          sacc[nt][hh] = k0.x * (sacc[nt][hh] - qbias[nt][hh]) + k0.y * qsum[nt][hh];
+          sacc[nt][2 + hh] = k1.x * (sacc[nt][2 + hh] - qbias[nt][hh]) + k1.y * qsum[nt][hh];
         }
       }
+    }
+    // Lazy rescaling: the exponent origin st.m moves only when a tile's max exceeds it by more
+    // than kLazy (log2 units), so p <= 2^8 (exact enough in bf16/fp32) and the O^T rescale
+    // (32 FMUL per tile at D = 128) runs on a handful of tiles per split instead of every one.
+    constexpr float kLazy = 8.f;
+    float s0[NT][2], s1[NT][2], mx[NT][2];
+    bool grow = false;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        s0[nt][hh] = valid0 ? sacc[nt][hh] : -INFINITY;
+        s1[nt][hh] = valid1 ? sacc[nt][2 + hh] : -INFINITY;
+        float m = fmaxf(s0[nt][hh], s1[nt][hh]);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 16));
+        mx[nt][hh] = m;
+        grow |= m > st[nt][hh].m + kLazy;
+      }
+    if (__any_sync(0xffffffff, grow)) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const bool g = mx[nt][hh] > st[nt][hh].m + kLazy;
+          const float corr = g ? st[nt][hh].Rescale(mx[nt][hh]) : 1.f;
+          pm[nt][hh] *= corr;
+#pragma unroll
+          for (int mt = 0; mt < TR::kMT; ++mt) { o[nt][mt][hh] *= corr; o[nt][mt][2 + hh] *= corr; }
+        }
     }
     uint32_t pb0[NT], pb1[NT];
 #pragma unroll
@@ -351,25 +391,21 @@ DecodeKernel(const DecodeParams p) {
       float pp[4];
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const float s0 = valid0 ? sacc[nt][hh] : -INFINITY;
-        const float s1 = valid1 ? sacc[nt][2 + hh] : -INFINITY;
-        float mx = fmaxf(s0, s1);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 4));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 8));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 16));
-        const float m_new = fmaxf(st[nt][hh].m, mx);
-        const float corr = st[nt][hh].Rescale(m_new);
-        const float mu = SafeMax(m_new);
-        const float p0 = Exp2(s0 - mu), p1 = Exp2(s1 - mu);
+        const float mu = SafeMax(st[nt][hh].m);
+        const float p0 = Exp2(s0[nt][hh] - mu), p1 = Exp2(s1[nt][hh] - mu);
         st[nt][hh].l += p0 + p1;
-        pm[nt][hh] = pm[nt][hh] * corr + p0 * vm0 + p1 * vm1;
-#pragma unroll
-        for (int mt = 0; mt < TR::kMT; ++mt) { o[nt][mt][hh] *= corr; o[nt][mt][2 + hh] *= corr; }
+        pm[nt][hh] += p0 * vm0 + p1 * vm1;
         pp[hh] = p0 * vs0;
         pp[2 + hh] = p1 * vs1;
       }
-      pb0[nt] = MovTrans(PackFloat2<__nv_bfloat16>(pp[0], pp[1]));  // tokens 2c,2c+1; head r
-      pb1[nt] = MovTrans(PackFloat2<__nv_bfloat16>(pp[2], pp[3]));  // tokens 2c+8,2c+9
+      const uint32_t P0 = PackFloat2<__nv_bfloat16>(pp[0], pp[1]);  // token r; heads 2c, 2c+1
+      const uint32_t P1 = PackFloat2<__nv_bfloat16>(pp[2], pp[3]);  // token r+8
+      if constexpr (TR::kInt4) {  // V codes enter as 128 + n: remove 128 * sum of rounded p'
+        pm[nt][0] -= 128.f * (Bf16Lo(P0) + Bf16Lo(P1));
+        pm[nt][1] -= 128.f * (Bf16Hi(P0) + Bf16Hi(P1));
+      }
+      pb0[nt] = MovTrans(P0);  // tokens 2c,2c+1; head r
+      pb1[nt] = MovTrans(P1);  // tokens 2c+8,2c+9
     }
 
     // ---- O^T += V^T P'^T (dims r*D/8 .. +D/8 of this thread; tokens 2c,2c+1,2c+8,2c+9) ----
@@ -397,8 +433,8 @@ DecodeKernel(const DecodeParams p) {
           for (int half = 0; half < 2; ++half) {  // nibbles 0..3, then 4..7 of the word
             const uint32_t sel = half ? 0x7632 : 0x5410;
             uint32_t lo[4], hi[4];
-            Int4PairsToBf162(__byte_perm(w[0][jw], w[1][jw], sel), lo);  // tokens 2c, 2c+1
-            Int4PairsToBf162(__byte_perm(w[2][jw], w[3][jw], sel), hi);  // tokens 2c+8, 2c+9
+            Int4PairsToBf162Biased(__byte_perm(w[0][jw], w[1][jw], sel), lo);  // tokens 2c, 2c+1
+            Int4PairsToBf162Biased(__byte_perm(w[2][jw], w[3][jw], sel), hi);  // tokens 2c+8, 2c+9
 #pragma unroll
             for (int qq = 0; qq < 2; ++qq) {
               const int mt = 4 * jw + 2 * half + qq;  // element i = 4 half + 2 qq (+1)
@@ -418,7 +454,7 @@ DecodeKernel(const DecodeParams p) {
         }
       }
     }
-    __syncwarp();
+    __syncwarp();  // every lane is done reading stage j % S before it is refilled
   }
   CpAsyncWait<0>();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
