@@ -321,3 +321,26 @@ def test_ops_dispatch_to_kernels():
     out = ops.paged_attention(q, pool, layout, tables, lens, torch.tensor([30]))
     ref = reference.paged_attention(q.float(), pool, layout, tables, lens.cpu(), torch.tensor([30]))
     check_close(out, ref, dt, "ops.paged_attention")
+
+
+def test_custom_op_matches_direct_call():
+    """torch.ops.sawtrt.attention_step runs the same kernels as ops.attention_step."""
+    assert ops.CUSTOM_OPS
+    dt, d, hkv, hq, page = torch.bfloat16, 128, 2, 8, 16
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=32,kv"), d, hkv, page)
+    gen = _gen(99)
+    seq_lens, q_lens = [33, 70], [33, 9]
+    pool, tables, _ = build_batch(layout, seq_lens, q_lens, hq, dt, gen, prefill_cache=False)
+    pool2 = pool.clone()
+    n = sum(q_lens)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(dt).to(DEV)
+    tables_d = tables.to(DEV)
+    lens_d = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0, 33, 42], dtype=torch.int32, device=DEV)
+    a = ops.attention_step(qkv, pool, layout, hq, tables_d, lens_d, cu, 33, 70)
+    b = torch.ops.sawtrt.attention_step(qkv, pool2, tables_d, lens_d, cu, layout.to_json(), hq,
+                                        33, 70, 1 / math.sqrt(d))
+    assert torch.equal(pool, pool2) and torch.equal(a, b)
+    ref = reference.paged_attention(qkv[:, :hq * d].reshape(n, hq, d).float(), pool, layout,
+                                    tables_d, lens_d.cpu(), torch.tensor(q_lens), None)
+    check_close(b.reshape(n, hq, d), ref, dt, "custom op")

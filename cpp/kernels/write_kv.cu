@@ -34,7 +34,7 @@ template <> struct Bytes<4> { using type = uint32_t; };
 template <> struct Bytes<8> { using type = uint2; };
 template <> struct Bytes<16> { using type = uint4; };
 
-template <typename T, int KIND, int D>
+template <typename T, int KIND, int D, bool kVecLoad>
 __global__ void __launch_bounds__(kWriteWarps * 32)
 WriteKVKernel(const T* __restrict__ qkv, int64_t qkv_stride, const int32_t* __restrict__ slots,
               int32_t num_tokens, uint8_t* __restrict__ pool, int num_q_heads, int num_kv_heads,
@@ -53,8 +53,16 @@ WriteKVKernel(const T* __restrict__ qkv, int64_t qkv_stride, const int32_t* __re
   const T* src = qkv + token * qkv_stride + int64_t(num_q_heads + is_v * num_kv_heads + head) * D +
                  lane * E;
   float x[E];
+  if constexpr (kVecLoad) {  // one 4/8/16-byte load per lane instead of E 2-byte loads
+    using W = typename Bytes<E * sizeof(T)>::type;
+    const W w = __ldg(reinterpret_cast<const W*>(src));
+    const T* v = reinterpret_cast<const T*>(&w);
 #pragma unroll
-  for (int i = 0; i < E; ++i) x[i] = Sanitize(ToFloat(src[i]));
+    for (int i = 0; i < E; ++i) x[i] = Sanitize(ToFloat(v[i]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = Sanitize(ToFloat(src[i]));
+  }
   if (is_v ? rotate_v : rotate_k) {
     WarpRotate<E>(x, rotation_block, signs);
 #pragma unroll
@@ -133,9 +141,12 @@ cudaError_t LaunchWriteKV(const SawConfig& cfg, const void* qkv, int64_t qkv_str
   const int64_t warps = int64_t(num_tokens) * cfg.num_kv_heads * 2;
   const dim3 grid(unsigned((warps + kWriteWarps - 1) / kWriteWarps)), block(kWriteWarps * 32);
   const int rot_k = cfg.rotation_block > 0, rot_v = rot_k && cfg.rotate_v;
+  // vector loads need every lane's E elements 16-byte aligned: base and row stride
+  const bool vec = reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && (qkv_stride * 2) % 16 == 0;
   SAW_DISPATCH_DTYPE(cfg.act_dtype, T, SAW_DISPATCH_KIND(cfg.kind, KIND, SAW_DISPATCH_HEAD_DIM(
       cfg.head_dim, D,
-      WriteKVKernel<T, KIND, D><<<grid, block, 0, stream>>>(
+      auto kernel = vec ? WriteKVKernel<T, KIND, D, true> : WriteKVKernel<T, KIND, D, false>;
+      kernel<<<grid, block, 0, stream>>>(
           static_cast<const T*>(qkv), qkv_stride, slot_mapping, num_tokens,
           static_cast<uint8_t*>(pool_layer), cfg.num_q_heads, cfg.num_kv_heads, cfg.page_size,
           cfg.rotation_block, rot_k, rot_v, cfg.signs))));
