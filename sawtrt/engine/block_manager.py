@@ -4,6 +4,9 @@ A page id is shared by all layers. Pages carry a reference count so that several
 share a prefix (`fork`); a page returns to the allocator when its last reference goes. The
 operations the scheduler uses: can_allocate / allocate_for (grow a sequence's table to hold
 n tokens), free (drop all of a sequence's references), and `check` for leak tests.
+
+`first_page` reserves pool pages below it: the engine keeps page 0 as a scratch page that padded
+rows of a CUDA-graph batch may write, so the pool tensor has num_pages + first_page pages.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, first_page: int = 0):
         self.page_size = page_size
+        self.first_page = first_page
         self.allocator = PageAllocator(num_pages)
-        self.refcount = [0] * num_pages
+        self.refcount = [0] * (num_pages + first_page)
 
     @property
     def num_pages(self) -> int:
@@ -45,7 +49,7 @@ class BlockManager:
         n = self.pages_needed(seq, num_tokens)
         if n == 0:
             return
-        pages = self.allocator.allocate(n)      # raises KVPoolExhausted, nothing allocated
+        pages = [p + self.first_page for p in self.allocator.allocate(n)]   # all-or-nothing
         for p in pages:
             self.refcount[p] = 1
         seq.block_table.extend(pages)
@@ -70,13 +74,13 @@ class BlockManager:
             self.refcount[p] -= 1
             if self.refcount[p] == 0:
                 released.append(p)
-        self.allocator.free(released)
+        self.allocator.free([p - self.first_page for p in released])
         seq.block_table = []
 
     def check(self, live: list[Sequence] = ()) -> None:
         """Consistency: refcounts equal the references held by `live`, used pages == referenced.
         With no live sequences every page must be free (no leaks)."""
-        want = [0] * self.num_pages
+        want = [0] * (self.num_pages + self.first_page)
         for s in live:
             for p in s.block_table:
                 want[p] += 1

@@ -84,8 +84,9 @@ class LLMEngine:
                 else:
                     kv_memory_bytes = DEFAULT_CPU_KV_BYTES
             num_pages = max(1, min(need, kv_memory_bytes // per_page))
-        self.kv_pool = new_pool(layout, cfg.model.num_layers, num_pages, self.device)
-        self.block_manager = BlockManager(num_pages, layout.page_size)
+        # page 0 is scratch (padding rows of CUDA-graph batches); pages 1..num_pages are used
+        self.kv_pool = new_pool(layout, cfg.model.num_layers, num_pages + 1, self.device)
+        self.block_manager = BlockManager(num_pages, layout.page_size, first_page=1)
         tokens = max_num_batched_tokens or max(512, self.max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, tokens, cfg.max_seq_len)
         self.runner = ModelRunner(model, self.kv_pool, self.max_num_seqs, cfg.max_seq_len,

@@ -4,7 +4,8 @@ forward (eagerly, or replaying a CUDA graph for decode batches on GPU) and sampl
 CUDA graphs: decode steps (one token per sequence) of batch size B replay the graph captured for
 the smallest bucket >= B. Buckets are 1, 2, 4, 8, then multiples of 16 up to max_num_seqs;
 they are captured largest first into one memory pool. Static buffers are sized for the largest
-bucket; padded rows get slot -1 (the write skips them) and attend to one token of page 0.
+bucket; padded rows get slot -1 and a one-token sequence on page 0, the pool's scratch page
+that the block manager never hands out (the fused kernel derives slots from the tables).
 """
 from __future__ import annotations
 
@@ -73,13 +74,16 @@ class ModelRunner:
         bt = torch.zeros(len(tables), width, dtype=torch.int32)
         for i, t in enumerate(tables):
             bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        ql = torch.tensor(q_lens, dtype=torch.int32)
+        cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(ql, 0)
         meta = AttentionMetadata(
             positions=torch.tensor(pos, dtype=torch.int64),
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=bt, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            q_lens=torch.tensor(q_lens, dtype=torch.int32),
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64),
-            is_decode=batch.is_decode)
+            block_tables=bt, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), q_lens=ql,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.int64), cu_q_lens=cu,
+            is_decode=batch.is_decode or pad_to is not None, max_q_len=max(q_lens),
+            max_seq_len=width * ps)
         input_ids = torch.tensor(ids, dtype=torch.int64)
         if self.device.type != "cpu":
             return input_ids.to(self.device, non_blocking=True), meta.to(self.device)
@@ -127,13 +131,16 @@ class ModelRunner:
             block_tables=torch.zeros(mx, self.max_pages, dtype=torch.int32, device=dev),
             seq_lens=torch.ones(mx, dtype=torch.int32, device=dev),
             q_lens=torch.ones(mx, dtype=torch.int32, device=dev),
-            logits_indices=torch.arange(mx, dtype=torch.int64, device=dev), is_decode=True)
+            logits_indices=torch.arange(mx, dtype=torch.int64, device=dev),
+            cu_q_lens=torch.arange(mx + 1, dtype=torch.int32, device=dev), is_decode=True,
+            max_q_len=1, max_seq_len=self.max_pages * self.page_size)
         pool = None
         try:
             for bs in reversed(buckets):
                 meta = AttentionMetadata(full.positions[:bs], full.slot_mapping[:bs],
                                          full.block_tables[:bs], full.seq_lens[:bs],
-                                         full.q_lens[:bs], full.logits_indices[:bs], True)
+                                         full.q_lens[:bs], full.logits_indices[:bs],
+                                         full.cu_q_lens[:bs + 1], True, 1, full.max_seq_len)
                 ids = st["input_ids"][:bs]
                 self.model(ids, meta, self.kv_pool)            # warm up (lazy inits)
                 torch.cuda.synchronize()

@@ -12,6 +12,7 @@ Shapes: T = tokens in the step, B = sequences, Hq/Hkv query/KV heads, D = head_d
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,10 @@ class AttentionMetadata:
     seq_lens       [B] int32   tokens in the cache after this step's writes
     q_lens         [B] int32   new tokens per sequence this step (1 for decode)
     logits_indices [S] int64   rows of the flat batch whose next-token logits are wanted
+    cu_q_lens      [B+1] int32 prefix sums of q_lens (the fused kernel's form)
     is_decode      all q_lens are 1 (the CUDA-graph path)
+    max_q_len      host-side max of q_lens; max_seq_len host-side bound of seq_lens (the GPU
+                   path must not read device data to size its launch)
     """
 
     positions: torch.Tensor
@@ -41,12 +45,18 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     q_lens: torch.Tensor
     logits_indices: torch.Tensor
+    cu_q_lens: torch.Tensor | None = None
     is_decode: bool = False
+    max_q_len: int = 0
+    max_seq_len: int = 0
 
     def to(self, device) -> "AttentionMetadata":
-        return AttentionMetadata(*(t.to(device, non_blocking=True) for t in (
-            self.positions, self.slot_mapping, self.block_tables, self.seq_lens, self.q_lens,
-            self.logits_indices)), is_decode=self.is_decode)
+        moved = {f: getattr(self, f).to(device, non_blocking=True) for f in self._TENSORS
+                 if getattr(self, f) is not None}
+        return dataclasses.replace(self, **moved)
+
+    _TENSORS = ("positions", "slot_mapping", "block_tables", "seq_lens", "q_lens",
+                "logits_indices", "cu_q_lens")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,6 +141,8 @@ class CausalLM(torch.nn.Module):
             self.layers.append(layer)
         self.rope = Rope(d, spec.rope_theta, max_positions or spec.max_position, device)
         self.device = self.embed.device
+        # the fused write+attend kernel when the library serves this device/dtype/layout
+        self.fused = ops.kernel_config(layout, spec.num_heads, dtype, self.device) is not None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
@@ -152,9 +164,16 @@ class CausalLM(torch.nn.Module):
             q = self.rope(q, meta.positions)
             k = self.rope(k, meta.positions)
             pool = kv_pool[i]
-            ops.write_kv(pool, self.layout, k, v, meta.slot_mapping)
-            o = ops.paged_attention(q, pool, self.layout, meta.block_tables, meta.seq_lens,
-                                    None if meta.is_decode else meta.q_lens, self.sm_scale)
+            if self.fused:
+                t = q.shape[0]
+                qkv_r = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), -1)
+                o = ops.attention_step(qkv_r, pool, self.layout, hq, meta.block_tables,
+                                       meta.seq_lens, meta.cu_q_lens, meta.max_q_len,
+                                       meta.max_seq_len, self.sm_scale)
+            else:
+                ops.write_kv(pool, self.layout, k, v, meta.slot_mapping)
+                o = ops.paged_attention(q, pool, self.layout, meta.block_tables, meta.seq_lens,
+                                        None if meta.is_decode else meta.q_lens, self.sm_scale)
             x = x + F.linear(o.reshape(-1, self.q_size).to(x.dtype), L["o"])
             h = rms_norm(x, L["post_norm"], eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
