@@ -1,0 +1,306 @@
+"""The runtime API contract (SamplingParams, LLMEngine, LLM) and `sawtrt build` / `generate`
+on tiny random-weight engines."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from runtime_helpers import build_tiny, tiny_spec
+from sawtrt.cli import main as cli
+from sawtrt.engine.build import BuildError, BuildOptions, build_engine, plan_build
+from sawtrt.engine.llm import LLM
+from sawtrt.engine.llm_engine import LLMEngine
+from sawtrt.engine.sampling import SamplingParams
+from sawtrt.models.weights import random_weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"), tiny_spec("qwen3"), kv_cache="int4-bdr",
+                      max_seq_len=64, max_batch=8)
+
+
+@pytest.fixture()
+def engine(tiny_dir):
+    return LLMEngine.from_engine_dir(tiny_dir, device="cpu")
+
+
+def drain(engine):
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    return outs
+
+
+# -- SamplingParams ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,msg", [
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 10 ** 9}, "absurd"),
+    ({"max_tokens": 2.5}, "int"), ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "finite"), ({"temperature": 1e6}, "absurd"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"seed": -3}, "seed"), ({"stop": ("",)}, "stop"), ({"stop": tuple("x" * 17)}, "stop"),
+])
+def test_sampling_params_validate(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw).validate()
+
+
+def test_sampling_params_defaults_valid():
+    p = SamplingParams().validate()
+    assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, p.stop, p.ignore_eos) == \
+        (64, 0.0, 0, 1.0, None, (), False)
+    assert SamplingParams(stop="ab").validate().stop == ("ab",)
+
+
+# -- LLMEngine -----------------------------------------------------------------------------------
+def test_add_request_rejects_before_allocating(engine):
+    for prompt in ("", []):
+        with pytest.raises(ValueError, match="empty"):
+            engine.add_request("a", prompt, SamplingParams())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.add_request("a", [5] * engine.max_seq_len, SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("a", [5, 10 ** 6], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.add_request("a", [5], SamplingParams(top_p=2.0))
+    assert not engine.has_unfinished()
+    engine.add_request("a", [5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="duplicate"):
+        engine.add_request("a", [7], SamplingParams())
+    assert engine.kv_cache_usage()["used_pages"] == 0           # nothing allocated yet
+    outs = drain(engine)
+    assert [o.finished for o in outs["a"]] == [False, True]
+    assert engine.kv_cache_usage() == {"used_pages": 0, "total_pages": engine.kv_cache_usage()[
+        "total_pages"], "page_size": 16}
+
+
+def test_step_outputs_and_lengths(engine):
+    engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request("z", [4], SamplingParams(max_tokens=0))
+    engine.add_request("edge", [9] * (engine.max_seq_len - 2),
+                       SamplingParams(max_tokens=50, ignore_eos=True))
+    outs = drain(engine)
+    x = outs["x"]
+    assert sum(len(o.new_token_ids) for o in x) == 5
+    assert x[-1].finished and x[-1].finish_reason == "length"
+    assert all(not o.finished for o in x[:-1])
+    assert [o.num_output_tokens for o in x] == [1, 2, 3, 4, 5]
+    assert all(o.num_prompt_tokens == 3 for o in x)
+    assert outs["z"][0].finished and outs["z"][0].new_token_ids == [] and \
+        outs["z"][0].finish_reason == "length"
+    # prompt + output never exceed max_seq_len
+    assert outs["edge"][-1].num_output_tokens == 2 and outs["edge"][-1].finish_reason == "length"
+    assert engine.kv_cache_usage()["used_pages"] == 0
+
+
+def test_eos_stops_unless_ignored(engine):
+    engine.add_request("ref", [3, 1, 4], SamplingParams(max_tokens=8, ignore_eos=True))
+    ref = [t for o in drain(engine)["ref"] for t in o.new_token_ids]
+    eos = ref[3]
+    engine.eos_token_ids = {eos}
+    engine.add_request("a", [3, 1, 4], SamplingParams(max_tokens=8))
+    engine.add_request("b", [3, 1, 4], SamplingParams(max_tokens=8, ignore_eos=True))
+    outs = drain(engine)
+    a = [t for o in outs["a"] for t in o.new_token_ids]
+    assert a == ref[:ref.index(eos) + 1] and outs["a"][-1].finish_reason == "stop"
+    assert [t for o in outs["b"] for t in o.new_token_ids] == ref
+
+
+def test_abort_frees_pages(engine):
+    engine.add_request("long", [1] * 40, SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.add_request("other", [2] * 10, SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.step()
+    used = engine.kv_cache_usage()["used_pages"]
+    assert used >= 4
+    assert engine.abort_request("long")
+    assert engine.kv_cache_usage()["used_pages"] == 1      # "other": 12 tokens, one page
+    assert not engine.abort_request("long") and not engine.abort_request("nope")
+    outs = engine.step()
+    ab = [o for o in outs if o.request_id == "long"]
+    assert ab and ab[0].finished and ab[0].finish_reason == "abort"
+    assert engine.abort_request("other")
+    engine.step()
+    assert not engine.has_unfinished()
+    assert engine.kv_cache_usage()["used_pages"] == 0
+    engine.block_manager.check([])
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(engine):
+    p = SamplingParams(max_tokens=12, temperature=30.0, top_k=20, top_p=0.9, seed=1234,
+                       ignore_eos=True)
+    engine.add_request("a", [5, 6, 7], p)
+    alone = [t for o in drain(engine)["a"] for t in o.new_token_ids]
+    engine.add_request("noise", [9] * 20, SamplingParams(max_tokens=12, temperature=1.0, seed=9,
+                                                         ignore_eos=True))
+    engine.add_request("a", [5, 6, 7], p)
+    crowd = [t for o in drain(engine)["a"] for t in o.new_token_ids]
+    assert alone == crowd
+    engine.add_request("c", [5, 6, 7], SamplingParams(max_tokens=12, temperature=30.0, top_k=20,
+                                                      top_p=0.9, seed=4321, ignore_eos=True))
+    other = [t for o in drain(engine)["c"] for t in o.new_token_ids]
+    assert other != alone
+
+
+def test_top_k_one_is_greedy(engine):
+    engine.add_request("g", [8, 8, 1], SamplingParams(max_tokens=10, ignore_eos=True))
+    engine.add_request("k", [8, 8, 1], SamplingParams(max_tokens=10, temperature=5.0, top_k=1,
+                                                      seed=3, ignore_eos=True))
+    outs = drain(engine)
+    toks = {r: [t for o in v for t in o.new_token_ids] for r, v in outs.items()}
+    assert toks["g"] == toks["k"]
+
+
+def test_llm_generate_and_stream(tiny_dir):
+    llm = LLM(tiny_dir, device="cpu")
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    outs = llm.generate(["abc", "hello world", "x"], p)
+    assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+    assert all(o.finish_reason == "length" for o in outs)
+    single = llm.generate(["hello world"], p)[0]
+    assert single.token_ids == outs[1].token_ids          # batching does not change greedy
+    assert "".join(llm.stream("hello world", p)) == single.text
+    assert llm.engine.kv_cache_usage()["used_pages"] == 0
+
+
+# -- sawtrt build ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts,msg", [
+    (dict(model="nope-1b", random_weights=True), "unknown model"),
+    (dict(model="qwen3-4b"), "--checkpoint PATH"),
+    (dict(model="qwen3-4b", checkpoint="/does/not/exist"), "does not exist"),
+    (dict(model="qwen3-4b", checkpoint="/tmp", random_weights=True), "not both"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr", rotation_block=256),
+     "divide"),
+    (dict(model="smollm2-135m", random_weights=True, kv_cache="int4-bdr", rotation_block=128),
+     "head_dim=64"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr", rotation_block=24),
+     "power of two"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="bf16", rotate="kv"), "int4-bdr only"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="fp8"), "unknown KV policy"),
+    (dict(model="qwen3-4b", random_weights=True, page_size=48), "page-size"),
+    (dict(model="qwen3-4b", random_weights=True, max_seq_len=10 ** 6), "max-seq-len"),
+    (dict(model="qwen3-4b", random_weights=True, max_batch=0), "max-batch"),
+    (dict(model="qwen3-4b", random_weights=True, gpu_arch=("sm_9x",)), "gpu-arch"),
+])
+def test_build_validates_up_front(tmp_path, opts, msg):
+    out = tmp_path / "engine"
+    with pytest.raises(BuildError, match=msg):
+        o = BuildOptions(output=str(out), **opts)
+        if opts.get("gpu_arch"):
+            import sawtrt.engine.build as b
+            if b.shutil.which("nvcc") is None or not b.BUILD_SCRIPT.is_file():
+                raise BuildError("gpu-arch not checked without nvcc")   # nothing to validate
+        plan_build(o)
+    assert not out.exists()
+
+
+def test_build_refuses_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(BuildError, match="not an engine directory"):
+        plan_build(BuildOptions(model="qwen3-4b", random_weights=True,
+                                output=str(tmp_path / "mine")))
+
+
+def test_build_cli_errors_are_clean(tmp_path):
+    r = CliRunner().invoke(cli, ["build", "--model", "qwen3-4b", "--kv-cache", "int4-bdr",
+                                 "--rotation-block", "256", "--random-weights", "--output",
+                                 str(tmp_path / "e")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "divide" in r.output
+
+
+def _digests(d):
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _hf_checkpoint(path, spec, seed=3):
+    """A tiny HF-style checkpoint dir: config.json, model.safetensors, tokenizer.json."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    path.mkdir()
+    cfg = {"model_type": "qwen3", "num_hidden_layers": spec.num_layers,
+           "hidden_size": spec.hidden_size, "num_attention_heads": spec.num_heads,
+           "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+           "intermediate_size": spec.intermediate_size, "vocab_size": spec.vocab_size,
+           "rope_theta": spec.rope_theta, "rms_norm_eps": spec.rms_norm_eps,
+           "tie_word_embeddings": True, "max_position_embeddings": 256, "eos_token_id": 0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    w = random_weights(spec, seed=seed, dtype=torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(path / "model.safetensors"))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+    return w
+
+
+def test_build_from_safetensors_is_idempotent(tmp_path):
+    spec = tiny_spec("qwen3")
+    w = _hf_checkpoint(tmp_path / "ckpt", spec)
+    opts = BuildOptions(model="my-qwen", checkpoint=str(tmp_path / "ckpt"), kv_cache="int8",
+                        page_size=16, max_seq_len=128, compile_kernels=False,
+                        output=str(tmp_path / "eng"))
+    logs = []
+    out = build_engine(opts, log=logs.append, progress=False)
+    first = _digests(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["version"] == 1 and cfg["kv_policy"]["kind"] == "int8"
+    assert cfg["weights"]["sha256"] == first["model.safetensors"]
+    assert cfg["model"]["num_layers"] == 2 and cfg["page_layout"]["page_size"] == 16
+    logs.clear()
+    build_engine(opts, log=logs.append, progress=False)
+    assert _digests(out) == first
+    assert any("up to date" in m for m in logs) and any("unchanged" in m for m in logs)
+    eng = LLMEngine.from_engine_dir(out, device="cpu", dtype=torch.bfloat16)
+    assert torch.equal(eng.model.embed, w["model.embed_tokens.weight"])
+    assert eng.tokenizer.decode(eng.tokenizer.encode("héllo wörld")) == "héllo wörld"
+    # a changed option rewrites the config, not the weights
+    opts.kv_cache = "int4-bdr"
+    build_engine(opts, log=lambda m: None, progress=False)
+    again = _digests(out)
+    assert again["model.safetensors"] == first["model.safetensors"]
+    assert again["config.json"] != first["config.json"]
+
+
+def test_random_build_idempotent_and_generate_cli(tmp_path):
+    out = tmp_path / "r"
+    args = ["build", "--model", "qwen3-0.6b", "--random-weights", "--kv-cache", "int4-bdr",
+            "--rotate", "kv", "--sign-seed", "5", "--max-seq-len", "256", "--no-kernels",
+            "--output", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    first = _digests(out)
+    assert "model.safetensors" not in first            # random weights are regenerated
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["weights"] == {"format": "random", "seed": 0, "dtype": "bfloat16",
+                              "note": cfg["weights"]["note"]}
+    assert cfg["kv_policy"] == {"kind": "int4-bdr", "rotation_block": 128, "rotate_v": True,
+                                "sign_seed": 5}
+    assert cfg["page_layout"]["policy"]["rotation_block"] == 128
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and _digests(out) == first
+
+
+def test_generate_cli(tiny_dir):
+    r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--max-tokens", "5",
+                                 "--ignore-eos", "--device", "cpu", "hello"])
+    assert r.exit_code == 0, r.output
+    assert "5 tokens" in r.output
+    r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--top-p", "0",
+                                 "--device", "cpu", "hello"])
+    assert r.exit_code == 2 and "top_p" in r.output
