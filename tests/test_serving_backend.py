@@ -307,3 +307,36 @@ def test_on_step_metrics_errors_do_not_stop_serving():
         assert s.text == "abcdef" and len(calls) >= 6
     finally:
         lp.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model repository
+# ---------------------------------------------------------------------------------------------
+
+def test_checked_in_template_matches_the_writer(tmp_path):
+    from pathlib import Path
+
+    from sawtrt.serving.triton_repo import write_template
+    repo = Path(__file__).resolve().parent.parent / "triton_server_repo"
+    fresh = write_template(tmp_path)
+    for rel in ("sawtrt/config.pbtxt", "sawtrt/1/model.py"):
+        assert (repo / rel).read_text() == (fresh / rel).read_text(), \
+            f"triton_server_repo/{rel} is stale: regenerate with write_template('triton_server_repo')"
+
+
+def test_write_model_repository(tmp_path):
+    from sawtrt.serving.triton_repo import INPUTS, OUTPUTS, write_model_repository
+    engine = tmp_path / "my engine"
+    engine.mkdir()
+    root = write_model_repository(engine, device="cpu")
+    assert root == engine.resolve() / "triton_model_repo"
+    cfg = (root / "sawtrt" / "config.pbtxt").read_text()
+    assert f'string_value: "{engine.resolve()}"' in cfg and 'string_value: "cpu"' in cfg
+    assert "decoupled: true" in cfg and 'backend: "python"' in cfg
+    for name, *_ in INPUTS + OUTPUTS:
+        assert f'name: "{name}"' in cfg
+    assert "TritonPythonModel" in (root / "sawtrt" / "1" / "model.py").read_text()
+    # rewriting replaces, and a custom location works
+    other = write_model_repository(engine, tmp_path / "repo", model_name="m2")
+    assert (other / "m2" / "config.pbtxt").read_text().startswith('name: "m2"')
+    assert write_model_repository(engine) == root

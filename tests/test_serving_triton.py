@@ -25,6 +25,8 @@ pytest.importorskip("tritonclient.grpc", reason="serving extra not installed")  
 
 from sawtrt.serving.client import generate, make_inputs, stream_infer  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 MAX_SEQ_LEN = 256
 N_TOKENS = 8
 PROMPTS = [f"Question {i}: what is {i} plus {i + 1}? Answer:" for i in range(32)]
