@@ -156,7 +156,11 @@ def test_engine_logits_match_torch(tmp_path, arch, policy):
             block_tables=torch.tensor(bt, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             q_lens=torch.tensor(q_lens, dtype=torch.int32),
-            logits_indices=torch.tensor(rows), is_decode=all(n == 1 for n in q_lens)).to(dev)
+            logits_indices=torch.tensor(rows),
+            cu_q_lens=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(),
+                                   dtype=torch.int32),
+            is_decode=all(n == 1 for n in q_lens), max_q_len=max(q_lens),
+            max_seq_len=6 * ps).to(dev)
         x = torch.tensor(ids, device=dev)
         ref = torch_model(x, meta, pools[0])
         got = trt_model(x, meta, pools[1])

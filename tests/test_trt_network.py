@@ -116,7 +116,8 @@ def test_profile_covers_limits():
     assert shapes["input_ids"] == ((1,), (4,), (64,))
     assert shapes["block_tables"][2] == (4, 16)
     assert shapes["cu_q_lens"] == ((2,), (5,), (5,))
-    assert shapes[N.pool_name(1)][2] == (4 * 16, spec.num_kv_heads, dn.layout.head_block_bytes)
+    assert shapes[N.pool_name(1)][2] == (4 * 16 + 1, spec.num_kv_heads,   # + scratch page 0
+                                         dn.layout.head_block_bytes)
     assert set(shapes) == set(N.INPUT_NAMES) | {N.pool_name(i) for i in range(2)}
     profile = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_optimization_profile()
     for name, (mn, opt, mx) in shapes.items():

@@ -70,7 +70,9 @@ class Limits:
     def for_engine(cls, max_batch: int, max_seq_len: int, page_size: int,
                    max_tokens: int | None = None, max_pool_pages: int | None = None) -> "Limits":
         tokens = max_tokens or max(max_batch, min(max_seq_len, 8192))
-        pages = max_pool_pages or max_batch * -(-max_seq_len // page_size)
+        # every sequence at full length, plus the runtime's scratch page 0 (LLMEngine keeps it for
+        # padded rows)
+        pages = max_pool_pages or max_batch * -(-max_seq_len // page_size) + 1
         return cls(max_batch, max_seq_len, max(tokens, max_batch), pages)
 
 

@@ -11,10 +11,10 @@ Per step it binds the step's metadata (int32 copies), one pool per layer (views 
 pool tensor: the plugin writes the step's K/V into them) and the logits buffer, then runs
 execute_async_v3 on the current stream. Needs full TensorRT and a GPU.
 
-Decode padding: the plugin derives each new token's slot from block_tables / seq_lens /
-cu_q_lens, so padded rows (slot -1 in the torch path) would write into a real page. This backend
-therefore never pads: the runner must run it eagerly (cuda_graphs=False), which
-`engine_from_plan` does.
+Padding: the plugin derives each new token's slot from block_tables / seq_lens / cu_q_lens, so
+a padded row writes where its block table points; LLMEngine keeps page 0 as a scratch page for
+exactly that (padded rows are one-token sequences on page 0). CUDA-graph capture of the TensorRT
+execution is not implemented: `engine_from_plan` runs the plan eagerly (cuda_graphs=False).
 """
 from __future__ import annotations
 
@@ -94,9 +94,11 @@ class TrtCausalLM:
         def i32(t):
             return t.to(device=dev, dtype=torch.int32).contiguous()
 
-        q_lens = i32(meta.q_lens)
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-        cu[1:] = torch.cumsum(q_lens, 0)
+        if getattr(meta, "cu_q_lens", None) is not None:
+            cu = i32(meta.cu_q_lens)
+        else:
+            cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+            cu[1:] = torch.cumsum(i32(meta.q_lens), 0)
         rows = i32(meta.logits_indices) if S else torch.zeros(1, dtype=torch.int32, device=dev)
         bound = {"input_ids": i32(input_ids), "positions": i32(meta.positions),
                  "block_tables": i32(meta.block_tables), "seq_lens": i32(meta.seq_lens),
