@@ -8,7 +8,11 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | 
 python3 cpp/dev/decode_check.py --lib "$SAWTRT_KERNEL_LIB" 2>&1 | tee "$OUT/check.log"
 S="python3 -c 'from sawtrt.cli import main; main()' bench kernels"
 eval $S --shapes qwen3-4b --reps 10 --json "$OUT/kernels-h200.json" 2>&1 | tee "$OUT/bench.log"
-eval $S --shapes d64,d256 --contexts 1024,16384 --reps 10 --json "$OUT/kernels-h200-d64-d256.json" 2>&1 | tee "$OUT/bench_d.log"
+eval $S --shapes d64,d256 --contexts 1024,16384 --reps 10 --json "$OUT/kernels-h200-d64-d256.json" 2>&1
 NCU=1 SKIP_CHECK=1 bash cpp/dev/device_run.sh > /dev/null 2>&1
-cp /tmp/out/ncu.txt "$OUT/ncu.txt" 2>/dev/null || true
 grep -E "Duration|DRAM Throughput|Issued Warp|Eligible Warps|Registers Per|Achieved Occ" "$OUT/ncu.txt"
+# variant B (sandbox lib: -DSAW_DECODE_MIN_BLOCKS=5 -DSAW_DECODE_INFLIGHT_BYTES=9000, 5 CTAs/SM)
+if [ -f build/decB/libsawdecode_dev.so ]; then
+  python3 cpp/dev/decode_check.py --lib build/decB/libsawdecode_dev.so 2>&1 | tail -3 | tee "$OUT/benchB.log"
+  eval $S --lib build/decB/libsawdecode_dev.so --shapes qwen3-4b --batches 1,32,128 --contexts 1024,16384,32768 --reps 10 2>&1 | tee -a "$OUT/benchB.log"
+fi

@@ -4,8 +4,8 @@
 // nibble) and 2j+1 (high nibble), so one 32-bit word holds elements e0..e7 at bits 0,4,..,28.
 // Masking with 0x000F000F selects (e0, e4) as the two halves of a 32-bit register; OR-ing the
 // exponent of 1024 (fp16 0x6400) or 128 (bf16 0x4300) turns a nibble n into the exact float
-// 1024 + n (or 128 + n); one packed subtract/FMA removes the bias. The decode kernel loads the
-// query in the matching order (q[0], q[4]), (q[1], q[5]), ... instead of shuffling codes.
+// 1024 + n (or 128 + n). The decode kernel loads the query in the matching order
+// (q[0], q[4]), (q[1], q[5]), ... instead of shuffling codes.
 #pragma once
 #include <cstdint>
 #include <cuda_fp16.h>
@@ -19,53 +19,12 @@ __device__ __forceinline__ uint32_t Lop3AndOr(uint32_t a, uint32_t mask, uint32_
   return d;
 }
 
-__device__ __forceinline__ uint32_t HFma2(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-__device__ __forceinline__ uint32_t BFma2(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// One word of 8 nibbles -> four fp16x2: h[0] = (e0,e4), h[1] = (e1,e5), h[2] = (e2,e6),
-// h[3] = (e3,e7) (low half first). 9 instructions for 8 elements: the 0x00F000F0 mask keeps the
-// nibble at bit 4 (value 1024 + 16n), undone by the FMA (x/16 - 64) instead of a shift.
-__device__ __forceinline__ void Int4x8ToHalf2(uint32_t w, uint32_t (&h)[4]) {
-  constexpr uint32_t kMagic = 0x64006400;      // (1024, 1024)
-  constexpr uint32_t kOne = 0x3C003C00;        // (1, 1)
-  constexpr uint32_t kNeg1024 = 0xE400E400;    // (-1024, -1024)
-  constexpr uint32_t kSixteenth = 0x2C002C00;  // (1/16, 1/16)
-  constexpr uint32_t kNeg64 = 0xD400D400;      // (-64, -64)
-  const uint32_t w8 = w >> 8;
-  h[0] = HFma2(Lop3AndOr(w, 0x000F000F, kMagic), kOne, kNeg1024);
-  h[1] = HFma2(Lop3AndOr(w, 0x00F000F0, kMagic), kSixteenth, kNeg64);
-  h[2] = HFma2(Lop3AndOr(w8, 0x000F000F, kMagic), kOne, kNeg1024);
-  h[3] = HFma2(Lop3AndOr(w8, 0x00F000F0, kMagic), kSixteenth, kNeg64);
-}
-
-// Low 16 bits of `x` hold nibbles n0..n3 of one token, high 16 bits n0..n3 of another
-// (built with __byte_perm from two tokens' words): four bf16x2 (token a, token b) pairs, one
-// per nibble position. bf16 has 7 mantissa bits, so every nibble is shifted to bit 0.
-__device__ __forceinline__ void Int4PairsToBf162(uint32_t x, uint32_t (&h)[4]) {
-  constexpr uint32_t kMagic = 0x43004300;      // (128, 128)
-  constexpr uint32_t kOne = 0x3F803F80;        // (1, 1)
-  constexpr uint32_t kNeg128 = 0xC300C300;     // (-128, -128)
-  h[0] = BFma2(Lop3AndOr(x, 0x000F000F, kMagic), kOne, kNeg128);
-  h[1] = BFma2(Lop3AndOr(x >> 4, 0x000F000F, kMagic), kOne, kNeg128);
-  h[2] = BFma2(Lop3AndOr(x >> 8, 0x000F000F, kMagic), kOne, kNeg128);
-  h[3] = BFma2(Lop3AndOr(x >> 12, 0x000F000F, kMagic), kOne, kNeg128);
-}
-
-
-// Biased variants: the +1024 / +128 stays in the value and the kernel subtracts its total once
-// (q-side: 1024 * sum(q) per head; P-side: 128 * sum(p') per head), which saves the packed FMA
-// per element pair (64 of ~410 instructions per 16-token tile at D = 128).
-// h[0] = 1024 + (e0,e4), h[1] = 1024 + 16 (e1,e5), h[2] = 1024 + (e2,e6), h[3] = 1024 + 16 (e3,e7):
-// the query entries facing h[1], h[3] are pre-divided by 16.
+// One word of 8 nibbles -> four fp16x2 with the bias left in: h[0] = 1024 + (e0,e4),
+// h[1] = 1024 + 16 (e1,e5), h[2] = 1024 + (e2,e6), h[3] = 1024 + 16 (e3,e7) (low half first);
+// 5 instructions for 8 elements. The 0x00F000F0 mask keeps the nibble at bit 4, so no shift:
+// the query entries facing h[1], h[3] are pre-divided by 16, and the kernel subtracts the bias
+// once per head (1024 * sum of the stored q'), not once per element pair. (The unbiased form,
+// one packed FMA per pair, cost 64 of ~410 SASS instructions per 16-token tile at D = 128.)
 __device__ __forceinline__ void Int4x8ToHalf2Biased(uint32_t w, uint32_t (&h)[4]) {
   constexpr uint32_t kMagic = 0x64006400;
   const uint32_t w8 = w >> 8;
@@ -75,7 +34,10 @@ __device__ __forceinline__ void Int4x8ToHalf2Biased(uint32_t w, uint32_t (&h)[4]
   h[3] = Lop3AndOr(w8, 0x00F000F0, kMagic);
 }
 
-// bf16 (128 + n) pairs, see Int4PairsToBf162.
+// Low 16 bits of `x` hold nibbles n0..n3 of one token, high 16 bits n0..n3 of another (built
+// with __byte_perm from two tokens' words): four bf16x2 (token a, token b) pairs 128 + n, one per
+// nibble position (bf16 has 7 mantissa bits, so every nibble is shifted to bit 0). The kernel
+// removes 128 * sum(p') per head once.
 __device__ __forceinline__ void Int4PairsToBf162Biased(uint32_t x, uint32_t (&h)[4]) {
   constexpr uint32_t kMagic = 0x43004300;
   h[0] = Lop3AndOr(x, 0x000F000F, kMagic);

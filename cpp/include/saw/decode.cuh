@@ -54,6 +54,14 @@ struct DecodeParams {
 
 constexpr int kDecodeMaxSplits = 128;
 
+// Sandbox knobs (cpp/dev builds pass -D...; the library uses the defaults).
+#ifndef SAW_DECODE_INFLIGHT_BYTES
+#define SAW_DECODE_INFLIGHT_BYTES 12288
+#endif
+#ifndef SAW_DECODE_MIN_BLOCKS
+#define SAW_DECODE_MIN_BLOCKS 4
+#endif
+
 template <int D_, bool kInt4_, int NT_>
 struct DecodeTraits {
   static constexpr int D = D_;
@@ -76,7 +84,7 @@ struct DecodeTraits {
   static constexpr int kStageBytes = kVp + kTile * kParamBytes;
   // ~12 KB in flight per warp (48 KB per CTA); Little's law at 4.2 TB/s and ~1.5 us loaded
   // latency wants ~50 KB per SM.
-  static constexpr int kStagesRaw = 12288 / kStageBytes;
+  static constexpr int kStagesRaw = SAW_DECODE_INFLIGHT_BYTES / kStageBytes;
   static constexpr int kStages = kStagesRaw < 2 ? 2 : (kStagesRaw > 8 ? 8 : kStagesRaw);
   static constexpr int kPipeBytes = kWarps * kStages * kStageBytes;
   static constexpr int kMergeBytes = kWarps * kHeads * (D + 2) * 4;
@@ -86,7 +94,7 @@ struct DecodeTraits {
   static constexpr int kKWords = kInt4 ? D / 32 : D / 8;   // K words per thread per token row
   static constexpr int kMT = D / 16;                       // 16-dim m-tiles of O^T
   static constexpr int kVWords = kInt4 ? D / 64 : D / 16;  // V words per thread per token row
-  static constexpr int kMinBlocks = D * NT <= 128 ? 4 : (D * NT <= 256 ? 3 : 2);
+  static constexpr int kMinBlocks = D * NT <= 128 ? SAW_DECODE_MIN_BLOCKS : (D * NT <= 256 ? 3 : 2);
 };
 
 // Shared-memory chunk swizzles (16-byte granularity, a bijection inside a row), chosen so the
