@@ -233,6 +233,29 @@ def test_cancelled_stream_frees_its_pages(served):
     assert "sawtrt_requests.completed" in before
 
 
+def test_cli_client_and_bench_serve(served):
+    import json
+    exe = str(Path(sys.executable).parent / "sawtrt")
+    r = subprocess.run([exe, "client", "--url", served.grpc, "--max-tokens", "3", "--json",
+                        PROMPTS[3]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["error"] is None and rec["num_output_tokens"] >= 1 and rec["finish_reason"]
+    r = subprocess.run([exe, "client", "--url", served.grpc, "--max-tokens", "3", "--top-p",
+                        "7", "hi"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "top_p must be in (0, 1]" in r.stderr
+    r = subprocess.run([exe, "bench", "serve", "--url", served.grpc, "--concurrency", "1,2",
+                        "--num-requests", "2", "--prompt-len", "8", "--output-len", "3",
+                        "--warmup", "0", "--json", "-"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    levels = json.loads(r.stdout)["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["completed"] == 2 and lv["lost"] == 0 and lv["output_tokens_total"] == 6
+        assert lv["ttft_s"]["p50"] > 0 and lv["itl_s"]["p50"] > 0 and lv["output_tok_s"] > 0
+
+
 def test_server_stops_cleanly(served):
     served.proc.send_signal(signal.SIGTERM)
     code = served.proc.wait(60)

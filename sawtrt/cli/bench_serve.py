@@ -1,6 +1,8 @@
 """`sawtrt bench serve`: load-test a sawtrt Triton server (see sawtrt/serving/bench.py)."""
 import json
 import sys
+import threading
+import time
 
 import click
 
@@ -13,6 +15,22 @@ def _levels(text):
     if not levels or min(levels) < 1:
         raise click.BadParameter("concurrency levels must be >= 1")
     return levels
+
+
+class _Progress:
+    """Prints 'k/N done' to stderr about 20 times per level."""
+
+    def __init__(self, total):
+        self.total, self.done, self.every = total, 0, max(1, total // 20)
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, n):
+        with self.lock:
+            self.done += n
+            if self.done % self.every == 0 or self.done == self.total:
+                click.echo(f"  {self.done}/{self.total} done "
+                           f"({time.perf_counter() - self.t0:.0f} s)", err=True)
 
 
 @click.command("serve")
@@ -65,7 +83,8 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, prompt_len, o
             cfg = LevelConfig(concurrency=c, num_requests=num_requests or max(8, 4 * c),
                               prompt_len=prompt_len, output_len=output_len, timeout_s=timeout)
             click.echo(f"bench serve: concurrency {c}, {cfg.num_requests} requests ...", err=True)
-            results.append(run_level(url, cfg, model=model, num_gpus=num_gpus))
+            results.append(run_level(url, cfg, model=model, num_gpus=num_gpus,
+                                     progress=_Progress(cfg.num_requests)))
     finally:
         if server is not None:
             server.stop()

@@ -22,6 +22,7 @@ from typing import Callable, Mapping, Protocol
 import numpy as np
 
 from sawtrt.engine.sampling import SamplingParams
+from sawtrt.serving.triton_repo import INPUTS
 
 log = logging.getLogger("sawtrt.serving")
 
@@ -97,9 +98,9 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
     `inputs` maps input name -> numpy array (absent or None: not sent). Only the prompt's
     emptiness is checked here; its token length is checked by the engine on add_request.
     """
-    unknown = sorted(set(k for k, v in inputs.items() if v is not None) - set(_KNOWN_INPUTS))
+    unknown = sorted(set(k for k, v in inputs.items() if v is not None) - set(INPUT_NAMES))
     if unknown:
-        raise RequestError(f"unknown input(s) {unknown}; expected a subset of {list(_KNOWN_INPUTS)}")
+        raise RequestError(f"unknown input(s) {unknown}; expected a subset of {list(INPUT_NAMES)}")
     for required in ("text_input", "max_tokens"):
         if inputs.get(required) is None:
             raise RequestError(f"missing required input '{required}'")
@@ -139,8 +140,7 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
     return ParsedRequest(prompt, params, stream)
 
 
-_KNOWN_INPUTS = ("text_input", "max_tokens", "temperature", "top_k", "top_p", "seed",
-                 "stop_words", "stream", "ignore_eos")
+INPUT_NAMES = tuple(name for name, *_ in INPUTS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sawtrt.serving.backend import EngineLoop, RequestError, parse_request, _KNOWN_INPUTS
+from sawtrt.serving.backend import INPUT_NAMES, EngineLoop, RequestError, parse_request
 from sawtrt.serving.triton_repo import ENGINE_DIR_PLACEHOLDER
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -155,7 +155,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 inputs = {}
-                for name in _KNOWN_INPUTS:
+                for name in INPUT_NAMES:
                     t = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = None if t is None else t.as_numpy()
                 parsed = parse_request(inputs)
