@@ -28,18 +28,6 @@ cudaError_t SetError(int code, const char* fmt, ...) {
   return static_cast<cudaError_t>(code);
 }
 
-// Until cpp/kernels/decode.cu provides the split-KV decode kernel, these weak fallbacks keep the
-// library linkable; a strong definition in decode.cu replaces them at link time.
-__attribute__((weak)) size_t DecodeWorkspaceBytes(const SawConfig&, int32_t, int32_t) {
-  return 0;
-}
-__attribute__((weak)) cudaError_t LaunchDecode(const SawConfig&, const void*, int64_t,
-                                               const void*, const int32_t*, int32_t,
-                                               const int32_t*, int32_t, int32_t, void*, void*,
-                                               size_t, cudaStream_t) {
-  return SetError(SAW_ERR_UNSUPPORTED, "decode kernel not built into this library");
-}
-
 }  // namespace saw
 
 namespace {

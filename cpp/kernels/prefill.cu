@@ -170,7 +170,10 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
   float* v_m = v_s + BK;
   float* q_sum = v_m + BK;
 
-  const int seq = blockIdx.x / tiles_per_seq, tile = blockIdx.x % tiles_per_seq;
+  // causal tiles get longer with the tile index: launch the longest first so the last wave is
+  // made of short blocks (less tail)
+  const int seq = blockIdx.x / tiles_per_seq;
+  const int tile = tiles_per_seq - 1 - blockIdx.x % tiles_per_seq;
   const int kvh = blockIdx.y;
   const int group = num_q_heads / num_kv_heads;
   const int q_begin = cu_q_lens[seq], q_len = cu_q_lens[seq + 1] - q_begin;
@@ -323,10 +326,14 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n) {
+      // this thread's two tokens of the n-tile: one 8-byte shared load per parameter
+      const float2 ks = *reinterpret_cast<const float2*>(k_s + n * 8 + tig * 2);
+      const float2 km = *reinterpret_cast<const float2*>(k_m + n * 8 + tig * 2);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int h = i >> 1, t = n * 8 + tig * 2 + (i & 1);
-        const float v = kv0 + t > qpos[h] ? -INFINITY : s[n][i] * k_s[t] + k_m[t] * qs[h];
+        const float sc = i & 1 ? ks.y : ks.x, of = i & 1 ? km.y : km.x;
+        const float v = kv0 + t > qpos[h] ? -INFINITY : s[n][i] * sc + of * qs[h];
         s[n][i] = v;
         tile_max[h] = fmaxf(tile_max[h], v);
       }
@@ -352,13 +359,15 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
 #pragma unroll
     for (int n = 0; n < BK / 8; ++n) {
       float ps[4];
+      const float2 vs = *reinterpret_cast<const float2*>(v_s + n * 8 + tig * 2);
+      const float2 vm = *reinterpret_cast<const float2*>(v_m + n * 8 + tig * 2);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int h = i >> 1, t = n * 8 + tig * 2 + (i & 1);
+        const int h = i >> 1;
         const float p = exp2f(s[n][i] - base[h]);
         row_sum[h] += p;
-        row_pm[h] += p * v_m[t];
-        ps[i] = p * v_s[t];
+        row_pm[h] += p * (i & 1 ? vm.y : vm.x);
+        ps[i] = p * (i & 1 ? vs.y : vs.x);
       }
       // n even -> k 0..7 of step n/2 (regs 0, 1); n odd -> k 8..15 (regs 2, 3)
       pa[n / 2][(n & 1) * 2 + 0] = PackPair<M>(ps[0], ps[1]);
