@@ -22,11 +22,17 @@ RUNTIME_MODELS = ("smollm2-135m",)
 class RuntimeModel:
     """One CausalLM per KV policy, sharing one set of weights."""
 
-    def __init__(self, name: str, page_size: int = 64, dtype=torch.float32):
-        from ..models.weights import load_gguf
-        from .hf_models import gguf_source
-        src, fname = gguf_source(name)
-        self.spec, self.weights = load_gguf(src / fname, name)
+    def __init__(self, name: str, page_size: int = 64, dtype=torch.float32, weights=None):
+        """weights: HF-named tensors to use instead of loading the GGUF with the runtime's
+        loader (tests pass the transformers model's state dict: the same de-quantized numbers)."""
+        if weights is None:
+            from ..models.weights import load_gguf
+            from .hf_models import gguf_source
+            src, fname = gguf_source(name)
+            self.spec, self.weights = load_gguf(src / fname, name)
+        else:
+            from ..models.specs import get_spec
+            self.spec, self.weights = get_spec(name), weights
         self.page_size, self.dtype = page_size, dtype
         self._models: dict[str, object] = {}
 

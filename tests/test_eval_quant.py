@@ -1,0 +1,108 @@
+"""sawtrt.eval without a model: fake quantization == the cache codec, variants, text, parsing."""
+import hashlib
+
+import pytest
+import torch
+
+from sawtrt import hadamard, kv_cache
+from sawtrt.eval import corpus
+from sawtrt.eval.calibrate import lloyd_levels
+from sawtrt.eval.kvquant import KVScheme, fake_quant, quantize_dequant, split_schemes
+from sawtrt.eval.runner import agreement
+from sawtrt.spec import KVPolicy, PageLayout, PolicyError
+
+
+def _outlier_keys(n, hkv, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hkv, d, generator=g)
+    x[..., 3] *= 20.0                       # a channel outlier, like real K
+    x[..., d // 2 + 1] += 8.0
+    return x
+
+
+@pytest.mark.parametrize("policy", ["bf16", "int8", "int4", "int4-bdr:h=16", "int4-bdr:h=64",
+                                    "int4-bdr:h=32,kv,seed=3", "int4-bdr:h=256,kv"])
+@pytest.mark.parametrize("d", [64, 256])
+def test_fake_quant_is_the_cache_codec(policy, d):
+    """fake_quant(x) == R^T decode(encode(x)) bit for bit, K and V, for every served policy."""
+    pol = KVPolicy.parse(policy)
+    if pol.rotated and d % pol.rotation_block:
+        pytest.skip("block does not divide D")
+    if pol.rotated and pol.rotation_block > d:
+        pytest.skip("block larger than D")
+    layout = PageLayout(pol, d, 2, 16)
+    x = _outlier_keys(37, 2, d)
+    for which, rotated in (("k", pol.rotated), ("v", pol.rotated and pol.rotate_v)):
+        codes, params = kv_cache.encode(x, layout, rotated)
+        y = kv_cache.decode(codes, params, layout)
+        if rotated:
+            y = hadamard.inverse_rotate(y, layout.policy.rotation_block, layout.policy.signs(d))
+        assert torch.equal(fake_quant(x, pol, which), y)
+
+
+def test_clip_never_increases_the_error():
+    x = _outlier_keys(500, 1, 64).reshape(-1, 64)
+    plain = quantize_dequant(x, 4)
+    clipped = quantize_dequant(x, 4, clip=True)
+    e_plain = (plain - x).pow(2).sum(-1)
+    e_clip = (clipped - x).pow(2).sum(-1)
+    assert (e_clip <= e_plain * (1 + 1e-6) + 1e-12).all()
+    assert e_clip.mean() < 0.95 * e_plain.mean()       # heavy tails: clipping pays
+
+
+def test_uniform_table_matches_plain_rounding():
+    """The lut path with 16 equidistant levels is the plain rule (up to round-half ties)."""
+    x = torch.randn(300, 64)
+    plain = quantize_dequant(x, 4)
+    table = quantize_dequant(x, 4, levels=torch.linspace(0, 1, 16))
+    step = (x.amax(-1) - x.amin(-1)) / 15
+    assert ((plain - table).abs().amax(-1) <= step * 1.001 + 1e-6).all()
+    same = (plain - table).abs() <= 1e-5 * step[:, None]   # same level, fp32 rounding apart
+    assert same.float().mean() > 0.99
+
+
+def test_lloyd_levels():
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(1))
+    lv = lloyd_levels(u)
+    assert lv[0] == 0 and lv[-1] == 1 and (lv[1:] > lv[:-1]).all()
+    # uniform samples with fixed ends: interior levels equidistant within sampling noise
+    inner = lv[1:-1]
+    assert (inner[1:] - inner[:-1]).std() < 0.01
+    g = torch.randn(200_000, generator=torch.Generator().manual_seed(2)).clamp(-3, 3) / 6 + 0.5
+    lg = lloyd_levels(g)
+    assert lg[1] - lg[0] > lg[8] - lg[7]                # sparse tails get wider cells
+
+
+def test_scheme_parsing_and_bytes():
+    assert split_schemes("fp32,bf16,int4-bdr:h=32,kv,seed=1@clip,int4,int4-bdr:h=64@k8=0+1") == [
+        "fp32", "bf16", "int4-bdr:h=32,kv,seed=1@clip", "int4", "int4-bdr:h=64@k8=0+1"]
+    s = KVScheme.parse("int4-bdr:h=64@k8=0+1@center@lut")
+    assert s.int8_layers == (0, 1) and s.center and s.lut and not s.is_plain
+    assert KVScheme.parse("int4-bdr:h=64").is_plain
+    assert s.policy_for_layer(1).kind == "int8" and s.policy_for_layer(2).kind == "int4-bdr"
+    # SmolLM2-135M: 30 layers, 3 KV heads, D = 64
+    assert KVScheme.parse("bf16").cache_bytes_per_token(30, 3, 64) == 30 * 3 * 2 * 128
+    assert KVScheme.parse("int4").cache_bytes_per_token(30, 3, 64) == 30 * 3 * 2 * (32 + 4)
+    assert KVScheme.parse("int4@vonly").cache_bytes_per_token(30, 3, 64) == 30 * 3 * (128 + 36)
+    assert s.cache_bytes_per_token(30, 3, 64) == 3 * (2 * 2 * 68 + 28 * 2 * 36)
+    with pytest.raises(PolicyError):
+        KVScheme.parse("int4@bogus")
+    with pytest.raises(PolicyError):
+        KVScheme.parse("bf16@clip")
+
+
+def test_agreement():
+    assert agreement([1, 2, 3, 4], [1, 2, 3, 4]) == {"first_divergence": None,
+                                                     "identical_pct": 100.0, "tokens": 4}
+    a = agreement([1, 2, 3, 4], [1, 9, 3, 4])
+    assert a["first_divergence"] == 1 and a["identical_pct"] == 75.0
+
+
+def test_texts_are_pinned():
+    t = corpus.gpl3_text()
+    assert hashlib.sha256(t.text.encode()).hexdigest() == corpus.GPL3_SHA256
+    assert t.text.lstrip().startswith("GNU GENERAL PUBLIC LICENSE")
+    assert t.text.endswith("END OF TERMS AND CONDITIONS")
+    p = corpus.pyref_text()
+    assert p.text.startswith("Objects, values and types") and "Execution model" in p.text
+    assert corpus.calib_text().text[:200] not in p.text
