@@ -11,14 +11,16 @@
 //   * a block = 4 warps = 64 query rows of ONE KV head; a row is (query token, group head), so
 //     the G query heads of a GQA group share every K/V tile that the block decodes;
 //   * the query is rotated in registers (saw/hadamard.cuh) and stored as MMA operands: an
-//     unrotated query is exact in its own type; a rotated one is split q = hi + lo (both in the
-//     MMA type, two MMAs into one fp32 accumulator), so rounding the rotated query costs no
+//     unrotated fp16/bf16 query is exact in fp16 (inside its range); a rotated one is split
+//     q = hi + lo (both fp16, two MMAs into one fp32 accumulator), so rounding the rotated query costs no
 //     accuracy (with hi alone, outlier-heavy K made errors of 10 % of a row's magnitude in bf16,
 //     measured on the H200). sm_scale*log2(e) is applied in fp32 after the MMA; sum(q) per row
 //     is kept for the offset term;
-//   * K/V tiles of BK tokens are read page by page (any page order) as raw codes, turned into
+//   * K/V tiles of BK tokens are read page by page (any page order) as raw codes, one tile
+//     ahead into registers (the loads fly during the current tile's MMAs), then turned into
 //     MMA operands without applying (s, m): the algebra of DESIGN.md does that exactly in fp32,
-//       q . k_hat = s * (q . code) + m * sum(q),   sum_t p_t v_hat_t = sum_t (p_t s_t) code_t + sum_t p_t m_t,
+//       q . k_hat = s * (q . code) + m * sum(q),
+//       sum_t p_t v_hat_t = sum_t (p_t s_t) code_t + sum_t p_t m_t,
 //     so an INT4/INT8 code is an exact small integer operand and only p*s is rounded;
 //   * the MMA operands are fp16 whatever the activation type: codes and bf16-cache values are
 //     exact in it, and p*s keeps 11 bits instead of bf16's 8;
@@ -65,7 +67,9 @@ struct PrefillTraits {
 __device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T FromFloat(float x);
-template <> __device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __half FromFloat<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <> __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
@@ -417,7 +421,8 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
 #pragma unroll
     for (int i = 0; i < E; ++i) x[i] = Os[r * Tr::kOStride + lane * E + i];
     if (rotate_v) WarpInverseRotate<E>(x, rotation_block, signs);
-    T* dst = out + int64_t(q_begin + qi) * num_q_heads * D + int64_t(kvh * group + g) * D + lane * E;
+    T* dst = out + int64_t(q_begin + qi) * num_q_heads * D + int64_t(kvh * group + g) * D +
+             lane * E;
 #pragma unroll
     for (int i = 0; i < E; ++i) dst[i] = FromFloat<T>(x[i]);
   }
