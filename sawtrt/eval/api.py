@@ -54,6 +54,13 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
     t0 = time.time()
     hf, tok, label = load(model, checkpoint)
     cfg = hf.config
+    sw = getattr(cfg, "sliding_window", None)
+    need = window + (tok.bos_token_id is not None)
+    if sw and need > sw:
+        raise ValueError(f"{label}: BOS + {window}-token windows exceed its {sw}-token sliding "
+                         f"window, which the paged path does not model; use --window {sw - 1}")
+    if sw and greedy_tokens and greedy_prompt + greedy_tokens + 1 > sw:
+        raise ValueError(f"{label}: greedy prompt + continuation exceed the sliding window {sw}")
     ws, info = windows(tok, sources, tokens, window, offset)
     for s in info:
         log(f"text {s['source']}: {s['origin']} sha256 {s['sha256'][:16]}… "
