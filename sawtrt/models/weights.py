@@ -186,7 +186,8 @@ def random_weights(spec: ModelSpec, seed: int = 0, dtype=torch.bfloat16, device=
 
     Matrices ~ N(0, 1/fan_in) (keeps activations O(1) through the depth), norms ~ 1 + N(0, 0.1)
     so q/k-norm and the residual stream are exercised with non-trivial weights. Embeddings
-    ~ N(0, 1).
+    ~ N(0, 1/hidden): larger ones dominate the residual stream and the tied head, and the model
+    just repeats its last token.
     """
     gen = torch.Generator(device=device or "cpu").manual_seed(seed)
     out = {}
@@ -194,7 +195,7 @@ def random_weights(spec: ModelSpec, seed: int = 0, dtype=torch.bfloat16, device=
         if len(shape) == 1:
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
         elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=gen, device=device)
+            t = torch.randn(shape, generator=gen, device=device) * shape[1] ** -0.5
         else:
             t = torch.randn(shape, generator=gen, device=device) * shape[1] ** -0.5
         out[name] = t.to(dtype)
