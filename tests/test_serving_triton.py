@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -231,6 +232,27 @@ def test_cancelled_stream_frees_its_pages(served):
     wait_metric(served.metrics, "sawtrt_kv_cache_used_pages", lambda v: v == 0, timeout=10)
     assert metrics(served.metrics)["sawtrt_active_requests"] == 0
     assert "sawtrt_requests.completed" in before
+
+
+def test_http_generate_endpoint(served):
+    """Triton's generate extension (what curl users of TensorRT-LLM models call) works too."""
+    import json
+
+    def post(body):
+        req = urllib.request.Request(f"{served.http}/v2/models/sawtrt/generate",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    code, rec = post({"text_input": PROMPTS[4], "max_tokens": 3})
+    assert code == 200 and rec["num_output_tokens"] >= 1 and rec["finish_reason"], rec
+    assert rec["text_output"] == generate(served.grpc, PROMPTS[4], 3, timeout=120).check().text
+    code, rec = post({"text_input": PROMPTS[4], "max_tokens": -4})
+    assert code == 400 and "max_tokens: must be >= 1, got -4" in rec["error"]
 
 
 def test_cli_client_and_bench_serve(served):
