@@ -100,7 +100,7 @@ def from_gguf(path) -> Tokenizer:
         raise ValueError(f"GGUF tokenizer model {model!r} is not supported (byte-level BPE only)")
     tokens = field("tokenizer.ggml.tokens")
     types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     pre = field("tokenizer.ggml.pre", "default")
