@@ -44,6 +44,11 @@ def test_parse_defaults_and_options():
     assert p.params.max_tokens == 7 and p.params.top_k == 5 and p.params.seed == 123
     assert p.params.temperature == pytest.approx(0.5) and p.params.top_p == pytest.approx(0.9)
     assert p.params.stop == ("\n", "END")        # TRT-LLM clients send "" for none
+    # what TensorRT-LLM clients send by default
+    p = parse_request(req(bad_words=np.array([[b""]], dtype=object), beam_width=one(1, np.int32),
+                          random_seed=one(9, np.uint64),
+                          stop_words=np.array([[b""]], dtype=object)))
+    assert p.params.seed == 9 and p.params.stop == ()
     # shape [1] (no batch dim) is accepted too
     p = parse_request({"text_input": np.array([b"x"], dtype=object),
                        "max_tokens": np.array([2], dtype=np.int32)})
@@ -75,6 +80,9 @@ def test_parse_defaults_and_options():
       "max_tokens": np.array([[1], [1]], dtype=np.int32)}, "batch size 2 is not supported"),
     ({**req(), "bogus": one(1, np.int32)}, "unknown input(s) ['bogus']"),
     (req(stop_words=np.array([[b"x"] * 17], dtype=object)), "at most 16 stop strings"),
+    (req(bad_words=np.array([[b"", b"damn"]], dtype=object)), "bad_words: not supported"),
+    (req(beam_width=one(4, np.int32)), "beam_width: only 1 is supported"),
+    (req(seed=one(1, np.uint64), random_seed=one(2, np.uint64)), "disagree"),
 ])
 def test_parse_rejects_with_clear_message(inputs, needle):
     with pytest.raises(RequestError) as e:

@@ -251,6 +251,10 @@ def test_http_generate_endpoint(served):
     code, rec = post({"text_input": PROMPTS[4], "max_tokens": 3})
     assert code == 200 and rec["num_output_tokens"] >= 1 and rec["finish_reason"], rec
     assert rec["text_output"] == generate(served.grpc, PROMPTS[4], 3, timeout=120).check().text
+    # the body of TensorRT-LLM's documented curl example
+    code, rec2 = post({"text_input": PROMPTS[4], "max_tokens": 3, "bad_words": "",
+                       "stop_words": ""})
+    assert code == 200 and rec2["text_output"] == rec["text_output"], rec2
     code, rec = post({"text_input": PROMPTS[4], "max_tokens": -4})
     assert code == 400 and "max_tokens: must be >= 1, got -4" in rec["error"]
 

@@ -122,6 +122,20 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
         kwargs["top_k"] = _int("top_k", _single("top_k", inputs["top_k"]))
     if inputs.get("seed") is not None:
         kwargs["seed"] = _int("seed", _single("seed", inputs["seed"]))
+    if inputs.get("random_seed") is not None:
+        rs = _int("random_seed", _single("random_seed", inputs["random_seed"]))
+        if kwargs.setdefault("seed", rs) != rs:
+            raise RequestError(f"seed ({kwargs['seed']}) and random_seed ({rs}) disagree")
+    if inputs.get("beam_width") is not None:
+        bw = _int("beam_width", _single("beam_width", inputs["beam_width"]))
+        if bw != 1:
+            raise RequestError(f"beam_width: only 1 is supported (no beam search), got {bw}")
+    if inputs.get("bad_words") is not None:
+        bad = [s for s in (_text("bad_words", v)
+                           for v in np.asarray(inputs["bad_words"], dtype=object).reshape(-1)) if s]
+        if bad:
+            raise RequestError(f"bad_words: not supported by sawtrt (got {bad[:4]}); "
+                               "send none or empty strings")
     if inputs.get("stop_words") is not None:
         sw = np.asarray(inputs["stop_words"], dtype=object)
         if sw.ndim >= 2 and sw.shape[0] != 1:

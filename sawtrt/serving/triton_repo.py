@@ -25,6 +25,9 @@ Tensor names follow TensorRT-LLM's `ensemble`/`tensorrt_llm_bls` models so their
 | stop_words    | BYTES  | [B, N]     | optional stop strings (empty strings are ignored)         |
 | stream        | BOOL   | [B, 1]     | optional; true: one response per step carrying the delta  |
 | ignore_eos    | BOOL   | [B, 1]     | optional; generate max_tokens even past EOS (benchmarks)  |
+| random_seed   | UINT64 | [B, 1]     | optional; TensorRT-LLM's name for seed                    |
+| bad_words     | BYTES  | [B, N]     | optional; only empty strings accepted (not supported)     |
+| beam_width    | INT32  | [B, 1]     | optional; must be 1 (no beam search)                      |
 | text_output   | BYTES  | [B, 1]     | generated text (a delta when streaming; no prompt echo)   |
 | num_input_tokens  | INT32 | [B, 1]  | prompt length in tokens                                   |
 | num_output_tokens | INT32 | [B, 1]  | tokens generated so far                                   |
@@ -51,6 +54,10 @@ INPUTS = (
     ("stop_words", "TYPE_STRING", (-1,), True),
     ("stream", "TYPE_BOOL", (1,), True),
     ("ignore_eos", "TYPE_BOOL", (1,), True),
+    # accepted for TensorRT-LLM clients, which send them by default
+    ("random_seed", "TYPE_UINT64", (1,), True),
+    ("bad_words", "TYPE_STRING", (-1,), True),
+    ("beam_width", "TYPE_INT32", (1,), True),
 )
 OUTPUTS = (
     ("text_output", "TYPE_STRING", (1,)),
