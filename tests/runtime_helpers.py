@@ -38,13 +38,16 @@ def build_tiny(tmp_path, spec: ModelSpec, kv_cache="bf16", page_size=16, max_bat
 
 
 # -- the transformers oracle -------------------------------------------------------------------
-def kv_storage_fn(policy: KVPolicy, head_dim: int):
-    """x [..., D] -> x as our cache returns it (fp32, original basis)."""
+def kv_storage_fn(policy: KVPolicy, head_dim: int, kv_dtype=None):
+    """x [..., D] -> x as our cache returns it (fp32, original basis). kv_dtype: round K/V to
+    this dtype first (a bf16 model hands the cache bf16 K/V)."""
     layout = PageLayout(policy, head_dim, 1, 16)
     pol = layout.policy
     signs = pol.signs(head_dim)
 
     def store(x: torch.Tensor, rotate: bool) -> torch.Tensor:
+        if kv_dtype is not None:
+            x = x.to(kv_dtype)
         x = quant.sanitize(x)
         if rotate:
             x = hadamard.rotate(x, pol.rotation_block, signs)
@@ -63,14 +66,15 @@ def kv_storage_fn(policy: KVPolicy, head_dim: int):
 _REGISTERED: dict[str, str] = {}
 
 
-def attn_impl_for(policy: KVPolicy, head_dim: int) -> str:
+def attn_impl_for(policy: KVPolicy, head_dim: int, kv_dtype=None) -> str:
     """Name of a registered transformers attention function storing K/V like `policy`."""
     from transformers import AttentionInterface
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     name = f"sawtrt_{str(policy).replace(':', '_').replace(',', '_').replace('=', '')}_{head_dim}"
+    name += f"_{str(kv_dtype).split('.')[-1]}" if kv_dtype is not None else ""
     if name not in _REGISTERED:
-        fk, fv = kv_storage_fn(policy, head_dim)
+        fk, fv = kv_storage_fn(policy, head_dim, kv_dtype)
 
         def attention(module, query, key, value, attention_mask, **kw):
             return eager_attention_forward(module, query, fk(key), fv(value), attention_mask, **kw)
@@ -85,9 +89,9 @@ def attn_impl_for(policy: KVPolicy, head_dim: int) -> str:
     return name
 
 
-def hf_model(spec: ModelSpec, weights: dict, policy: KVPolicy | str = "bf16"):
+def hf_model(spec: ModelSpec, weights: dict, policy: KVPolicy | str = "bf16", kv_dtype=None):
     """transformers' model for `spec` (fp32) holding `weights`, attention storing K/V like our
-    cache under `policy`."""
+    cache under `policy` (K/V rounded to kv_dtype first when given)."""
     import transformers
     policy = KVPolicy.parse(policy) if isinstance(policy, str) else policy
     common = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
@@ -106,7 +110,7 @@ def hf_model(spec: ModelSpec, weights: dict, policy: KVPolicy | str = "bf16"):
     theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta",
                                                               getattr(cfg, "rope_theta", None))
     assert theta == spec.rope_theta, f"transformers config dropped rope_theta ({theta})"
-    cfg._attn_implementation = attn_impl_for(policy, spec.head_dim)
+    cfg._attn_implementation = attn_impl_for(policy, spec.head_dim, kv_dtype)
     model = cls(cfg).float().eval()
     sd = {k: v.float() for k, v in weights.items()}
     if spec.tie_embeddings:

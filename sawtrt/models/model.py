@@ -141,8 +141,12 @@ class CausalLM(torch.nn.Module):
             self.layers.append(layer)
         self.rope = Rope(d, spec.rope_theta, max_positions or spec.max_position, device)
         self.device = self.embed.device
-        # the fused write+attend kernel when the library serves this device/dtype/layout
-        self.fused = ops.kernel_config(layout, spec.num_heads, dtype, self.device) is not None
+        # the fused write+attend kernel when the library serves this device/dtype/layout. Its
+        # decode path serves bf16 and int4 caches only (int8: SawKernelError 10001 on the H200,
+        # 2026-11-29); int8 goes through write_kv + paged_attention, whose decode falls back to
+        # the prefill kernel.
+        self.fused = (layout.policy.kind != "int8"
+                      and ops.kernel_config(layout, spec.num_heads, dtype, self.device) is not None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
