@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=16384)
     ap.add_argument("--page", type=int, default=64)
     ap.add_argument("--launches", type=int, default=4)
+    ap.add_argument("--lib", default=None,
+                    help="library path, or several comma-separated: each runs --launches times, "
+                         "in order (profile them with ncu -s/-c)")
     a = ap.parse_args()
     hq, hkv, d = SHAPES[a.shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -37,10 +40,11 @@ def main() -> None:
     bt = torch.randperm(a.batch * pages, device="cuda", generator=gen).int().view(a.batch, pages)
     q = torch.randn(a.batch, hq, d, device="cuda", generator=gen).bfloat16()
     lens = torch.full((a.batch,), a.ctx, dtype=torch.int32, device="cuda")
-    call = DecodeCall(DecodeLib(), layout, q, pool, bt, lens)
-    for _ in range(a.launches):
-        call()
-    torch.cuda.synchronize()
+    for path in (a.lib.split(",") if a.lib else [None]):
+        call = DecodeCall(DecodeLib(path), layout, q, pool, bt, lens)
+        for _ in range(a.launches):
+            call()
+        torch.cuda.synchronize()
     print("splits workspace bytes", call.ws.numel())
 
 

@@ -3,6 +3,8 @@
 // One CTA = (split of the context, KV head, sequence); its 4 warps each stream their own
 // 16-token tiles of the split (tile i goes to warp i % 4) through a private cp.async ring of
 // shared-memory stages, and all query heads of the KV group ride on one load of each tile.
+// Page ids come lane-parallel, a 32-tile window ahead (INT4), so no tile's copies wait on a
+// block-table load (docs/performance.md, decode v2: that wait was the one memory-side stall).
 //
 // Per 16-token tile a warp runs two tensor-core products (mma.sync m16n8k16, fp32 accumulate):
 //   S^T[token, head] = codes[token, :] . q'[head, :]      A = codes (fp16), B = q' (fp16)
@@ -150,6 +152,17 @@ __device__ __forceinline__ void SmemFwht(float* x, int n, int h) {
   __syncthreads();
 }
 
+template <typename T>
+__device__ __forceinline__ float RawToFloat(uint16_t x);
+template <>
+__device__ __forceinline__ float RawToFloat<__half>(uint16_t x) {
+  return __half2float(__ushort_as_half(x));
+}
+template <>
+__device__ __forceinline__ float RawToFloat<__nv_bfloat16>(uint16_t x) {
+  return __bfloat162float(__ushort_as_bfloat16(x));
+}
+
 // Physical head dimension of the first element of a thread's K word group `u` (lane % 4 = c).
 template <class TR>
 __device__ __forceinline__ int KWordBase(int c, int u) {
@@ -189,36 +202,93 @@ DecodeKernel(const DecodeParams p) {
   const int32_t* bt = p.block_tables + (int64_t)b * p.max_pages;
   const int P = p.page_size;
 
+  // Page ids: lane l of a warp holds the page of the warp's tile (window start + l), fetched
+  // lane-parallel one 32-tile window ahead (`pg_nxt`) and read with one shuffle per tile. (The
+  // first version loaded each tile's block-table entry right before its copies: one dependent
+  // global round trip per tile, 0.26 long-scoreboard stall cycles per issued instruction.)
+  // INT4 only: the BF16 path runs at the copy bandwidth already, and its D = 128 kernel, at its
+  // 128-register cap, spills with the extra registers.
+  constexpr bool kWindow = TR::kInt4;
+  const int t_warp0 = t_begin + TR::kTile * warp;
+  auto load_pages = [&](int j0) -> int {
+    const int j = j0 + lane;
+    return j < my_tiles ? __ldg(bt + ((t_warp0 + TR::kTile * TR::kWarps * j) >> p.page_shift)) : 0;
+  };
+  int pg_cur = kWindow ? load_pages(0) : 0;
+  int pg_nxt = kWindow && my_tiles > 32 ? load_pages(32) : 0;
+  const uint8_t* pool_h = p.pool + (int64_t)kvh * p.head_block_bytes;
+  // one page of all KV heads (< 4 GB), so page * stride is one 32 x 32 -> 64-bit multiply
+  const uint32_t page_stride32 = (uint32_t)((int64_t)p.num_kv_heads * p.head_block_bytes);
+  const int v_off = P * (TR::kCodeBytes + TR::kParamBytes);  // V codes after K codes + params
+  int stage_in = 0;  // ring slot of the next issued tile
+
   auto issue = [&](int j) {
-    if (j < my_tiles) {
-      const int t0 = t_begin + TR::kTile * (warp + TR::kWarps * j);
-      const int page = bt[t0 >> p.page_shift];
-      const int off = t0 & (P - 1);
-      const uint8_t* hb = p.pool + ((int64_t)page * p.num_kv_heads + kvh) * p.head_block_bytes;
-      const uint8_t* kc = hb + off * TR::kCodeBytes;
-      const uint8_t* vc = hb + P * (TR::kCodeBytes + TR::kParamBytes) + off * TR::kCodeBytes;
-      const uint32_t dst = wsm_addr + (j % S) * TR::kStageBytes;
+    if constexpr (kWindow) {
+      if (j < my_tiles) {
+        if ((j & 31) == 0 && j > 0) {
+          pg_cur = pg_nxt;
+          pg_nxt = j + 32 < my_tiles ? load_pages(j + 32) : 0;
+        }
+        const int page = __shfl_sync(0xffffffff, pg_cur, j & 31);
+        const int t0 = t_warp0 + TR::kTile * TR::kWarps * j;
+        const uint32_t off = (uint32_t)t0 & (uint32_t)(P - 1);
+        const uint8_t* hb = pool_h + (uint64_t)(uint32_t)page * page_stride32;
+        const int rem = t_end - t0;  // rows < rem are inside the sequence
+        // the tile never straddles its page, so every source address is inside an allocated
+        // page; rows past the end read 0 bytes (zero fill)
+        const uint8_t* kc = hb + off * TR::kCodeBytes;
+        const uint8_t* vc = kc + v_off;
+        const uint32_t dst = wsm_addr + stage_in * TR::kStageBytes;
 #pragma unroll
-      for (int ch = lane; ch < TR::kTile * TR::kRowChunks; ch += 32) {
-        const int row = ch / TR::kRowChunks, col = ch % TR::kRowChunks;
-        const bool valid = t0 + row < t_end;
-        CpAsync16(dst + TR::kKc + row * TR::kCodeBytes + SwzK<TR>(row, col) * 16,
-                  valid ? kc + ch * 16 : kc, valid);
-        CpAsync16(dst + TR::kVc + row * TR::kCodeBytes + SwzV<TR>(row, col) * 16,
-                  valid ? vc + ch * 16 : vc, valid);
-      }
-      if constexpr (TR::kInt4) {
+        for (int i = 0; i < TR::kTile * TR::kRowChunks / 32; ++i) {
+          const int ch = lane + 32 * i;
+          const int row = ch / TR::kRowChunks, col = ch % TR::kRowChunks;
+          const bool valid = row < rem;
+          CpAsync16(dst + TR::kKc + row * TR::kCodeBytes + SwzK<TR>(row, col) * 16, kc + ch * 16,
+                    valid);
+          CpAsync16(dst + TR::kVc + row * TR::kCodeBytes + SwzV<TR>(row, col) * 16, vc + ch * 16,
+                    valid);
+        }
         if (lane < 8) {  // params: 4 tokens per 16-byte chunk; rows past the end are masked later
           const int chunk = lane & 3;
-          const bool valid = t0 + 4 * chunk < t_end;
-          const uint8_t* src = lane < 4
-              ? hb + P * TR::kCodeBytes + off * 4
-              : hb + P * (2 * TR::kCodeBytes + TR::kParamBytes) + off * 4;
-          CpAsync16(dst + (lane < 4 ? TR::kKp : TR::kVp) + chunk * 16, src + chunk * 16, valid);
+          const uint8_t* src =
+              hb + (P * TR::kCodeBytes + off * 4 + chunk * 16) + (lane < 4 ? 0 : v_off);
+          CpAsync16(dst + (lane < 4 ? TR::kKp : TR::kVp) + chunk * 16, src, 4 * chunk < rem);
+        }
+        stage_in = stage_in == S - 1 ? 0 : stage_in + 1;
+      }
+      CpAsyncCommit();
+    } else {  // BF16: one block-table load per tile
+      if (j < my_tiles) {
+        const int t0 = t_begin + TR::kTile * (warp + TR::kWarps * j);
+        const int page = bt[t0 >> p.page_shift];
+        const int off = t0 & (P - 1);
+        const uint8_t* hb = p.pool + ((int64_t)page * p.num_kv_heads + kvh) * p.head_block_bytes;
+        const uint8_t* kc = hb + off * TR::kCodeBytes;
+        const uint8_t* vc = hb + P * (TR::kCodeBytes + TR::kParamBytes) + off * TR::kCodeBytes;
+        const uint32_t dst = wsm_addr + (j % S) * TR::kStageBytes;
+#pragma unroll
+        for (int ch = lane; ch < TR::kTile * TR::kRowChunks; ch += 32) {
+          const int row = ch / TR::kRowChunks, col = ch % TR::kRowChunks;
+          const bool valid = t0 + row < t_end;
+          CpAsync16(dst + TR::kKc + row * TR::kCodeBytes + SwzK<TR>(row, col) * 16,
+                    valid ? kc + ch * 16 : kc, valid);
+          CpAsync16(dst + TR::kVc + row * TR::kCodeBytes + SwzV<TR>(row, col) * 16,
+                    valid ? vc + ch * 16 : vc, valid);
+        }
+        if constexpr (TR::kInt4) {
+          if (lane < 8) {  // params: 4 tokens per 16-byte chunk; rows past the end are masked later
+            const int chunk = lane & 3;
+            const bool valid = t0 + 4 * chunk < t_end;
+            const uint8_t* src = lane < 4
+                ? hb + P * TR::kCodeBytes + off * 4
+                : hb + P * (2 * TR::kCodeBytes + TR::kParamBytes) + off * 4;
+            CpAsync16(dst + (lane < 4 ? TR::kKp : TR::kVp) + chunk * 16, src + chunk * 16, valid);
+          }
         }
       }
+      CpAsyncCommit();
     }
-    CpAsyncCommit();
   };
 
   SoftmaxState st[NT][2];
@@ -233,17 +303,41 @@ DecodeKernel(const DecodeParams p) {
 
   // The first stages go out before the query prologue so its global load and FWHT overlap
   // the first tiles' memory latency (the rotation cost was 8 % of int4 time without this).
+  constexpr int kQPer = TR::kHeads * D / TR::kThreads;  // query elements per thread
+  // the query's global loads go out with the page-id loads, before the first copies (one memory
+  // round trip in the prologue instead of two); raw 16-bit loads only, converted after the copies
+  constexpr bool kEarlyQ = kQPer <= 16;
+  const T* qb = static_cast<const T*>(p.q) + (int64_t)b * p.q_stride + (int64_t)kvh * group * D;
+  uint16_t qraw[kEarlyQ ? kQPer : 1];
+  float qsg[kEarlyQ ? kQPer : 1];
+  if constexpr (kEarlyQ) {
+    const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qb);
+    const bool sgn = p.rot_block && p.signs;
+#pragma unroll
+    for (int k = 0; k < kQPer; ++k) {
+      const int i = tid + k * TR::kThreads, g = i / D, d = i % D;
+      qraw[k] = 0;
+      qsg[k] = 1.f;
+      if (g < group) qraw[k] = q16[g * D + d];
+      if (sgn) qsg[k] = p.signs[d];
+    }
+  }
+
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue(s);
 
   // ---- query: load, sign, FWHT, scale -> fp32 [kHeads][D] in shared memory ----
   {
-    const T* qb = static_cast<const T*>(p.q) + (int64_t)b * p.q_stride + (int64_t)kvh * group * D;
-    for (int i = tid; i < TR::kHeads * D; i += TR::kThreads) {
-      const int g = i / D, d = i % D;
-      float v = g < group ? ToFloat<T>(qb[g * D + d]) : 0.f;
-      if (p.rot_block && p.signs) v *= p.signs[d];
-      qs[i] = v;
+    if constexpr (kEarlyQ) {
+#pragma unroll
+      for (int k = 0; k < kQPer; ++k) qs[tid + k * TR::kThreads] = RawToFloat<T>(qraw[k]) * qsg[k];
+    } else {
+      for (int i = tid; i < TR::kHeads * D; i += TR::kThreads) {
+        const int g = i / D, d = i % D;
+        float v = g < group ? ToFloat<T>(qb[g * D + d]) : 0.f;
+        if (p.rot_block && p.signs) v *= p.signs[d];
+        qs[i] = v;
+      }
     }
     if (p.rot_block) SmemFwht(qs, TR::kHeads * D, p.rot_block);
     else __syncthreads();
@@ -287,11 +381,13 @@ DecodeKernel(const DecodeParams p) {
     qbias[nt][1] = 1024.f * __shfl_sync(0xffffffff, bias, (2 * c + 1) * 4);
   }
 
+  int stage_out = 0;
   for (int j = 0; j < my_tiles; ++j) {
     issue(j + S - 1);
     CpAsyncWait<S - 1>();
     __syncwarp();
-    const uint32_t stg = wsm_addr + (j % S) * TR::kStageBytes;
+    const uint32_t stg = wsm_addr + (kWindow ? stage_out : j % S) * TR::kStageBytes;
+    if constexpr (kWindow) stage_out = stage_out == S - 1 ? 0 : stage_out + 1;
     const int t0 = t_begin + TR::kTile * (warp + TR::kWarps * j);
     const bool valid0 = t0 + r < t_end, valid1 = t0 + r + 8 < t_end;
 
@@ -374,10 +470,9 @@ DecodeKernel(const DecodeParams p) {
       for (int hh = 0; hh < 2; ++hh) {
         s0[nt][hh] = valid0 ? sacc[nt][hh] : -INFINITY;
         s1[nt][hh] = valid1 ? sacc[nt][2 + hh] : -INFINITY;
-        float m = fmaxf(s0[nt][hh], s1[nt][hh]);
-        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 4));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 8));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 16));
+        // this lane's own max: the head's max over the tile exceeds the origin + kLazy iff some
+        // lane's does, so the cross-lane reduction runs only on the (rare) growing tiles
+        const float m = fmaxf(s0[nt][hh], s1[nt][hh]);
         mx[nt][hh] = m;
         grow |= m > st[nt][hh].m + kLazy;
       }
@@ -386,6 +481,11 @@ DecodeKernel(const DecodeParams p) {
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
+          float m = mx[nt][hh];  // the head's max over all 16 tokens
+          m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 4));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 8));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 16));
+          mx[nt][hh] = m;
           const bool g = mx[nt][hh] > st[nt][hh].m + kLazy;
           const float corr = g ? st[nt][hh].Rescale(mx[nt][hh]) : 1.f;
           pm[nt][hh] *= corr;
@@ -555,17 +655,32 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
   const int len = p.seq_lens[b];
   const int n = len <= 0 ? 0 : min(p.num_splits, (len + p.chunk - 1) / p.chunk);
   const int64_t row0 = ((int64_t)b * num_q_heads + hq) * p.num_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < n; ++s) mx = fmaxf(mx, p.part_lse[row0 + s]);
-  float den = 0.f;
-  for (int s = 0; s < n; ++s) den += MergeWeight(p.part_lse[row0 + s], mx);
-  for (int s = tid; s < n; s += blockDim.x)
-    w[s] = den > 0.f ? MergeWeight(p.part_lse[row0 + s], mx) / den : 0.f;
+  // one parallel load of the n <= 128 log-sum-exps (thread s holds split s; 128 threads),
+  // block reductions
+  static_assert(kDecodeMaxSplits <= 128, "one split per reducer thread");
+  __shared__ float red[2][4];
+  const int lane = tid & 31, wid = tid >> 5;
+  const float lse = tid < n ? p.part_lse[row0 + tid] : -INFINITY;
+  float m = lse;
+#pragma unroll
+  for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, x));
+  if (lane == 0) red[0][wid] = m;
   __syncthreads();
+  const float mx = fmaxf(fmaxf(red[0][0], red[0][1]), fmaxf(red[0][2], red[0][3]));
+  const float wt = tid < n ? MergeWeight(lse, mx) : 0.f;
+  float sum = wt;
+#pragma unroll
+  for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffff, sum, x);
+  if (lane == 0) red[1][wid] = sum;
+  if (tid < n) w[tid] = wt;
+  __syncthreads();
+  const float den = red[1][0] + red[1][1] + red[1][2] + red[1][3];
+  const float inv = den > 0.f ? 1.f / den : 0.f;
   for (int d = tid; d < D; d += blockDim.x) {
     float acc = 0.f;
+#pragma unroll 4
     for (int s = 0; s < n; ++s) acc += w[s] * p.part_o[(row0 + s) * D + d];
-    ob[d] = acc;
+    ob[d] = acc * inv;
   }
   T* out = static_cast<T*>(p.out) + ((int64_t)b * num_q_heads + hq) * D;
   if (p.rotate_v && p.rot_block) {
