@@ -176,8 +176,11 @@ class CausalLM(torch.nn.Module):
                                        meta.max_seq_len, self.sm_scale)
             else:
                 ops.write_kv(pool, self.layout, k, v, meta.slot_mapping)
+                bounds = {"max_q_len": meta.max_q_len, "max_seq_len": meta.max_seq_len} \
+                    if meta.max_seq_len else {}     # host-side bounds: no device reads
                 o = ops.paged_attention(q, pool, self.layout, meta.block_tables, meta.seq_lens,
-                                        None if meta.is_decode else meta.q_lens, self.sm_scale)
+                                        None if meta.is_decode else meta.q_lens, self.sm_scale,
+                                        **bounds)
             x = x + F.linear(o.reshape(-1, self.q_size).to(x.dtype), L["o"])
             h = rms_norm(x, L["post_norm"], eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
