@@ -71,13 +71,15 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
     runtime = RuntimeModel(label) if (checkpoint is None and label in RUNTIME_MODELS) else None
     parsed = {s: (None if s == FP32 else KVScheme.parse(s)) for s in schemes}
     calib = None
-    if any(p is not None and (p.center or p.lut) for p in parsed.values()):
+    if any(p is not None and (p.center or p.lut or p.vcenter) for p in parsed.values()):
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        blk = next(p.policy.block_for(d) for p in parsed.values()
-                   if p is not None and (p.center or p.lut) and p.policy.rotated)
+        blk = next((p.policy.block_for(d) for p in parsed.values()
+                    if p is not None and (p.center or p.lut or p.vcenter) and p.policy.rotated),
+                   min(128, d))
         calib = calibrate(hf, tok, label, blk)
         log(f"calibrated variants on 'calib' text ({calib['tokens']} tokens, h={blk})")
-    hook_kw = {"means": calib["means"], "levels": calib["levels"]} if calib else {}
+    hook_kw = ({"means": calib["means"], "vmeans": calib["vmeans"], "levels": calib["levels"]}
+               if calib else {})
 
     def paths_for(s):
         p = parsed[s]

@@ -6,6 +6,7 @@
             u = (x - min) / (max - min) of the BDR-rotated K vectors of every layer (interior
             elements only: the min and max of a vector are exactly 0 and 1 and stay exact).
             Used by the "lut" variant.
+    vmeans  per layer, the mean V vector of each KV head: [Hkv, 1, D] ("vcenter" variant).
 
 Both are computed once per (model, block size) and cached under ~/.cache/sawtrt/eval/.
 """
@@ -40,14 +41,20 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
               refresh: bool = False) -> dict:
     path = cache_root() / label / f"calib_h{block}_{tokens}.pt"
     if path.exists() and not refresh:
-        return torch.load(path, weights_only=True)
+        out = torch.load(path, weights_only=True)
+        if "vmeans" in out:
+            return out
     keys: dict[int, list] = {}
+    values: dict[int, list] = {}
 
-    def record(layer, key):                      # key [Hkv, n, D]
-        keys.setdefault(layer, []).append(key.detach().float().clone())
+    class Rec(KVHook):
+        def __call__(self, module, q, k, v, scaling, sw):
+            keys.setdefault(module.layer_idx, []).append(k[0].detach().float().clone())
+            values.setdefault(module.layer_idx, []).append(v[0].detach().float().clone())
+            return super().__call__(module, q, k, v, scaling, sw)
 
     ws, _ = windows(tokenizer, ("calib",), tokens=tokens, window=window)
-    hook = KVHook("bf16", mode="fake", record=record)
+    hook = Rec("bf16", mode="fake")
     for w in ws:
         with hook.attach(model):
             window_nll(model, w)
@@ -59,7 +66,8 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
         lo, hi = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
         u = (r - lo) / (hi - lo).clamp_min(1e-12)
         us.append(u[(u > 0) & (u < 1)])
-    out = {"means": means, "levels": lloyd_levels(torch.cat(us)), "block": block,
+    vmeans = {layer: torch.cat(vs, 1).mean(1, keepdim=True) for layer, vs in values.items()}
+    out = {"means": means, "vmeans": vmeans, "levels": lloyd_levels(torch.cat(us)), "block": block,
            "tokens": tokens}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)

@@ -62,20 +62,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 class KVHook:
     def __init__(self, scheme: KVScheme | str, mode: str = "fake", page_size: int = 64,
-                 max_tokens: int = 4096, means: dict | None = None,
+                 max_tokens: int = 4096, means: dict | None = None, vmeans: dict | None = None,
                  levels: torch.Tensor | None = None, record=None):
         self.scheme = KVScheme.parse(scheme) if isinstance(scheme, str) else scheme
-        if mode not in ("fake", "paged"):
-            raise ValueError(f"mode must be fake or paged, not {mode!r}")
+        if mode not in ("fake", "paged", "probe"):
+            raise ValueError(f"mode must be fake, paged or probe, not {mode!r}")
         if mode == "paged" and not self.scheme.is_plain:
             raise ValueError(f"{self.scheme}: prototype variants run only in fake mode")
         self.mode = mode
         self.page_size = page_size
         self.max_tokens = max_tokens
-        self.means = means or {}          # layer -> [Hkv, 1, D] channel mean (center variant)
+        self.means = means or {}          # layer -> [Hkv, 1, D] K channel mean (center variant)
+        self.vmeans = vmeans or {}        # layer -> [Hkv, 1, D] V channel mean (vcenter variant)
         self.levels = levels              # 16-level table (lut variant)
         self.record = record              # callable(layer, key) for statistics, or None
         self._caches: dict[int, tuple] = {}
+        self.errors: dict[int, list] = {}     # probe mode: layer -> [sum err^2, sum exact^2]
 
     def reset(self) -> None:
         """Forget all cached tokens (the next call starts a new sequence)."""
@@ -110,6 +112,8 @@ class KVHook:
             self.record(layer, key[0, :, length - n:])
         if self.mode == "paged":
             out = self._paged(layer, query[0], key[0], value[0], scaling)
+        elif self.mode == "probe":
+            out = self._probe(layer, query[0], key[0], value[0], scaling)
         else:
             out = self._fake(layer, query[0], key[0], value[0], scaling)
         return out[None].to(query.dtype), None            # [1, n, Hq, D]
@@ -138,6 +142,28 @@ class KVHook:
                                   torch.tensor([n], dtype=torch.int32), sm_scale=scaling)
         return out                                            # [n, Hq, D]
 
+    def _probe(self, layer, q, k, v, scaling):
+        """Attention output error of the scheme at this layer, from the exact inputs; returns
+        the exact output so errors do not cascade (a smooth, low-noise screening metric)."""
+        exact = self._attend(q, k.float(), v.float(), scaling)
+        approx = self._fake(layer, q, k, v, scaling)
+        acc = self.errors.setdefault(layer, [0.0, 0.0])
+        acc[0] += float((approx - exact).pow(2).sum())
+        acc[1] += float(exact.pow(2).sum())
+        return exact
+
+    @staticmethod
+    def _attend(q, kq, vq, scaling):
+        hkv, length, _ = kq.shape
+        n = q.shape[1]
+        group = q.shape[0] // hkv
+        kq = kq.repeat_interleave(group, 0)
+        vq = vq.repeat_interleave(group, 0)
+        scores = torch.einsum("hnd,hld->hnl", q.float(), kq) * scaling
+        qpos = torch.arange(length - n, length)[:, None]
+        scores = scores.masked_fill(torch.arange(length)[None, :] > qpos, float("-inf"))
+        return torch.einsum("hnl,hld->hnd", torch.softmax(scores, -1), vq).transpose(0, 1)
+
     def _fake(self, layer, q, k, v, scaling):
         hkv, length, d = k.shape
         n = q.shape[1]
@@ -146,12 +172,6 @@ class KVHook:
         kq = fake_quant(k, kpol, "k", self.scheme if kpol is self.scheme.policy else None,
                         mean=mean, levels=self.levels)
         vq = fake_quant(v, vpol, "v", self.scheme if vpol is self.scheme.policy else None,
+                        mean=self.vmeans.get(layer) if self.scheme.vcenter else None,
                         levels=self.levels)
-        group = q.shape[0] // hkv
-        kq = kq.repeat_interleave(group, 0)
-        vq = vq.repeat_interleave(group, 0)
-        scores = torch.einsum("hnd,hld->hnl", q.float(), kq) * scaling
-        qpos = torch.arange(length - n, length)[:, None]
-        scores = scores.masked_fill(torch.arange(length)[None, :] > qpos, float("-inf"))
-        out = torch.einsum("hnl,hld->hnd", torch.softmax(scores, -1), vq)
-        return out.transpose(0, 1)                            # [n, Hq, D]
+        return self._attend(q, kq, vq, scaling)               # [n, Hq, D]

@@ -13,6 +13,8 @@ table, per-token (s, m) fp16 parameters, no extra passes over the cache). Writte
     int4-bdr:h=64@center          K minus a fixed per-layer, per-KV-head channel mean before the
                                   rotation (softmax is invariant to it: q.(k - mu) = q.k - q.mu)
     int4-bdr:h=64@k8=0+1          layers 0 and 1 store K and V as int8 (pages are per layer)
+    int4-bdr:h=64@vcenter         V minus a fixed per-layer channel mean, added back to the
+                                  attention output once (sum p = 1 makes that exact)
     int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
@@ -56,6 +58,7 @@ class KVScheme:
     clip: bool = False
     lut: bool = False
     center: bool = False
+    vcenter: bool = False
     int8_layers: tuple[int, ...] = ()
     only: str | None = None          # "k" or "v": the other tensor stays bf16
     text: str = field(default="", compare=False)
@@ -72,12 +75,14 @@ class KVScheme:
                 kw["lut"] = True
             elif key == "center" and not eq:
                 kw["center"] = True
+            elif key == "vcenter" and not eq:
+                kw["vcenter"] = True
             elif key in ("konly", "vonly") and not eq:
                 kw["only"] = key[0]
             elif key == "k8" and eq:
                 kw["int8_layers"] = tuple(sorted(int(x) for x in val.split("+") if x.strip()))
             else:
-                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, konly, vonly, k8=L+L..)")
+                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, konly, vonly, k8=L+L..)")
         scheme = cls(KVPolicy.parse(base), text=text.strip(), **kw)
         if (scheme.clip or scheme.lut) and not scheme.policy.quantized:
             raise PolicyError(f"{text!r}: clip/lut need a quantized policy")
@@ -86,7 +91,8 @@ class KVScheme:
     @property
     def is_plain(self) -> bool:
         """True when this is exactly a served policy (no prototype variant)."""
-        return not (self.clip or self.lut or self.center or self.int8_layers or self.only)
+        return not (self.clip or self.lut or self.center or self.vcenter or self.int8_layers
+                    or self.only)
 
     def __str__(self) -> str:
         return self.text or str(self.policy)
