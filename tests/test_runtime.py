@@ -304,3 +304,16 @@ def test_generate_cli(tiny_dir):
     r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--top-p", "0",
                                  "--device", "cpu", "hello"])
     assert r.exit_code == 2 and "top_p" in r.output
+
+
+def test_hf_config_rope_forms():
+    from sawtrt.models.specs import from_hf_config
+    base = dict(model_type="qwen3", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                intermediate_size=128, vocab_size=256)
+    assert from_hf_config({**base, "rope_theta": 1e6}).rope_theta == 1e6
+    assert from_hf_config({**base, "rope_parameters": {"rope_type": "default",
+                                                       "rope_theta": 5e5}}).rope_theta == 5e5
+    for bad in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}):
+        with pytest.raises(ValueError, match="not supported"):
+            from_hf_config({**base, **bad})

@@ -78,11 +78,20 @@ def from_hf_config(cfg: dict, name: str = "custom") -> ModelSpec:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     eos = cfg.get("eos_token_id")
+    # transformers >= 5 nests rope settings in rope_parameters; older configs keep rope_theta at
+    # the top and scaling in rope_scaling. Only plain RoPE is implemented: refuse the others.
+    rope = dict(cfg.get("rope_parameters") or {})
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default"
+                                          else rope)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+                         "supported (plain RoPE only)")
     return ModelSpec(
         name=name, arch=arch, num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
         num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position=int(cfg.get("max_position_embeddings", 4096)),

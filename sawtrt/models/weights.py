@@ -91,6 +91,9 @@ def gguf_spec(reader, name: str) -> ModelSpec:
     if arch not in ("llama", "qwen3"):
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama, qwen3)")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    scaling = g("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"GGUF RoPE scaling {scaling!r} is not supported (plain RoPE only)")
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     head_dim = int(g("attention.key_length", 0) or hidden // heads)
