@@ -109,9 +109,9 @@ def paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens=None, 
     tables, lens = _i32(block_tables, dev), _i32(seq_lens, dev)
     max_pages = tables.shape[1]
     max_seq_len = max_pages * layout.page_size if max_seq_len is None else max_seq_len
-    if max_q_len is None:
+    if max_q_len is None:   # any q_len <= its seq_len <= max_seq_len: a bound needing no sync
         max_q_len = 1 if q_lens is None else (int(q_lens.max()) if q_lens.device.type == "cpu"
-                                              else n)
+                                              else min(n, max_seq_len))
     out = torch.empty(n, hq, d, dtype=q.dtype, device=dev)
     lib = library.load()
     stream = _stream(dev)
