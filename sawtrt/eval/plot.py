@@ -26,9 +26,11 @@ def plot(results: list[dict], path, title: str = "Perplexity vs KV-cache policy"
         ax.set_xticks(list(x))
         ax.set_xticklabels([f"{r['scheme']}\n[{r['path']}]" for r in rows], rotation=60,
                            ha="right", fontsize=7)
-        lo = min(r["ppl"] for r in rows)
-        ax.set_ylim(lo * 0.9, max(r["ppl"] for r in rows) * 1.05)
-        ax.set_ylabel("perplexity")
+        lo, hi = min(r["ppl"] for r in rows), max(r["ppl"] for r in rows)
+        if hi > 3 * lo:                      # a collapsed policy (Gemma's naive int4): log axis
+            ax.set_yscale("log")
+        ax.set_ylim(lo * 0.9, hi * 1.1)
+        ax.set_ylabel("perplexity" + (" (log)" if hi > 3 * lo else ""))
         ax.set_title(f"{res['model']}: {res['tokens']} tok/source, W={res['window']}", fontsize=9)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
         ax.legend(handles + ax.get_legend_handles_labels()[0],

@@ -83,6 +83,12 @@ def merge(results: list[dict]) -> list[dict]:
         m["results"] += [r for r in res["results"] if (r["scheme"], r["path"]) not in have]
         m["greedy"] += res.get("greedy") or []
         m["outliers"] = m.get("outliers") or res.get("outliers")
+    for m in out.values():
+        base = {r["scheme"]: r["ppl"] for r in m["results"] if r["path"] != "fake"}
+        for r in m["results"]:
+            for ref in ("bf16", "fp32"):
+                if ref in base:
+                    r[f"vs_{ref}_pct"] = 100.0 * (r["ppl"] / base[ref] - 1.0)
     return list(out.values())
 
 
