@@ -17,7 +17,8 @@
 // bf16 (not fp16) because p*s can be far below fp16's normal range.
 //
 // Query: q' = FWHT_h(q * signs) / sqrt(h) * sm_scale * log2(e) in shared memory (fp32), then
-// rounded to fp16 (bf16 for a bf16 cache). The MMA's reduction dimension is permuted so that a
+// rounded to fp16 for the INT4 cache; for a BF16 cache q enters as bf16 hi + lo and the scale
+// is applied to the fp32 scores. The MMA's reduction dimension is permuted so that a
 // thread's A fragment comes straight out of its own 16-byte code load (see codec.cuh); the query
 // fragment is loaded in that same permuted order.
 //
@@ -344,6 +345,11 @@ DecodeKernel(const DecodeParams p) {
   }
   const float qscale = p.q_scale * (p.rot_block ? rsqrtf((float)p.rot_block) : 1.f);
   uint32_t qf[NT][TR::kKPairs][4];
+  // BF16 cache: q enters the bf16 MMA as hi + lo (both bf16) and the softmax scale is applied
+  // to the fp32 scores afterwards. Folding sm_scale * log2(e) into q and rounding it to bf16
+  // moved scores by 2^-9 of their size: with K outlier channels 20-100x (logits of tens of
+  // log2 units) that was up to 16 u of the output's row max (tests/test_kernels_gpu.py, H200).
+  uint32_t qflo[TR::kInt4 ? 1 : NT][TR::kInt4 ? 1 : TR::kKPairs][4];
   // INT4: sum of the effective q' (offset term m * sum q) and the code bias 1024 * sum of the
   // stored fp16 q' (codes enter the MMA as 1024 + n or 1024 + 16 n), for heads 2c, 2c+1
   float qsum[NT][2], qbias[NT][2];
@@ -367,7 +373,9 @@ DecodeKernel(const DecodeParams p) {
           part += (f.x + f.y) * ((i & 1) ? 16.f : 1.f);
           bias += f.x + f.y;
         } else {
-          qf[nt][u][i] = PackFloat2<__nv_bfloat16>(qh[d0] * qscale, qh[d1] * qscale);
+          qf[nt][u][i] = PackFloat2<__nv_bfloat16>(qh[d0], qh[d1]);
+          qflo[nt][u][i] = PackFloat2<__nv_bfloat16>(qh[d0] - Bf16Lo(qf[nt][u][i]),
+                                                     qh[d1] - Bf16Hi(qf[nt][u][i]));
         }
       }
     }
@@ -431,13 +439,16 @@ DecodeKernel(const DecodeParams p) {
           } else {
             MmaBf16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qf[nt][u][0], qf[nt][u][1]);
             MmaBf16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qf[nt][u][2], qf[nt][u][3]);
+            MmaBf16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qflo[nt][u][0], qflo[nt][u][1]);
+            MmaBf16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qflo[nt][u][2], qflo[nt][u][3]);
           }
         }
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sacc[nt][i] += sacc2[nt][i];
+        for (int i = 0; i < 4; ++i)
+          sacc[nt][i] = TR::kInt4 ? sacc[nt][i] + sacc2[nt][i] : (sacc[nt][i] + sacc2[nt][i]) * qscale;
     }
 
     // ---- scores, online softmax, P' = p * s_v ----
@@ -447,8 +458,12 @@ DecodeKernel(const DecodeParams p) {
       const float2 k1 = Half2ToFloat2(Lds32(stg + TR::kKp + (r + 8) * 4));
       const float2 v0 = Half2ToFloat2(Lds32(stg + TR::kVp + r * 4));
       const float2 v1 = Half2ToFloat2(Lds32(stg + TR::kVp + (r + 8) * 4));
-      vs0 = valid0 ? v0.x : 0.f; vm0 = valid0 ? v0.y : 0.f;
-      vs1 = valid1 ? v1.x : 0.f; vm1 = valid1 ? v1.y : 0.f;
+      // centred codes: O = sum P' (code - 8) + sum p (m + 8 s). The rounding error of the bf16
+      // P' then multiplies a zero-mean (code - 8) instead of a positive code, so it is no
+      // common-mode vector — which an inverse rotation of V would fold into one channel per
+      // block, sqrt(h) times larger (16 u of the row max at h = 256 before this, H200 tests).
+      vs0 = valid0 ? v0.x : 0.f; vm0 = valid0 ? fmaf(8.f, v0.x, v0.y) : 0.f;
+      vs1 = valid1 ? v1.x : 0.f; vm1 = valid1 ? fmaf(8.f, v1.x, v1.y) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -508,9 +523,9 @@ DecodeKernel(const DecodeParams p) {
       }
       const uint32_t P0 = PackFloat2<__nv_bfloat16>(pp[0], pp[1]);  // token r; heads 2c, 2c+1
       const uint32_t P1 = PackFloat2<__nv_bfloat16>(pp[2], pp[3]);  // token r+8
-      if constexpr (TR::kInt4) {  // V codes enter as 128 + n: remove 128 * sum of rounded p'
-        pm[nt][0] -= 128.f * (Bf16Lo(P0) + Bf16Lo(P1));
-        pm[nt][1] -= 128.f * (Bf16Hi(P0) + Bf16Hi(P1));
+      if constexpr (TR::kInt4) {  // V codes enter as 128 + n: remove (128 + 8) * sum of rounded p'
+        pm[nt][0] -= 136.f * (Bf16Lo(P0) + Bf16Lo(P1));
+        pm[nt][1] -= 136.f * (Bf16Hi(P0) + Bf16Hi(P1));
       }
       pb0[nt] = MovTrans(P0);  // tokens 2c,2c+1; head r
       pb1[nt] = MovTrans(P1);  // tokens 2c+8,2c+9
