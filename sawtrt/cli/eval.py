@@ -27,8 +27,11 @@ import click
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write results here")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG here")
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
+@click.option("--probe", is_flag=True,
+              help="instead of perplexity: per-layer attention-output error of each policy from "
+                   "exact inputs (no cascade; a low-noise screen for variants)")
 def eval_cmd(models, checkpoint, policies, tokens, window, offset, greedy_tokens, cross_check,
-             hf_paged, no_outliers, json_path, plot_path, threads):
+             hf_paged, no_outliers, json_path, plot_path, threads, probe):
     """Teacher-forced perplexity on real text with the KV cache in each policy.
 
     Text: the GPL-3 text in numpy's wheel and Python's language reference (pydoc_data), see
@@ -43,6 +46,15 @@ def eval_cmd(models, checkpoint, policies, tokens, window, offset, greedy_tokens
     if not models and not checkpoint:
         raise click.UsageError("give --model NAME or --checkpoint PATH")
     schemes = split_schemes(policies)
+    if probe:
+        from ..eval.api import probe as run_probe
+        out = {m or checkpoint: run_probe(m, checkpoint if m is None else None, schemes, tokens,
+                                          window, offset, log=click.echo)
+               for m in (models or [None])}
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     results = []
     for m in (models or [None]):
         res = evaluate(m, checkpoint if m is None else None, schemes, tokens, window,

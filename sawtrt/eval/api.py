@@ -174,6 +174,39 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
     }
 
 
+def probe(model: str | None = None, checkpoint: str | None = None, schemes=DEFAULT_SCHEMES,
+          tokens: int = 128, window: int = 128, offset: int = 2048, sources=SOURCES,
+          log=print) -> list[dict]:
+    """Screening metric per scheme: sum over layers of ||o_q - o||^2 / sum ||o||^2, the
+    attention output with quantized K/V vs exact, both from the exact inputs (no cascade)."""
+    from .hooks import KVHook
+    hf, tok, label = load(model, checkpoint)
+    cfg = hf.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ws, _ = windows(tok, sources, tokens, window, offset)
+    out = []
+    for s in schemes:
+        if s == FP32:
+            continue
+        sch = KVScheme.parse(s)
+        kw = {}
+        if sch.center or sch.lut or sch.vcenter:
+            c = calibrate(hf, tok, label, sch.policy.block_for(d) or min(128, d))
+            kw = {"means": c["means"], "vmeans": c["vmeans"], "levels": c["levels"]}
+        hook = KVHook(sch, mode="probe", **kw)
+        for w in ws:
+            with hook.attach(hf):
+                window_nll(hf, w)
+        err = sum(a for a, _ in hook.errors.values())
+        ref = sum(b for _, b in hook.errors.values())
+        per = {layer: a / b for layer, (a, b) in sorted(hook.errors.items())}
+        worst = sorted(per, key=per.get, reverse=True)[:5]
+        out.append({"scheme": s, "error": err / ref, "per_layer": per})
+        log(f"  {s:<40} probe error {err / ref:.5f}  worst layers "
+            + ", ".join(f"{i}:{per[i]:.4f}" for i in worst))
+    return out
+
+
 def _relative(rows) -> None:
     """Add the % change of ppl vs the bf16 and fp32 rows (same path family)."""
     base = {r["scheme"]: r["ppl"] for r in rows if r["path"] != "fake" or r["scheme"] in ("bf16",)}
