@@ -106,3 +106,30 @@ def test_texts_are_pinned():
     p = corpus.pyref_text()
     assert p.text.startswith("Objects, values and types") and "Execution model" in p.text
     assert corpus.calib_text().text[:200] not in p.text
+
+
+def test_centering_keys_leaves_attention_unchanged():
+    """The premise of the "center" variant: subtracting a fixed vector from every key shifts
+    all scores of a query by the same amount, which softmax ignores."""
+    from sawtrt.eval.hooks import KVHook
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 9, 64, generator=g)     # [Hq, n, D]
+    k = torch.randn(3, 9, 64, generator=g)     # [Hkv, L, D]
+    v = torch.randn(3, 9, 64, generator=g)
+    mu = torch.randn(3, 1, 64, generator=g) * 5
+    a = KVHook._attend(q, k, v, 0.125)
+    b = KVHook._attend(q, k - mu, v, 0.125)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, KVHook._attend(q, k * 1.5, v, 0.125), rtol=1e-4, atol=1e-5)
+
+
+def test_center_variant_shrinks_the_error_of_offset_keys():
+    """Keys with a common channel offset (like real K): centring before BDR lowers the error."""
+    g = torch.Generator().manual_seed(4)
+    offset = torch.randn(64, generator=g) * 4
+    k = torch.randn(400, 64, generator=g) + offset
+    pol = KVPolicy.parse("int4-bdr:h=64")
+    s = KVScheme.parse("int4-bdr:h=64@center")
+    plain = (fake_quant(k, pol, "k") - k).pow(2).mean()
+    centred = (fake_quant(k, pol, "k", s, mean=offset) - k).pow(2).mean()
+    assert centred < 0.5 * plain
