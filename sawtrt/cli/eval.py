@@ -14,7 +14,7 @@ import click
 @click.option("--policies", default="fp32,bf16,int8,int4,int4-bdr:h=16,int4-bdr:h=32,int4-bdr:h=64",
               show_default=True,
               help="comma-separated: fp32, bf16, int8, "
-                   "int4, int4-bdr[:h=H,kv,seed=S][@clip|@lut|@center|@k8=L+L]")
+                   "int4, int4-bdr[:h=H,kv,seed=S] and prototype variants @center, @lut, @clip, @vcenter, @konly, @vonly, @k8=L+L (fake path)")
 @click.option("--tokens", default=2048, show_default=True, help="tokens per text source")
 @click.option("--window", default=512, show_default=True, help="tokens per window")
 @click.option("--offset", default=0, show_default=True, help="skip this many tokens per source")
@@ -34,8 +34,8 @@ def eval_cmd(models, checkpoint, policies, tokens, window, offset, greedy_tokens
              hf_paged, no_outliers, json_path, plot_path, threads, probe):
     """Teacher-forced perplexity on real text with the KV cache in each policy.
 
-    Text: the GPL-3 text in numpy's wheel and Python's language reference (pydoc_data), see
-    docs/accuracy.md. Each row says which path produced it (reference, runtime, hf-paged, fake).
+    Text: the GPL-3 text shipped in yamllint 1.38.0's wheel and Python's language reference
+    (stdlib pydoc_data), see docs/accuracy.md. Each row says which path produced it (reference, runtime, hf-paged, fake).
     """
     import torch
 
