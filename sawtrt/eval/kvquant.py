@@ -15,6 +15,7 @@ table, per-token (s, m) fp16 parameters, no extra passes over the cache). Writte
     int4-bdr:h=64@k8=0+1          layers 0 and 1 store K and V as int8 (pages are per layer)
     int4-bdr:h=64@vcenter         V minus a fixed per-layer channel mean, added back to the
                                   attention output once (sum p = 1 makes that exact)
+    int4-bdr:h=64@v8              V as int8 in every layer (more bytes; an upper-bound check)
     int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
@@ -61,6 +62,7 @@ class KVScheme:
     vcenter: bool = False
     int8_layers: tuple[int, ...] = ()
     only: str | None = None          # "k" or "v": the other tensor stays bf16
+    v8: bool = False                 # V stored as int8 in every layer (K as the policy says)
     text: str = field(default="", compare=False)
 
     @classmethod
@@ -77,12 +79,14 @@ class KVScheme:
                 kw["center"] = True
             elif key == "vcenter" and not eq:
                 kw["vcenter"] = True
+            elif key == "v8" and not eq:
+                kw["v8"] = True
             elif key in ("konly", "vonly") and not eq:
                 kw["only"] = key[0]
             elif key == "k8" and eq:
                 kw["int8_layers"] = tuple(sorted(int(x) for x in val.split("+") if x.strip()))
             else:
-                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, konly, vonly, k8=L+L..)")
+                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, konly, vonly, v8, k8=L+L..)")
         scheme = cls(KVPolicy.parse(base), text=text.strip(), **kw)
         if (scheme.clip or scheme.lut) and not scheme.policy.quantized:
             raise PolicyError(f"{text!r}: clip/lut need a quantized policy")
@@ -92,7 +96,7 @@ class KVScheme:
     def is_plain(self) -> bool:
         """True when this is exactly a served policy (no prototype variant)."""
         return not (self.clip or self.lut or self.center or self.vcenter or self.int8_layers
-                    or self.only)
+                    or self.only or self.v8)
 
     def __str__(self) -> str:
         return self.text or str(self.policy)
@@ -106,6 +110,8 @@ class KVScheme:
         """The policy K ("k") or V ("v") of `layer` is stored in."""
         if self.only is not None and which != self.only:
             return KVPolicy("bf16")
+        if self.v8 and which == "v":
+            return KVPolicy("int8")
         return self.policy_for_layer(layer)
 
     def cache_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
