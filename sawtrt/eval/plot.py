@@ -9,8 +9,10 @@ def plot(results: list[dict], path, title: str = "Perplexity vs KV-cache policy"
 
     colors = {"reference": "#777777", "runtime": "#1f77b4", "hf-paged": "#2ca02c",
               "fake": "#ff7f0e"}
-    fig, axes = plt.subplots(1, len(results), figsize=(max(6, 0.55 * max(
-        len(r["results"]) for r in results)) * len(results), 4.8), squeeze=False)
+    counts = [len(r["results"]) for r in results]
+    fig, axes = plt.subplots(1, len(results), squeeze=False,
+                             figsize=(min(22.0, max(7.0, 0.45 * sum(counts) + 2.5 * len(results))), 6.0),
+                             gridspec_kw={"width_ratios": [max(c, 3) for c in counts]})
     for ax, res in zip(axes[0], results):
         rows = res["results"]
         x = range(len(rows))
@@ -33,8 +35,10 @@ def plot(results: list[dict], path, title: str = "Perplexity vs KV-cache policy"
         ax.set_ylabel("perplexity" + (" (log)" if hi > 3 * lo else ""))
         ax.set_title(f"{res['model']}: {res['tokens']} tok/source, W={res['window']}", fontsize=9)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-        ax.legend(handles + ax.get_legend_handles_labels()[0],
-                  list(colors) + ax.get_legend_handles_labels()[1], fontsize=7, loc="upper left")
+        if ax is axes[0][0]:
+            ax.legend(handles + ax.get_legend_handles_labels()[0],
+                      list(colors) + ax.get_legend_handles_labels()[1], fontsize=7,
+                      loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
