@@ -19,13 +19,7 @@ from sawtrt.models.specs import get_spec
 from sawtrt.models.weights import random_weights
 from sawtrt.spec import KVPolicy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # tiny ops: the thread pool costs more than it gives
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def qwen3_small():

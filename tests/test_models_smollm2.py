@@ -26,6 +26,8 @@ from sawtrt.spec import KVPolicy
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
 N_TOKENS = 40
 PROMPTS = [
     "The capital of France is",
@@ -33,14 +35,6 @@ PROMPTS = [
     "Once upon a time, in a small village by the sea,",
     "<|im_start|>user\nWhat are the three primary colors?<|im_end|>\n<|im_start|>assistant\n",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.sampling import SamplingParams
 from sawtrt.models.weights import random_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from runtime_helpers import build_tiny, tiny_spec
 from sawtrt.engine.block_manager import BlockManager
@@ -19,13 +18,7 @@ from sawtrt.engine.sampling import SamplingParams
 from sawtrt.engine.scheduler import Scheduler
 from sawtrt.engine.sequence import Sequence, Status
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # -- scheduler alone (no model) -----------------------------------------------------------------
