@@ -348,3 +348,25 @@ def test_write_model_repository(tmp_path):
     other = write_model_repository(engine, tmp_path / "repo", model_name="m2")
     assert (other / "m2" / "config.pbtxt").read_text().startswith('name: "m2"')
     assert write_model_repository(engine) == root
+
+
+# ---------------------------------------------------------------------------------------------
+# The server wrapper
+# ---------------------------------------------------------------------------------------------
+
+def test_server_start_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A tritonserver that cannot be launched raises, and the log file and workdir are released."""
+    from pathlib import Path
+
+    from sawtrt.serving import server as srv
+    monkeypatch.setattr(srv, "find_tritonserver",
+                        lambda: srv.TritonDist(tmp_path / "no-such-tritonserver", None, None))
+    s = srv.TritonServer(tmp_path, log_file=tmp_path / "server.log")
+    made = []
+    real_tempdir = srv.tempfile.TemporaryDirectory
+    monkeypatch.setattr(srv.tempfile, "TemporaryDirectory",
+                        lambda **kw: made.append(real_tempdir(**kw)) or made[-1])
+    with pytest.raises(FileNotFoundError):
+        s.start()
+    assert s.proc is None and s._log is None and s._workdir is None
+    assert made and not Path(made[0].name).exists()

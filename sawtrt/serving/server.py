@@ -169,16 +169,20 @@ class TritonServer:
         self.http_port = self.http_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
         self._workdir = tempfile.TemporaryDirectory(prefix="sawtrt-triton-")
-        backend_dir = prepare_backend_dir(dist, Path(self._workdir.name))
-        out = subprocess.DEVNULL
-        if self.log_file == "-":
-            out = None
-        elif self.log_file is not None:
-            self._log = open(self.log_file, "ab")
-            out = self._log
-        self.proc = subprocess.Popen(self.command(dist, backend_dir), env=server_env(dist),
-                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        try:
+            backend_dir = prepare_backend_dir(dist, Path(self._workdir.name))
+            out = subprocess.DEVNULL
+            if self.log_file == "-":
+                out = None
+            elif self.log_file is not None:
+                self._log = open(self.log_file, "ab")
+                out = self._log
+            self.proc = subprocess.Popen(self.command(dist, backend_dir), env=server_env(dist),
+                                         stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            self.stop()          # no process yet: closes the log file, removes the workdir
+            raise
         return self
 
     def is_ready(self) -> bool:
