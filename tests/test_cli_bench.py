@@ -15,3 +15,13 @@ def test_bench_kernels_rejects_unknown_shape():
     result = CliRunner().invoke(main, ["bench", "kernels", "--shapes", "nope"])
     assert result.exit_code != 0
     assert "unknown shapes" in result.output
+
+
+def test_bench_lists_are_checked_before_running():
+    for args, needle in ((["kernels", "--batches", "1,x"], "batches: expected comma-separated"),
+                         (["kernels", "--contexts", "0,1024"], "contexts must be >= 1"),
+                         (["serve", "--url", "127.0.0.1:1", "--concurrency", "4,-1"],
+                          "concurrency levels must be >= 1")):
+        result = CliRunner().invoke(main, ["bench", *args])
+        assert result.exit_code == 2 and needle in result.output, result.output
+

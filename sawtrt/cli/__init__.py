@@ -21,6 +21,17 @@ COMMANDS = {
 }
 
 
+def positive_ints(text: str, what: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; click.BadParameter naming `what` for anything else."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{what} must be >= 1")
+    return values
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from . import positive_ints
+
 
 @click.group()
 def bench():
@@ -31,9 +33,10 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
     unknown = [s for s in shape_list if s not in kb.SHAPES]
     if unknown:
         raise click.BadParameter(f"unknown shapes {unknown}; choose from {sorted(kb.SHAPES)}")
+    batch_list, context_list = positive_ints(batches, "batches"), positive_ints(contexts, "contexts")
     click.echo(kb.HEADER)
-    result = kb.run(shapes=shape_list, batches=[int(x) for x in batches.split(",")],
-                    contexts=[int(x) for x in contexts.split(",")], page_size=int(page_size),
+    result = kb.run(shapes=shape_list, batches=batch_list, contexts=context_list,
+                    page_size=int(page_size),
                     reps=reps, max_tokens=max_tokens, lib_path=lib_path, log=click.echo)
     if json_path:
         with open(json_path, "w") as f:

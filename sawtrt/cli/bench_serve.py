@@ -6,15 +6,7 @@ import time
 
 import click
 
-
-def _levels(text):
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise click.BadParameter("concurrency levels must be >= 1")
-    return levels
+from . import positive_ints
 
 
 class _Progress:
@@ -61,7 +53,7 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, prompt_len, o
     from ..serving.bench import LevelConfig, format_table, make_prompt, run_level
     from ..serving.client import generate
 
-    levels = _levels(concurrency)
+    levels = positive_ints(concurrency, "concurrency levels")
     if (url is None) == (engine_dir is None):
         raise click.UsageError("give exactly one of --url and --engine")
     server = None
