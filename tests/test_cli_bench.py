@@ -25,3 +25,12 @@ def test_bench_lists_are_checked_before_running():
         result = CliRunner().invoke(main, ["bench", *args])
         assert result.exit_code == 2 and needle in result.output, result.output
 
+
+def test_bench_serve_without_tritonserver_is_a_clear_error(tmp_path, monkeypatch):
+    from sawtrt.serving import server as srv
+
+    def missing():
+        raise srv.TritonNotFound("no tritonserver here")
+    monkeypatch.setattr(srv, "find_tritonserver", missing)
+    result = CliRunner().invoke(main, ["bench", "serve", "--engine", str(tmp_path)])
+    assert result.exit_code == 1 and "Error: no tritonserver here" in result.output, result.output

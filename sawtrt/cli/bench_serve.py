@@ -56,15 +56,14 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, prompt_len, o
     levels = positive_ints(concurrency, "concurrency levels")
     if (url is None) == (engine_dir is None):
         raise click.UsageError("give exactly one of --url and --engine")
+    from ..serving.server import ServerError, TritonNotFound, TritonServer
     server = None
-    if engine_dir is not None:
-        from ..serving.server import TritonServer
-        from ..serving.triton_repo import write_model_repository
-        repo = write_model_repository(engine_dir, device=device)
-        server = TritonServer(repo).start()
-        click.echo(f"bench serve: started tritonserver on {server.grpc_url}", err=True)
     try:
-        if server is not None:
+        if engine_dir is not None:
+            from ..serving.triton_repo import write_model_repository
+            repo = write_model_repository(engine_dir, device=device)
+            server = TritonServer(repo).start()
+            click.echo(f"bench serve: started tritonserver on {server.grpc_url}", err=True)
             server.wait_ready(600, model=model)
             url = server.grpc_url
         for i in range(warmup):
@@ -77,6 +76,8 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, prompt_len, o
             click.echo(f"bench serve: concurrency {c}, {cfg.num_requests} requests ...", err=True)
             results.append(run_level(url, cfg, model=model, num_gpus=num_gpus,
                                      progress=_Progress(cfg.num_requests)))
+    except (TritonNotFound, ServerError) as e:
+        raise click.ClickException(str(e)) from None
     finally:
         if server is not None:
             server.stop()
