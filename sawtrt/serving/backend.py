@@ -114,14 +114,10 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
         raise RequestError(f"max_tokens: must be >= 1, got {max_tokens}")
 
     kwargs = {"max_tokens": max_tokens}
-    if inputs.get("temperature") is not None:
-        kwargs["temperature"] = _float("temperature", _single("temperature", inputs["temperature"]))
-    if inputs.get("top_p") is not None:
-        kwargs["top_p"] = _float("top_p", _single("top_p", inputs["top_p"]))
-    if inputs.get("top_k") is not None:
-        kwargs["top_k"] = _int("top_k", _single("top_k", inputs["top_k"]))
-    if inputs.get("seed") is not None:
-        kwargs["seed"] = _int("seed", _single("seed", inputs["seed"]))
+    for name, convert in (("temperature", _float), ("top_p", _float), ("top_k", _int),
+                          ("seed", _int)):
+        if inputs.get(name) is not None:
+            kwargs[name] = convert(name, _single(name, inputs[name]))
     if inputs.get("random_seed") is not None:
         rs = _int("random_seed", _single("random_seed", inputs["random_seed"]))
         if kwargs.setdefault("seed", rs) != rs:
