@@ -110,12 +110,11 @@ _PROTOTYPES = {
 EXPORTS = tuple(_PROTOTYPES)
 
 _LIB: ctypes.CDLL | None = None
-_LIB_PATH: Path | None = None
 
 
 def load(path: str | os.PathLike | None = None, engine_dir=None) -> ctypes.CDLL:
     """Load (once) and return the library with its prototypes set. Raises OSError if absent."""
-    global _LIB, _LIB_PATH
+    global _LIB
     if path is None and _LIB is not None:
         return _LIB
     p = Path(path) if path is not None else find_library(engine_dir)
@@ -128,7 +127,7 @@ def load(path: str | os.PathLike | None = None, engine_dir=None) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     if path is None or _LIB is None:
-        _LIB, _LIB_PATH = lib, p
+        _LIB = lib
     return lib
 
 
