@@ -32,9 +32,6 @@ from .config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "build_scripts" / "build.py"
-# Architectures compiled when there is no local GPU to ask: build_scripts/build.py's own
-# default set (sm_80, sm_89, sm_90a, sm_100a, sm_120a: Ampere, Ada, Hopper, Blackwell), read
-# from the script so the two never disagree.
 WEIGHTS_FILE = "model.safetensors"
 MARKER = ".sawtrt-engine"     # written first: a half-built directory is still ours to finish
 MAX_BATCH_LIMIT = 4096
@@ -128,6 +125,9 @@ def _local_archs() -> tuple[str, ...] | None:
 
 
 def _script_default_archs() -> tuple[str, ...]:
+    """Architectures compiled when there is no local GPU to ask: build_scripts/build.py's own
+    default set (sm_80, sm_89, sm_90a, sm_100a, sm_120a: Ampere, Ada, Hopper, Blackwell), read
+    from the script so the two never disagree."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("_sawtrt_build_script", BUILD_SCRIPT)
     mod = importlib.util.module_from_spec(spec)
