@@ -298,6 +298,9 @@ def test_generate_cli(tiny_dir):
     r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--top-p", "0",
                                  "--device", "cpu", "hello"])
     assert r.exit_code == 2 and "top_p" in r.output
+    r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--stream",
+                                 "--device", "cpu", "a", "b"])
+    assert r.exit_code == 2 and "--stream takes exactly one prompt" in r.output
 
 
 def test_hf_config_rope_forms():

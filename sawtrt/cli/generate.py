@@ -30,14 +30,14 @@ def generate(engine_dir, prompts, max_tokens, temperature, top_k, top_p, seed, s
         params.validate()
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if stream and len(prompts) != 1:
+        raise click.UsageError("--stream takes exactly one prompt")
     llm = LLM(engine_dir, device=device)
     if chat:
         prompts = [llm.tokenizer.apply_chat_template(p) for p in prompts]
     t0 = time.perf_counter()
     try:
         if stream:
-            if len(prompts) != 1:
-                raise click.UsageError("--stream takes exactly one prompt")
             for delta in llm.stream(prompts[0], params):
                 click.echo(delta, nl=False)
                 sys.stdout.flush()
