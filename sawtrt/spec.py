@@ -164,6 +164,22 @@ class KVPolicy:
         return cls(**d)
 
 
+def split_policy_list(text: str) -> list[str]:
+    """"bf16,int4,int4-bdr:h=32,kv,seed=1" -> ["bf16", "int4", "int4-bdr:h=32,kv,seed=1"]: a comma
+    (or ';') starts a new policy unless what follows is an option of the previous one (h=, seed=,
+    rotate=, kv, k). Suffixes after '@' (eval's variants) stay with their item."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not part:
+            continue
+        key = part.split("@")[0].split("=")[0]
+        if out and key in ("h", "seed", "kv", "k", "rotate"):
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sawtrt.spec import KVPolicy, PageLayout, PolicyError
+from sawtrt.spec import KVPolicy, PageLayout, PolicyError, split_policy_list
 
 
 @pytest.mark.parametrize("text", ["bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64",
@@ -45,3 +45,10 @@ def test_signs_are_deterministic_and_balanced():
     assert not torch.equal(a, KVPolicy("int4-bdr", sign_seed=6).signs(256))
     assert set(a.tolist()) == {-1.0, 1.0} and abs(a.sum().item()) < 64
     assert KVPolicy("int4-bdr").signs(128) is None
+
+
+def test_policy_lists_keep_options_with_their_policy():
+    assert split_policy_list("bf16, int4,int4-bdr:h=32,kv,seed=1;int4-bdr:rotate=kv") == [
+        "bf16", "int4", "int4-bdr:h=32,kv,seed=1", "int4-bdr:rotate=kv"]
+    assert [str(KVPolicy.parse(p)) for p in split_policy_list("int4-bdr:h=64,kv,int8")] == [
+        "int4-bdr:h=64,kv", "int8"]

@@ -4,7 +4,7 @@ import click
 
 from ..kv_plan import DEFAULT_POLICIES, parse_bytes, plan
 from ..models.specs import MODELS, get_spec
-from ..spec import DEFAULT_PAGE_SIZE, PAGE_SIZES, PolicyError
+from ..spec import DEFAULT_PAGE_SIZE, PAGE_SIZES, PolicyError, split_policy_list
 
 
 @click.command("kv-plan")
@@ -14,7 +14,7 @@ from ..spec import DEFAULT_PAGE_SIZE, PAGE_SIZES, PolicyError
 @click.option("--seq-len", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Sequence length for the 'concurrent sequences' column.")
 @click.option("--policies", default=",".join(DEFAULT_POLICIES), show_default=True,
-              help="Comma-separated KV policies, e.g. bf16,int4,int4-bdr:h=64.")
+              help="Comma-separated KV policies, e.g. bf16,int4,int4-bdr:h=64,kv,seed=1.")
 @click.option("--page-size", default=DEFAULT_PAGE_SIZE, show_default=True,
               type=click.Choice([str(p) for p in PAGE_SIZES]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -23,9 +23,7 @@ def kv_plan(model, memory, seq_len, policies, page_size, as_json):
     spec = get_spec(model)
     try:
         budget = parse_bytes(memory)
-        rows = plan(spec, budget, seq_len, [p for p in policies.split(";" if ";" in policies
-                                                                     else ",") if p],
-                    int(page_size))
+        rows = plan(spec, budget, seq_len, split_policy_list(policies), int(page_size))
     except (ValueError, PolicyError) as e:
         raise click.BadParameter(str(e)) from None
     if as_json:

@@ -32,25 +32,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import hadamard, quant
-from ..spec import KVPolicy, PolicyError
+from ..spec import KVPolicy, PolicyError, split_policy_list
 
 # Shrink ratios tried per token by the "clip" variant (1.0 = the spec's min/max range).
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def split_schemes(text: str) -> list[str]:
-    """"fp32,bf16,int4-bdr:h=32,kv,seed=1@clip,int4" -> one string per scheme: a comma starts a
-    new scheme unless what follows is a policy option (h=, seed=, kv, k) or a variant."""
-    out: list[str] = []
-    for part in (p.strip() for p in text.replace(";", ",").split(",")):
-        if not part:
-            continue
-        key = part.split("@")[0].split("=")[0]
-        if out and key in ("h", "seed", "kv", "k", "rotate"):
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return out
+    """"fp32,bf16,int4-bdr:h=32,kv,seed=1@clip,int4" -> one string per scheme (spec's rule)."""
+    return split_policy_list(text)
 
 
 @dataclass(frozen=True)
