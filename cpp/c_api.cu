@@ -112,6 +112,17 @@ int CheckAttentionArgs(const SawConfig& c, const void* q, int64_t q_stride, cons
   return 0;
 }
 
+// The chunked-prefill arguments shared by saw_prefill and saw_attention_step.
+int CheckQueryRows(int32_t num_seqs, int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len,
+                   const int32_t* cu_q_lens) {
+  SAW_REQUIRE(num_tokens >= 0, SAW_ERR_BAD_ARGUMENT, "num_tokens %d is negative", num_tokens);
+  SAW_REQUIRE(max_q_len >= 0 && max_q_len <= max_seq_len, SAW_ERR_BAD_ARGUMENT,
+              "max_q_len %d outside [0, max_seq_len %d]", max_q_len, max_seq_len);
+  if (num_seqs > 0 && num_tokens > 0)
+    SAW_REQUIRE(cu_q_lens != nullptr, SAW_ERR_BAD_ARGUMENT, "cu_q_lens is NULL");
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -188,11 +199,8 @@ int saw_prefill(const SawConfig* cfg, const void* q, int64_t q_stride, const voi
   if (int e = CheckAttentionArgs(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
                                  seq_lens, num_seqs, max_seq_len, out))
     return e;
-  SAW_REQUIRE(num_tokens >= 0, SAW_ERR_BAD_ARGUMENT, "num_tokens %d is negative", num_tokens);
-  SAW_REQUIRE(max_q_len >= 0 && max_q_len <= max_seq_len, SAW_ERR_BAD_ARGUMENT,
-              "max_q_len %d outside [0, max_seq_len %d]", max_q_len, max_seq_len);
+  if (int e = CheckQueryRows(num_seqs, num_tokens, max_q_len, max_seq_len, cu_q_lens)) return e;
   if (num_seqs == 0 || num_tokens == 0) return 0;
-  SAW_REQUIRE(cu_q_lens != nullptr, SAW_ERR_BAD_ARGUMENT, "cu_q_lens is NULL");
   const size_t need = saw::PrefillWorkspaceBytes(*cfg, num_seqs, num_tokens, max_seq_len);
   SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
               "workspace of %zu bytes at %p, prefill needs %zu", workspace_bytes, workspace,
@@ -216,11 +224,8 @@ int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride
   if (int e = CheckAttentionArgs(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
                                  seq_lens, num_seqs, max_seq_len, out))
     return e;
-  SAW_REQUIRE(num_tokens >= 0, SAW_ERR_BAD_ARGUMENT, "num_tokens %d is negative", num_tokens);
-  SAW_REQUIRE(max_q_len >= 0 && max_q_len <= max_seq_len, SAW_ERR_BAD_ARGUMENT,
-              "max_q_len %d outside [0, max_seq_len %d]", max_q_len, max_seq_len);
+  if (int e = CheckQueryRows(num_seqs, num_tokens, max_q_len, max_seq_len, cu_q_lens)) return e;
   if (num_seqs == 0 || num_tokens == 0) return 0;
-  SAW_REQUIRE(cu_q_lens != nullptr, SAW_ERR_BAD_ARGUMENT, "cu_q_lens is NULL");
   const size_t slot_bytes = saw::AlignUp(size_t(num_tokens) * sizeof(int32_t));
   const bool decode = max_q_len == 1 && num_tokens == num_seqs;
   const size_t attn = decode ? saw::DecodeWorkspaceBytes(c, num_seqs, max_seq_len)
