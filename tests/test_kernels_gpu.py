@@ -157,17 +157,24 @@ BATCHES = [  # (seq_lens, q_lens): mixed chunked prefill, a fresh prompt, decode
 GROUPS = [1, 2, 4, 8, 16]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("policy_i", range(7))
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_prefill_matches_reference(d, policy_i, dtype):
+def _case(d, policy_i, dtype):
+    """One parametrised attention case: (act dtype, case index, GQA group, KV heads, page size,
+    layout); the index spreads groups and page sizes over the D x policy x dtype grid."""
     dt = DTYPES[dtype]
     idx = d // 64 + 3 * policy_i + (dtype == "bf16")
     group = GROUPS[idx % 5]
     hkv = 1 if group == 16 else 2
     page = (16, 32, 64, 128)[idx % 4]
-    seq_lens, q_lens = BATCHES[idx % 2]
     layout = PageLayout(KVPolicy.parse(policies(d)[policy_i]), d, hkv, page)
+    return dt, idx, group, hkv, page, layout
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("policy_i", range(7))
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_prefill_matches_reference(d, policy_i, dtype):
+    dt, idx, group, hkv, page, layout = _case(d, policy_i, dtype)
+    seq_lens, q_lens = BATCHES[idx % 2]
     gen = _gen(idx * 7919 + d)
     pool, tables, q = build_batch(layout, seq_lens, q_lens, hkv * group, dt, gen)
     signs = _signs_buf(layout)
@@ -194,13 +201,8 @@ def test_prefill_matches_reference(d, policy_i, dtype):
 @pytest.mark.parametrize("policy_i", [0, 2, 3, 5, 6])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_decode_matches_reference(d, policy_i, dtype):
-    dt = DTYPES[dtype]
-    idx = d // 64 + 3 * policy_i + (dtype == "bf16")
-    group = GROUPS[idx % 5]
-    hkv = 1 if group == 16 else 2
-    page = (16, 32, 64, 128)[idx % 4]
+    dt, idx, group, hkv, page, layout = _case(d, policy_i, dtype)
     seq_lens = [1, 54, 97, 700, 2053][: 3 + idx % 3]
-    layout = PageLayout(KVPolicy.parse(policies(d)[policy_i]), d, hkv, page)
     gen = _gen(idx * 104729 + d)
     pool, tables, q = build_batch(layout, seq_lens, [1] * len(seq_lens), hkv * group, dt, gen)
     signs = _signs_buf(layout)
