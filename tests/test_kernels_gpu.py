@@ -350,3 +350,42 @@ def test_custom_op_matches_direct_call():
     ref = reference.paged_attention(qkv[:, :hq * d].reshape(n, hq, d).float(), pool, layout,
                                     tables_d, lens_d.cpu(), torch.tensor(q_lens), None)
     check_close(b.reshape(n, hq, d), ref, dt, "custom op")
+
+
+def test_graph_replay_after_workspace_growth():
+    """A decode step captured in a CUDA graph keeps working after a later, larger step grew the
+    shared workspace and the allocator released its free memory (the runtime captures decode
+    graphs first and runs big prefill steps later). Regression: the outgrown buffer used to be
+    freed, and replays wrote to released memory (illegal address at 256 x 8K tokens)."""
+    dt, d, hkv, hq, page = torch.bfloat16, 128, 2, 8, 16
+    layout = PageLayout(KVPolicy.parse("int4-bdr"), d, hkv, page)
+    gen = _gen(91)
+    seq_lens, q_lens = [33, 70, 129], [1, 1, 1]
+    pool, tables, _ = build_batch(layout, seq_lens, q_lens, hq, dt, gen, prefill_cache=False)
+    n = len(seq_lens)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=gen).to(dt).to(DEV)
+    tables_d = tables.to(DEV)
+    lens_d = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=DEV)
+    out = torch.empty(n, hq * d, dtype=dt, device=DEV)
+    args = (pool, layout, hq, tables_d, lens_d, cu, 1, max(seq_lens))
+    ops._workspaces.clear()                 # a fresh 32 MB buffer: its own allocator segment,
+    ops._workspace(DEV, 32 << 20)           # which empty_cache() returns to the driver if freed
+    ops.attention_step(qkv, *args, out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.attention_step(qkv, *args, out=out)
+    before = ops._workspace(DEV, 0)
+    ops._workspace(DEV, before.numel() * 4 + (64 << 20))      # what a big prefill step does
+    assert ops._workspace(DEV, 0).data_ptr() != before.data_ptr()
+    del before
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.paged_attention(qkv[:, :hq * d].reshape(n, hq, d).float(), pool, layout,
+                                    tables_d, lens_d.cpu(), None, None)
+    check_close(out.reshape(n, hq, d), ref, dt, "graph replay after workspace growth",
+                unit=torch.bfloat16)

@@ -21,6 +21,7 @@ from ..spec import PageLayout
 from . import library
 
 _workspaces: dict[int, torch.Tensor] = {}       # device index -> uint8 buffer, grown on demand
+_outgrown: list[torch.Tensor] = []              # replaced buffers, kept alive (see _workspace)
 _signs: dict[tuple, torch.Tensor] = {}           # (layout json, device index) -> float32 [D]
 
 
@@ -60,8 +61,15 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     buf = _workspaces.get(idx)
     if buf is None or buf.numel() < nbytes:
-        buf = _workspaces[idx] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8,
-                                             device=device)
+        if buf is not None:
+            # CUDA graphs captured earlier hold this buffer's address: freeing it would let
+            # their replays write into memory the allocator has handed out or released (an
+            # illegal address at 256 x 8K-token sequences on the H200, 2026-11-29). Outgrown
+            # buffers are kept for the life of the process; growth at least doubles, so they
+            # add up to less than the live buffer.
+            _outgrown.append(buf)
+        buf = _workspaces[idx] = torch.empty(max(nbytes, 2 * buf.numel() if buf is not None
+                                                 else 1 << 20), dtype=torch.uint8, device=device)
     return buf
 
 
