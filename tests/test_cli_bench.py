@@ -1,4 +1,5 @@
-"""`sawtrt bench kernels` is importable and documented without a GPU."""
+"""`sawtrt bench`: kernels and serve are importable without a GPU; throughput runs on CPU."""
+import pytest
 from click.testing import CliRunner
 
 from sawtrt.cli import main
@@ -34,3 +35,40 @@ def test_bench_serve_without_tritonserver_is_a_clear_error(tmp_path, monkeypatch
     monkeypatch.setattr(srv, "find_tritonserver", missing)
     result = CliRunner().invoke(main, ["bench", "serve", "--engine", str(tmp_path)])
     assert result.exit_code == 1 and "Error: no tritonserver here" in result.output, result.output
+
+
+def test_bench_throughput_and_plot(tmp_path):
+    """The engine-only throughput bench on a tiny CPU engine: every request completes with its
+    output length, the latencies are ordered, pages come back, and records of two runs merge
+    into one table, JSON and PNG (levels of one policy joined)."""
+    import json
+
+    from runtime_helpers import build_tiny, tiny_spec
+    eng = build_tiny(tmp_path, tiny_spec("qwen3"), kv_cache="int4-bdr", max_seq_len=64,
+                     max_batch=4)
+    outs = []
+    for conc, pols in (("1,2", "bf16,int4-bdr"), ("3", "int4-bdr")):
+        out = tmp_path / f"tp{conc}.json"
+        r = CliRunner().invoke(main, ["bench", "throughput", "--engine", str(eng), "--policies",
+                                      pols, "--concurrency", conc, "--num-requests", "3",
+                                      "--prompt-len", "20", "--output-len", "5",
+                                      "--kv-memory-gib", "0.01", "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        outs.append(str(out))
+    rec = json.loads(open(outs[0]).read())
+    assert [run["policy_arg"] for run in rec["runs"]] == ["bf16", "int4-bdr"]
+    for run in rec["runs"]:
+        for lv in run["levels"]:
+            assert lv["output_tokens"] == 3 * 5
+            assert 0 < lv["ttft_s"]["p50"] <= lv["latency_s"]["p50"] <= lv["wall_s"]
+            assert lv["kv"]["peak_running"] == lv["concurrency"]
+            assert lv["steps"]["mixed_tokens"] >= 3 * 20 and lv["steps"]["decode"] > 0
+            assert lv["output_tok_s"] == pytest.approx(15 / lv["wall_s"])
+    merged, png = tmp_path / "all.json", tmp_path / "all.png"
+    r = CliRunner().invoke(main, ["bench", "plot-throughput", *outs, "--json", str(merged),
+                                  "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    m = json.loads(merged.read_text())
+    levels = {run["policy_arg"]: [lv["concurrency"] for lv in run["levels"]] for run in m["runs"]}
+    assert levels == {"bf16": [1, 2], "int4-bdr": [1, 2, 3]}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -44,6 +44,92 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
         click.echo(f"wrote {json_path}")
 
 
+@bench.command()
+@click.option("--engine", "engine_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Engine directory (e.g. `sawtrt build --model qwen3-4b --random-weights`).")
+@click.option("--policies", default="bf16,int4,int4-bdr", show_default=True,
+              help="KV policies to compare, comma-separated (options with ':' as in kv-plan).")
+@click.option("--concurrency", default="1,8,16,32,64,128,256", show_default=True,
+              help="Users in closed loop, one level each.")
+@click.option("--num-requests", type=click.IntRange(min=1), default=None,
+              help="Requests per level [default: one per user].")
+@click.option("--prompt-len", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens (random ids).")
+@click.option("--output-len", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Output tokens per request (EOS ignored).")
+@click.option("--kv-memory-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="KV pool budget, the same for every policy [default: 80 % of the free GPU "
+                   "memory minus the bf16 weights, measured once at start].")
+@click.option("--max-num-batched-tokens", default=8192, show_default=True,
+              type=click.IntRange(min=1), help="Token budget of one step (chunked prefill).")
+@click.option("--device", default=None, help="Torch device (default: cuda when available).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write every level's numbers here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG of tok/s per GPU, tok/s per user and TTFT vs concurrency.")
+def throughput(engine_dir, policies, concurrency, num_requests, prompt_len, output_len,
+               kv_memory_gib, max_num_batched_tokens, device, json_path, plot_path):
+    """Engine-only serving throughput (Python API, no server): bf16 vs int4 vs int4-bdr."""
+    from ..bench import throughput as tp
+    from ..spec import split_policy_list
+    levels = [tp.Level(c, num_requests or c, prompt_len, output_len)
+              for c in positive_ints(concurrency, "concurrency levels")]
+    pols = split_policy_list(policies)
+    if kv_memory_gib is None:
+        kv_memory_gib = tp.default_kv_gib(engine_dir, device)
+    click.echo(f"bench throughput: {len(pols)} policies x {len(levels)} levels, prompt "
+               f"{prompt_len} / output {output_len} tokens, KV budget {kv_memory_gib:.1f} GiB",
+               err=True)
+    record = tp.run(engine_dir, pols, levels, kv_memory_gib, max_num_batched_tokens, device,
+                    log=lambda m: click.echo(m, err=True), progress=_progress,
+                    checkpoint=(lambda r: _write_json(r, json_path)) if json_path else None)
+    click.echo(tp.format_table(record))
+    _write_outputs(record, json_path, plot_path)
+
+
+@bench.command("plot-throughput")
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the merged record here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+def plot_throughput(records, json_path, plot_path):
+    """Merge `bench throughput --json` records (e.g. one per device run): table, JSON, PNG."""
+    from ..bench import throughput as tp
+    try:
+        record = tp.merge([json.load(open(p)) for p in records])
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise click.ClickException(f"cannot merge: {e}") from None
+    click.echo(tp.format_table(record))
+    _write_outputs(record, json_path, plot_path)
+
+
+def _progress(policy, level):
+    bar = click.progressbar(length=level.num_requests, file=click.get_text_stream("stderr"),
+                            label=f"{policy} c={level.concurrency}")
+    bar.__enter__()
+
+    def step(n):
+        bar.update(n)
+        if bar.pos >= bar.length:
+            bar.__exit__(None, None, None)
+    return step
+
+
+def _write_json(record, path):
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def _write_outputs(record, json_path, plot_path):
+    from ..bench import throughput as tp
+    if json_path:
+        _write_json(record, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        tp.plot(record, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
+
+
 # `sawtrt bench serve`: the serving load generator lives with the serving CLI.
 from .bench_serve import bench_serve as _bench_serve  # noqa: E402
 

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..bench.step_timer import ForwardTimer
 from .llm_engine import LLMEngine
 from .sampling import SamplingParams
 
@@ -25,42 +26,28 @@ def bench(engine: LLMEngine, batch: int, context: int, steps: int, warmup: int =
     gen = torch.Generator().manual_seed(batch)
     vocab = engine.config.model.vocab_size
     rids = [f"b{batch}-{i}" for i in range(batch)]
-    p = SamplingParams(max_tokens=warmup + steps + 2, ignore_eos=True)
+    # early sequences decode while later ones prefill: leave them room to stay in the batch
+    room = engine.max_seq_len - context - 1
+    if room < warmup + steps + batch + 1:
+        raise ValueError(f"context {context} leaves too few tokens in max_seq_len "
+                         f"{engine.max_seq_len} for {warmup + steps} decode steps")
+    p = SamplingParams(max_tokens=room, ignore_eos=True)
     for r in rids:
         engine.add_request(r, torch.randint(0, vocab, (context,), generator=gen).tolist(), p)
     seqs = [engine._seqs[r] for r in rids]
     while not all(s.num_output_tokens >= 1 for s in seqs):     # prefill (chunked)
         engine.step()
-    runner = engine.runner
-    fwd_ms: list[float] = []
-    orig = runner.forward
-    dev = engine.device
-
-    def timed_forward(b):
-        if dev.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            out = orig(b)
-            e1.record()
-            e1.synchronize()
-            fwd_ms.append(e0.elapsed_time(e1))
-            return out
-        t0 = time.perf_counter()
-        out = orig(b)
-        fwd_ms.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    runner.forward = timed_forward
     step_ms = []
-    try:
-        for i in range(warmup + steps):
-            if dev.type == "cuda":
+    with ForwardTimer(engine) as timer:
+        for _ in range(warmup + steps):
+            if engine.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             engine.step()
             step_ms.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        runner.forward = orig
+    if not all(r.is_decode and r.batch_size == batch for r in timer.records):
+        raise RuntimeError("a timed step was not a decode step of the whole batch")
+    fwd_ms = [r.forward_ms for r in timer.records]
     for r in rids:
         engine.abort_request(r)
     engine.step()

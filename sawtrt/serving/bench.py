@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..bench.stats import dist as _dist
 from .client import StreamResult, generate
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars watch "
@@ -29,20 +30,6 @@ def make_prompt(num_words: int, seed: int) -> str:
     """About `num_words` tokens of English-like text (common words are ~1 BPE token each)."""
     rng = random.Random(seed)
     return " ".join(rng.choice(_WORDS) for _ in range(max(1, num_words)))
-
-
-def _pct(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def _dist(xs) -> dict:
-    return {"mean": statistics.fmean(xs) if xs else None, "p50": _pct(xs, 0.5),
-            "p90": _pct(xs, 0.9), "p99": _pct(xs, 0.99), "max": max(xs) if xs else None}
 
 
 @dataclass

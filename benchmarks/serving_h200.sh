@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 8 on one H200: engine-only serving throughput of qwen3-4b (random weights) for
+# bf16 / int4 / int4-bdr KV caches, plus a per-kernel profile of one decode step.
+#
+#   bash benchmarks/serving_h200.sh STAGE...     (device tool: carry build/final, logs in $OUT)
+#
+# Stages: profile | long-POLICY (8 192-token prompts, 1 024 outputs, concurrency 1..256) |
+#         short (256-token prompts, 1 024 outputs, all three policies) | smoke
+# The kernel library is built here beforehand: python build_scripts/build.py --dev --out build/final
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SAWTRT_KERNEL_LIB=$PWD/build/final/libsawtrt_kernels.so
+OUT=${OUT:-/tmp/sawtrt-serving}; mkdir -p "$OUT"
+sawtrt() { python3 -c 'from sawtrt.cli import main; main()' "$@"; }
+ENG=${ENG:-/tmp/qwen3-4b-random}
+KV_GIB=${KV_GIB:-100}           # one KV budget for every policy (~77 % of the free memory)
+CONC=${CONC:-1,8,16,32,64,128,256}
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee -a "$OUT/gpu.txt"
+if [ ! -f "$ENG/config.json" ]; then
+  sawtrt build --model qwen3-4b --random-weights --no-kernels --max-batch 256 \
+    --max-seq-len 9344 --output "$ENG" > "$OUT/build.log" 2>&1 || { tail "$OUT/build.log"; exit 1; }
+fi
+for stage in "$@"; do
+  echo "== $stage $(date -u +%T)"
+  case $stage in
+    profile)
+      python3 -m sawtrt.bench.step_profile --engine "$ENG" --policies bf16,int4,int4-bdr \
+        --points 1x8192,64x8192 --kv-memory-gib "$KV_GIB" --json "$OUT/profile.json" ;;
+    long-*)
+      sawtrt bench throughput --engine "$ENG" --policies "${stage#long-}" --concurrency "$CONC" \
+        --prompt-len 8192 --output-len 1024 --kv-memory-gib "$KV_GIB" \
+        --json "$OUT/long-${stage#long-}.json" ;;
+    short)
+      sawtrt bench throughput --engine "$ENG" --policies bf16,int4,int4-bdr \
+        --concurrency "$CONC" --prompt-len 256 --output-len 1024 --kv-memory-gib "$KV_GIB" \
+        --json "$OUT/short.json" ;;
+    smoke)
+      sawtrt bench throughput --engine "$ENG" --policies int4-bdr,bf16 --concurrency 1,64 \
+        --prompt-len 8192 --output-len 64 --kv-memory-gib "$KV_GIB" --json "$OUT/smoke.json" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac || echo "stage $stage failed rc=$?"
+done
+echo "== done $(date -u +%T)"
