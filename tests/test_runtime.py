@@ -314,3 +314,21 @@ def test_hf_config_rope_forms():
                 {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}):
         with pytest.raises(ValueError, match="not supported"):
             from_hf_config({**base, **bad})
+
+
+@pytest.mark.parametrize("text", ["plain ascii, then h\u00e9llo \u20acuro \U0001d11e \u2026 done",
+                                  "\u4e2d\u6587\u5b57\u7b26 mixed \U0001f600 emoji"])
+def test_incremental_detokenization_equals_full_decode(engine, text):
+    """Output bytes arrive one token at a time (multi-byte characters split across steps): the
+    streamed deltas never show a broken character and add up to a full decode of the output."""
+    from sawtrt.engine.sequence import Sequence
+    ids = list(text.encode("utf-8"))
+    seq = Sequence("d", [65], SamplingParams(max_tokens=10_000, ignore_eos=True), 0)
+    deltas = []
+    for t in ids:
+        seq.token_ids.append(t)
+        out = engine._process_token(seq, t)
+        assert "\ufffd" not in out.new_text
+        deltas.append(out.new_text)
+    assert "".join(deltas) == engine.tokenizer.decode(ids) == text
+    assert sum(1 for d in deltas if d) == len(text)       # one delta per completed character

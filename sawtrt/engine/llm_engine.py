@@ -25,6 +25,7 @@ from ..models.model import CausalLM
 from ..models.weights import random_weights
 from .block_manager import BlockManager, pages_for
 from .config import EngineConfig, EngineConfigError
+from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -96,6 +97,7 @@ class LLMEngine:
         self._arrivals = 0
         self._rng = random.Random()
         self._lock = threading.RLock()
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
         stops = {cfg.model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         self.eos_token_ids = {t for t in stops if t is not None}
 
@@ -207,7 +209,7 @@ class LLMEngine:
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_seq_len:
             reason = "length"
-        text = self.tokenizer.decode(seq.output_ids)
+        text = self.detokenizer.text(seq, final=reason is not None)
         if p.stop:
             lo = max(0, seq.num_emitted_chars - max(len(s) for s in p.stop))
             hits = [i for i in (text.find(s, lo) for s in p.stop) if i >= 0]
@@ -223,7 +225,7 @@ class LLMEngine:
                 safe = max(seq.num_emitted_chars, safe - (max(len(s) for s in p.stop) - 1))
         delta = text[seq.num_emitted_chars:safe]
         seq.num_emitted_chars = safe
-        new_ids = seq.output_ids[seq.num_emitted_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens:]
         seq.num_emitted_tokens = seq.num_output_tokens
         if reason is not None:
             self.scheduler.finish(seq, reason)
