@@ -107,12 +107,12 @@ class ModelRunner:
         b = len(batch)
         if self.graphs and batch.is_decode and b <= self.max_num_seqs:
             bucket = next(s for s in sorted(self.graphs) if s >= b)
-            input_ids, meta = self.prepare(batch, pad_to=bucket, on_device=False)
-            st = self._static          # host tensors straight into the graph's inputs
-            st["input_ids"][:bucket].copy_(input_ids, non_blocking=True)
+            input_ids, meta = self.prepare(batch, pad_to=bucket)
+            st = self._static
+            st["input_ids"][:bucket].copy_(input_ids)
             for name in ("positions", "slot_mapping", "block_tables", "seq_lens",
                          "logits_indices"):
-                getattr(st["meta"][bucket], name).copy_(getattr(meta, name), non_blocking=True)
+                getattr(st["meta"][bucket], name).copy_(getattr(meta, name))
             self.graphs[bucket].replay()
             return st["logits"][bucket][:b]
         input_ids, meta = self.prepare(batch)
