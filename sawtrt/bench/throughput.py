@@ -280,8 +280,11 @@ def plot(record: dict, path) -> None:
             axes[1].plot(c, [x["output_tok_s_per_user"] or 0 for x in lvs], style, label=label)
             axes[2].plot(c, [x["ttft_s"]["p50"] for x in lvs], style, label=label)
     titles = ("output tokens/s per GPU", "output tokens/s per user", "TTFT p50 (s)")
+    concs = sorted({lv["concurrency"] for run_ in record["runs"] for lv in run_["levels"]})
     for ax, t in zip(axes, titles):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(concs, [str(c) for c in concs])
+        ax.minorticks_off()
         ax.set_xlabel("concurrency (users)")
         ax.set_title(t)
         ax.grid(True, alpha=0.3)
