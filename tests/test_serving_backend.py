@@ -159,6 +159,7 @@ class FakeEngine:
 class ListSink:
     def __init__(self, cancel_after=None):
         self.events = []           # ("send", text, n_in, n_out, reason, final) | ("error", msg)
+        self.kinds = []            # the error kind of each ("error", msg) event
         self.done = threading.Event()
         self.cancel_after = cancel_after
         self.fail_send = False
@@ -170,8 +171,9 @@ class ListSink:
         if final:
             self.done.set()
 
-    def error(self, message):
+    def error(self, message, kind="internal"):
         self.events.append(("error", message))
+        self.kinds.append(kind)
         self.done.set()
 
     def is_cancelled(self):
@@ -236,6 +238,7 @@ def test_engine_rejection_is_an_error_response_and_loop_survives(loop):
     loop.submit(parsed(), dup_ok)
     wait_all([too_long, dup_ok])
     assert too_long.events == [("error", "bad request: prompt has 100 tokens; at most 32")]
+    assert too_long.kinds == ["invalid_argument"]
     assert dup_ok.text == "abcde"
     assert loop.stats.rejected == 1
 
@@ -247,7 +250,7 @@ def test_cancel_aborts_and_frees_pages(loop):
     loop.submit(parsed(max_tokens=10_000), sink)
     loop.submit(parsed(max_tokens=40), other)
     wait_all([sink, other])
-    assert sink.events[-1] == ("error", "request cancelled")
+    assert sink.events[-1] == ("error", "request cancelled") and sink.kinds == ["cancelled"]
     assert 3 <= len(sink.events) - 1 < 10
     assert other.text == "".join(chr(ord("a") + i % 26) for i in range(40))
     deadline = time.monotonic() + 5
@@ -297,7 +300,7 @@ def test_stop_fails_pending_requests():
     assert engine.kv_cache_usage()["used_pages"] == 0
     late = ListSink()
     lp.submit(parsed(), late)
-    assert late.events == [("error", "server is shutting down")]
+    assert late.events == [("error", "server is shutting down")] and late.kinds == ["unavailable"]
 
 
 def test_on_step_metrics_errors_do_not_stop_serving():

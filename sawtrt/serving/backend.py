@@ -157,13 +157,18 @@ INPUT_NAMES = tuple(name for name, *_ in INPUTS)
 # The engine loop
 # ---------------------------------------------------------------------------------------------
 
+# what went wrong, for the transport's status code (Triton: INVALID_ARG, CANCELLED, ...)
+INVALID_ARGUMENT, CANCELLED, UNAVAILABLE, INTERNAL = ("invalid_argument", "cancelled",
+                                                      "unavailable", "internal")
+
+
 class Sink(Protocol):
     """Where the responses of one request go (a Triton response sender, or a test double)."""
 
     def send(self, text: str, num_input_tokens: int, num_output_tokens: int,
              finish_reason: str | None, final: bool) -> None: ...
 
-    def error(self, message: str) -> None: ...      # final error response
+    def error(self, message: str, kind: str = INTERNAL) -> None: ...   # final error response
 
     def is_cancelled(self) -> bool: ...
 
@@ -229,7 +234,7 @@ class EngineLoop:
         rid = f"{next(self._ids)}" + (f"-{tag}" if tag else "")
         with self._wake:
             if self._stop:
-                sink.error("server is shutting down")
+                sink.error("server is shutting down", UNAVAILABLE)
                 return rid
             self._incoming.append((rid, parsed, sink))
             self.stats.submitted += 1
@@ -272,7 +277,7 @@ class EngineLoop:
             self.engine.add_request(rid, parsed.prompt, parsed.params)
         except ValueError as e:           # empty / too long prompt, bad params
             self.stats.rejected += 1
-            self._safe_error(sink, f"bad request: {e}")
+            self._safe_error(sink, f"bad request: {e}", INVALID_ARGUMENT)
             return
         except Exception as e:           # noqa: BLE001 - a broken request must not kill the loop
             self.stats.failed += 1
@@ -294,7 +299,7 @@ class EngineLoop:
             if cancelled:
                 self._abort(rid)
                 self.stats.cancelled += 1
-                self._safe_error(a.sink, "request cancelled")
+                self._safe_error(a.sink, "request cancelled", CANCELLED)
 
     def _abort(self, rid: str) -> None:
         self._active.pop(rid, None)
@@ -353,14 +358,14 @@ class EngineLoop:
             pending = list(self._incoming)
             self._incoming.clear()
         for _, _, sink in pending:
-            self._safe_error(sink, "server is shutting down")
+            self._safe_error(sink, "server is shutting down", UNAVAILABLE)
         for rid, a in list(self._active.items()):
             self._abort(rid)
-            self._safe_error(a.sink, "server is shutting down")
+            self._safe_error(a.sink, "server is shutting down", UNAVAILABLE)
 
     @staticmethod
-    def _safe_error(sink: Sink, message: str) -> None:
+    def _safe_error(sink: Sink, message: str, kind: str = INTERNAL) -> None:
         try:
-            sink.error(message)
+            sink.error(message, kind)
         except Exception:                # noqa: BLE001
             log.warning("could not deliver error %r: %s", message, traceback.format_exc())

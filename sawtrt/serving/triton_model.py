@@ -22,10 +22,14 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sawtrt.serving.backend import INPUT_NAMES, EngineLoop, RequestError, parse_request
+from sawtrt.serving.backend import (CANCELLED, INPUT_NAMES, INTERNAL, INVALID_ARGUMENT, UNAVAILABLE,
+                                    EngineLoop, RequestError, parse_request)
 from sawtrt.serving.triton_repo import ENGINE_DIR_PLACEHOLDER
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# backend error kinds -> pb_utils.TritonError code names
+_CODES = {INVALID_ARGUMENT: "INVALID_ARG", CANCELLED: "CANCELLED", UNAVAILABLE: "UNAVAILABLE",
+          INTERNAL: "INTERNAL"}
 
 
 def _error(message: str, code_name: str = "INVALID_ARG"):
@@ -66,13 +70,12 @@ class _ResponseSink:
                          flags=FINAL if final else 0)
         self.closed = final
 
-    def error(self, message):
+    def error(self, message, kind=INTERNAL):
         if self.closed:
             return
         self.closed = True
-        code = "CANCELLED" if message == "request cancelled" else (
-            "INVALID_ARG" if message.startswith("bad request") else "INTERNAL")
-        self.sender.send(pb_utils.InferenceResponse(error=_error(message, code)), flags=FINAL)
+        self.sender.send(pb_utils.InferenceResponse(error=_error(message, _CODES[kind])),
+                         flags=FINAL)
 
     def is_cancelled(self):
         return self.request.is_cancelled()
