@@ -8,6 +8,9 @@ generated so far, all decoding), the two per-step host stages that grow with B:
                block tables of max_seq_len / page_size pages, padded to the bucket)
   detokenize   the engine's detokenizer, one new token per sequence, with the engine's own
                tokenizer
+  step         a whole LLMEngine.step() (schedule, prepare, forward, sample, detokenize,
+               outputs) around a forward that costs nothing (a stub returning logits over the
+               first 256 ids), after `--output` decode steps: all host time of a decode step
 Medians of `--reps` repetitions; this is the CPU work that the GPU waits for in serving.
 """
 from __future__ import annotations
@@ -78,6 +81,47 @@ def measure(tokenizer, page_size: int, max_seq_len: int, batches, context: int, 
     return rows
 
 
+class _FreeForward:
+    """Stands in for CausalLM: same interface, no work; logits over ids 0..255."""
+
+    def __init__(self, layout, device):
+        self.layout, self.device, self.dtype, self.fused = layout, device, torch.float32, False
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, input_ids, meta, kv_pool):
+        return torch.rand(len(meta.logits_indices), 256, generator=self.gen)
+
+
+def engine_step_ms(engine_dir, batch: int, context: int, output: int, reps: int = 20) -> float:
+    """Median host time of LLMEngine.step() with `batch` sequences decoding after `output`
+    steps, the model replaced by _FreeForward (one layer of one tiny KV head: a small pool)."""
+    import dataclasses
+
+    from ..engine.llm_engine import LLMEngine
+    from ..spec import KVPolicy, PageLayout
+    cfg = EngineConfig.load(engine_dir)
+    tok = tokenizers.load(engine_dir)
+    page = cfg.layout.page_size
+    cfg.layout = PageLayout(KVPolicy.parse("int4"), 16, 1, page)   # only page_size matters
+    cfg.model = dataclasses.replace(cfg.model, num_layers=1, num_kv_heads=1, num_heads=1,
+                                    head_dim=16)
+    cfg.max_seq_len = max(cfg.max_seq_len, context + output + 3 * batch + reps + 3)
+    pages = batch * -(-cfg.max_seq_len // page)
+    engine = LLMEngine(cfg, _FreeForward(cfg.layout, torch.device("cpu")), tok, "cpu",
+                       num_pages=pages, max_num_batched_tokens=max(8192, batch),
+                       max_num_seqs=batch, cuda_graphs=False)
+    # the first sequences decode while later ones prefill: room for all to stay running
+    params = SamplingParams(max_tokens=output + 3 * batch + reps + 2, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"s{i}", [1 + i % 200] * context, params)
+    while min(s.num_output_tokens for s in engine._seqs.values()) < output:
+        engine.step()
+    ms = _median_ms(engine.step, reps)
+    if len(engine.scheduler.running) != batch:
+        raise RuntimeError("not every sequence was decoding in the timed steps")
+    return ms
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine", required=True)
@@ -88,11 +132,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cfg = EngineConfig.load(a.engine)
     tok = tokenizers.load(a.engine)
-    print(f"{'B':>4} {'prepare ms':>11} {'detokenize ms':>14}   ({type(tok).__name__}, "
-          f"context {a.context}, {a.output} output tokens)")
+    print(f"{'B':>4} {'prepare ms':>11} {'detokenize ms':>14} {'step ms':>8}   "
+          f"({type(tok).__name__}, context {a.context}, {a.output} output tokens)")
     for r in measure(tok, cfg.layout.page_size, cfg.max_seq_len,
                      [int(x) for x in a.batch.split(",")], a.context, a.output, a.reps):
-        print(f"{r['batch']:>4} {r['prepare_ms']:>11.3f} {r['detokenize_ms']:>14.3f}")
+        step = engine_step_ms(a.engine, r["batch"], a.context, a.output, a.reps)
+        print(f"{r['batch']:>4} {r['prepare_ms']:>11.3f} {r['detokenize_ms']:>14.3f} {step:>8.3f}")
 
 
 if __name__ == "__main__":
