@@ -369,8 +369,10 @@ def test_graph_replay_after_workspace_growth():
     cu = torch.arange(n + 1, dtype=torch.int32, device=DEV)
     out = torch.empty(n, hq * d, dtype=dt, device=DEV)
     args = (pool, layout, hq, tables_d, lens_d, cu, 1, max(seq_lens))
-    ops._workspaces.clear()                 # a fresh 32 MB buffer: its own allocator segment,
-    ops._workspace(DEV, 32 << 20)           # which empty_cache() returns to the driver if freed
+    idx = torch.cuda.current_device()       # a fresh 32 MB buffer: its own allocator segment,
+    if idx in ops._workspaces:              # which empty_cache() returns to the driver if freed
+        ops._outgrown.append(ops._workspaces.pop(idx))   # (graphs of earlier tests keep theirs)
+    ops._workspace(DEV, 32 << 20)
     ops.attention_step(qkv, *args, out=out)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

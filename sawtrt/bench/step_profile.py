@@ -3,7 +3,9 @@
 B sequences of `context` random tokens are prefilled, then `steps` decode steps run exactly as
 the engine serves them (CUDA-graph replay when the kernels are present) under torch.profiler.
 Kernels are grouped by name into classes; "host" is the step's wall time minus the forward's
-device time (scheduling, metadata, graph-input copies, sampling, detokenization).
+device share (forward minus its metadata build): scheduling, metadata, sampling,
+detokenization. "gaps" = device share minus the kernels' own time (launch gaps, graph-input
+copies, and the profiler's own overhead).
 """
 from __future__ import annotations
 
@@ -79,12 +81,13 @@ def profile_decode(engine, batch: int, context: int, steps: int = 5, warmup: int
         engine.abort_request(r)
     engine.step()
     fwd = statistics.median(r.forward_ms for r in timer.records)
+    dev = statistics.median(r.device_ms for r in timer.records)
     wall = statistics.median(walls)
     gpu_ms = sum(by_class.values()) / 1e3
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:12]
     return {"batch": batch, "context": context, "steps": steps, "step_wall_ms": wall,
-            "forward_ms": fwd, "kernel_ms": gpu_ms, "host_ms": wall - fwd,
-            "forward_gaps_ms": fwd - gpu_ms,
+            "forward_ms": fwd, "device_ms": dev, "kernel_ms": gpu_ms, "host_ms": wall - dev,
+            "forward_gaps_ms": dev - gpu_ms,
             "classes_ms": {k: v / 1e3 for k, v in sorted(by_class.items(), key=lambda x: -x[1])},
             "top_kernels": [{"name": n[:120], "ms_per_step": v[0] / 1e3,
                              "launches_per_step": v[1] / steps} for n, v in top]}
@@ -92,7 +95,7 @@ def profile_decode(engine, batch: int, context: int, steps: int = 5, warmup: int
 
 def format_profile(policy: str, r: dict) -> str:
     lines = [f"{policy}: B={r['batch']} ctx={r['context']}: step {r['step_wall_ms']:.2f} ms = "
-             f"forward {r['forward_ms']:.2f} (kernels {r['kernel_ms']:.2f}, gaps "
+             f"device {r.get('device_ms', r['forward_ms']):.2f} (kernels {r['kernel_ms']:.2f}, gaps "
              f"{r['forward_gaps_ms']:.2f}) + host {r['host_ms']:.2f}"]
     for k, v in r["classes_ms"].items():
         lines.append(f"    {k:<36} {v:8.3f} ms  {100 * v / max(r['kernel_ms'], 1e-9):5.1f} %")

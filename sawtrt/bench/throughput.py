@@ -13,8 +13,13 @@ Per level:
   kv                      pages in the pool, peak and mean (decode steps) pages in use, peak
                           running sequences, preemptions
   steps                   decode-only steps (CUDA-graph replays) vs mixed/prefill steps: count,
-                          median wall and device time; host_overhead_ms = median (wall - device)
-                          of decode steps = the Python/launch time the GPU waits for
+                          median wall, forward and device time (forward minus its metadata
+                          build); host_overhead_ms = median (wall - device) of decode steps =
+                          the Python time the GPU waits for (scheduling, metadata, sampling,
+                          detokenization)
+With num_requests == concurrency (the CLI default) a level is one wave: every user's request
+starts at t = 0, so TTFT includes queueing behind the other prompts and tok/s includes the
+ramp-up and the drain; several requests per user approach the steady state.
 """
 from __future__ import annotations
 
@@ -133,9 +138,10 @@ def run_level(engine, lv: Level, progress=None) -> dict:
         "steps": {"decode": len(dec), "mixed": len(mixed),
                   "decode_wall_ms_p50": med([w for w, _ in dec]),
                   "decode_forward_ms_p50": med([r.forward_ms for _, r in dec]),
+                  "decode_device_ms_p50": med([r.device_ms for _, r in dec]),
                   "decode_batch_mean": statistics.fmean([r.batch_size for _, r in dec])
                   if dec else None,
-                  "host_overhead_ms_p50": med([w - r.forward_ms for w, r in dec]),
+                  "host_overhead_ms_p50": med([w - r.device_ms for w, r in dec]),
                   "decode_time_s": sum(w for w, _ in dec) / 1e3,
                   "mixed_time_s": sum(w for w, _ in mixed) / 1e3,
                   "mixed_tokens": sum(r.num_tokens for _, r in mixed)},
@@ -245,16 +251,21 @@ def merge(records: list[dict]) -> dict:
         raise ValueError("nothing to merge")
     shape = {(lv["prompt_len"], lv["output_len"]) for r in records for run_ in r["runs"]
              for lv in run_["levels"]}
-    models = {r.get("model") for r in records}
-    if len(models) > 1:
-        raise ValueError(f"records are of different models: {sorted(map(str, models))}")
+    for key in ("model", "gpu", "kv_memory_gib", "max_num_batched_tokens"):
+        seen = {str(r.get(key)) for r in records}
+        if len(seen) > 1:
+            raise ValueError(f"records differ in {key}: {sorted(seen)}")
     out = {k: v for k, v in records[0].items() if k != "runs"}
     runs: dict[str, dict] = {}          # runs of one policy (levels split over calls) join
     for r in records:
         for run_ in r["runs"]:
             have = runs.setdefault(run_["policy_arg"], {**run_, "levels": []})
-            have["levels"] = sorted(have["levels"] + run_["levels"],
-                                    key=lambda lv: (lv["prompt_len"], lv["concurrency"]))
+            key = lambda lv: (lv["prompt_len"], lv["output_len"], lv["concurrency"])  # noqa: E731
+            dup = {key(lv) for lv in have["levels"]} & {key(lv) for lv in run_["levels"]}
+            if dup:
+                raise ValueError(f"{run_['policy_arg']}: level(s) {sorted(dup)} (prompt, output, "
+                                 "concurrency) appear in more than one record")
+            have["levels"] = sorted(have["levels"] + run_["levels"], key=key)
     out["runs"] = list(runs.values())
     out["shapes"] = sorted(shape)
     return out
@@ -277,7 +288,8 @@ def plot(record: dict, path) -> None:
             style = "-o" if p >= 1024 else "--s"
             label = f"{run_['policy_arg']} ({p}/{o})"
             axes[0].plot(c, [x["output_tok_s"] for x in lvs], style, label=label)
-            axes[1].plot(c, [x["output_tok_s_per_user"] or 0 for x in lvs], style, label=label)
+            axes[1].plot(c, [x["output_tok_s_per_user"] or float("nan") for x in lvs], style,
+                         label=label)
             axes[2].plot(c, [x["ttft_s"]["p50"] for x in lvs], style, label=label)
     titles = ("output tokens/s per GPU", "output tokens/s per user", "TTFT p50 (s)")
     concs = sorted({lv["concurrency"] for run_ in record["runs"] for lv in run_["levels"]})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -52,7 +53,8 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
 @click.option("--concurrency", default="1,8,16,32,64,128,256", show_default=True,
               help="Users in closed loop, one level each.")
 @click.option("--num-requests", type=click.IntRange(min=1), default=None,
-              help="Requests per level [default: one per user].")
+              help="Requests per level [default: one per user, i.e. one wave; 3-4 per user "
+                   "approach the steady state].")
 @click.option("--prompt-len", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens (random ids).")
 @click.option("--output-len", default=1024, show_default=True, type=click.IntRange(min=1),
@@ -96,7 +98,11 @@ def plot_throughput(records, json_path, plot_path):
     """Merge `bench throughput --json` records (e.g. one per device run): table, JSON, PNG."""
     from ..bench import throughput as tp
     try:
-        record = tp.merge([json.load(open(p)) for p in records])
+        loaded = []
+        for p in records:
+            with open(p) as f:
+                loaded.append(json.load(f))
+        record = tp.merge(loaded)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise click.ClickException(f"cannot merge: {e}") from None
     click.echo(tp.format_table(record))
@@ -104,7 +110,7 @@ def plot_throughput(records, json_path, plot_path):
 
 
 def _progress(policy, level):
-    bar = click.progressbar(length=level.num_requests, file=click.get_text_stream("stderr"),
+    bar = click.progressbar(length=level.num_requests, file=sys.stderr,
                             label=f"{policy} c={level.concurrency}")
     bar.__enter__()
 

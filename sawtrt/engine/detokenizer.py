@@ -1,12 +1,14 @@
 """Incremental detokenization: each step decodes only the newest output ids.
 
-Decoding the whole output every step cost 96 ms per step at 256 sequences x 1 000 tokens with
-SmolLM2's BPE (9 ms with the byte tokenizer; 2026-11-29, this project's 2-core CPU), i.e. more
-than the GPU's decode step. Here the ids after `seq.detok_read` are decoded together with the
+Decoding the whole output every step cost 96-119 ms per step at 256 sequences x 1 000 tokens
+with SmolLM2's BPE (9-10 ms with the byte tokenizer; 2026-11-29, this project's 2-core CPU),
+i.e. more than the GPU's decode step. Here the ids after `seq.detok_read` are decoded together with the
 committed ids [detok_prefix, detok_read) before them, so merges and leading-space rules see their
 left context, and the text beyond the prefix's own is appended once it does not end in an
 incomplete UTF-8 sequence (U+FFFD). Every committed boundary is then a character boundary and
-the text equals a full decode (byte-level decoders: GPT-2/Qwen/SmolLM2 BPE, the byte tokenizer).
+the text equals a full decode for byte-level decoders (GPT-2/Qwen/SmolLM2 BPE, the byte
+tokenizer). Byte-fallback decoders (SentencePiece-style <0xNN> tokens) can differ from a full
+decode inside runs of invalid UTF-8 only (which character a stray byte is counted with).
 """
 from __future__ import annotations
 

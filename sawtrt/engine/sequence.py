@@ -38,7 +38,7 @@ class Sequence:
         self.text = ""              # decoded text of the output (stop strings cut)
         self.num_emitted_chars = 0  # chars of `text` already handed out as deltas
         self.num_emitted_tokens = 0
-        # incremental detokenization (LLMEngine._detokenize): output ids [detok_prefix,
+        # incremental detokenization (IncrementalDetokenizer.text): output ids [detok_prefix,
         # detok_read) are already in `detok_text` and are re-decoded as context for new ids
         self.detok_text = ""
         self.detok_prefix = 0

@@ -74,7 +74,8 @@ class _ResponseSink:
         if self.closed:
             return
         self.closed = True
-        self.sender.send(pb_utils.InferenceResponse(error=_error(message, _CODES[kind])),
+        self.sender.send(pb_utils.InferenceResponse(error=_error(message,
+                                                                 _CODES.get(kind, "INTERNAL"))),
                          flags=FINAL)
 
     def is_cancelled(self):
