@@ -16,6 +16,15 @@ table, per-token (s, m) fp16 parameters, no extra passes over the cache). Writte
     int4-bdr:h=64@vcenter         V minus a fixed per-layer channel mean, added back to the
                                   attention output once (sum p = 1 makes that exact)
     int4-bdr:h=64@v8              V as int8 in every layer (more bytes; an upper-bound check)
+    int4-bdr:h=64@center@bal=0.5  Q/K balance: k -> k / s, q -> q * s per channel (exact for the
+                                  scores), s_c = (rms k_c / rms q_c)^alpha over the calibration
+                                  text (K centred when @center), geometric mean 1; before BDR
+    ...@balmax=0.5                the same with max |k_c| / max |q_c|
+    ...@balrot=0.5                the same on the channels of the BDR-rotated K and q
+                                  (k -> R^T S^-1 R k: a block-diagonal matrix, not a scale)
+    ...@whiten                    k -> A k, q -> A^-T q with the A minimising
+                                  E|A^-T q|^2 * E|A k|^2 (A^T A = the geometric mean of Sigma_k^-1
+                                  and Sigma_q): the full-matrix form of bal=0.5
     int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
@@ -53,6 +62,8 @@ class KVScheme:
     int8_layers: tuple[int, ...] = ()
     only: str | None = None          # "k" or "v": the other tensor stays bf16
     v8: bool = False                 # V stored as int8 in every layer (K as the policy says)
+    balance: str | None = None       # "bal" | "balmax" | "balrot" | "whiten" (see module doc)
+    alpha: float = 0.5
     text: str = field(default="", compare=False)
 
     @classmethod
@@ -73,10 +84,15 @@ class KVScheme:
                 kw["v8"] = True
             elif key in ("konly", "vonly") and not eq:
                 kw["only"] = key[0]
+            elif key in ("bal", "balmax", "balrot", "balraw") and eq:
+                kw["balance"], kw["alpha"] = key, float(val)
+            elif key in ("whiten", "whitenraw") and not eq:
+                kw["balance"] = key
             elif key == "k8" and eq:
                 kw["int8_layers"] = tuple(sorted(int(x) for x in val.split("+") if x.strip()))
             else:
-                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, konly, vonly, v8, k8=L+L..)")
+                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, konly, vonly, v8, "
+                                  "k8=L+L.., bal=A, balmax=A, balrot=A, whiten)")
         scheme = cls(KVPolicy.parse(base), text=text.strip(), **kw)
         if (scheme.clip or scheme.lut) and not scheme.policy.quantized:
             raise PolicyError(f"{text!r}: clip/lut need a quantized policy")
@@ -86,7 +102,13 @@ class KVScheme:
     def is_plain(self) -> bool:
         """True when this is exactly a served policy (no prototype variant)."""
         return not (self.clip or self.lut or self.center or self.vcenter or self.int8_layers
-                    or self.only or self.v8)
+                    or self.only or self.v8 or self.balance)
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the scheme needs calibration statistics (calibrate.py)."""
+        return bool(self.center or self.lut or self.vcenter or self.balance
+                    or self.policy.transforms_k)
 
     def __str__(self) -> str:
         return self.text or str(self.policy)
@@ -158,13 +180,62 @@ def quantize_dequant(x: torch.Tensor, bits: int, clip: bool = False,
     return best
 
 
+def _spd_power(m: torch.Tensor, p: float, ridge: float = 1e-6) -> torch.Tensor:
+    """m^p of symmetric positive semi-definite matrices [..., D, D] (eigenvalues floored at
+    ridge * their mean, so near-null directions of K do not blow up)."""
+    w, u = torch.linalg.eigh(m.double())
+    w = w.clamp_min(ridge * w.mean(-1, keepdim=True))
+    return (u * w[..., None, :].pow(p)) @ u.transpose(-1, -2)
+
+
+def balance_matrices(scheme: KVScheme, calib: dict, layer: int, d: int
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, A^-1) [Hkv, D, D] of the scheme's K transform k -> A k (q -> A^-T q), or None."""
+    if not scheme.balance:
+        return None
+    kcov, qcov = calib["kcov"][layer].double(), calib["qcov"][layer].double()
+    if not scheme.center or scheme.balance.endswith("raw"):   # stats of K with its mean
+        mu = calib["means"][layer].double()       # [Hkv, 1, D]
+        kcov = kcov + mu.transpose(1, 2) @ mu
+    if scheme.balance.startswith("whiten"):
+        kh, kih = _spd_power(kcov, 0.5), _spd_power(kcov, -0.5)
+        m = kih @ _spd_power(kh @ qcov @ kh, 0.5) @ kih
+        a = _spd_power(m, 0.5)
+        return a.float(), torch.linalg.inv(a).float()
+    if scheme.balance == "balmax":
+        kstat = calib["kmax"][layer].double()
+        if not scheme.center:
+            kstat = kstat + calib["means"][layer][:, 0].double().abs()
+        qstat = calib["qmax"][layer].double()
+    else:
+        kstat = kcov.diagonal(dim1=-2, dim2=-1).sqrt()
+        qstat = qcov.diagonal(dim1=-2, dim2=-1).sqrt()
+    r = None
+    if scheme.balance == "balrot":
+        pol = scheme.policy.resolve(d)
+        eye = torch.eye(d)
+        r = hadamard.rotate(eye, pol.rotation_block, pol.signs(d)).double()   # rows: R e_i
+        # R x = x @ r for row vectors; channel variances of the rotated vectors
+        kstat = (r.T @ kcov @ r).diagonal(dim1=-2, dim2=-1).sqrt()
+        qstat = (r.T @ qcov @ r).diagonal(dim1=-2, dim2=-1).sqrt()
+    s = (kstat / qstat.clamp_min(1e-12)).clamp_min(1e-12).pow(scheme.alpha)
+    s = s / s.log().mean(-1, keepdim=True).exp()            # geometric mean 1 per head
+    a, ai = torch.diag_embed(1 / s), torch.diag_embed(s)
+    if r is not None:                                         # A = R^T S^-1 R on row vectors
+        a, ai = r @ a @ r.T, r @ ai @ r.T
+    # row-vector convention: k' = k @ a^T; return (A, A^-1) as column-vector matrices
+    return a.float(), ai.float()
+
+
 def fake_quant(x: torch.Tensor, policy: KVPolicy, which: str, scheme: KVScheme | None = None,
-               mean: torch.Tensor | None = None, levels: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               mean: torch.Tensor | None = None, levels: torch.Tensor | None = None,
+               kmat: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., Hkv, T, D] or [..., D] after RoPE -> what the cache gives back, in x's basis (fp32).
 
     which: "k" or "v" (V is rotated only with policy.rotate_v). mean: [Hkv, 1, D] or [D] channel
-    mean subtracted before rotation and added back after (the "center" variant).
+    mean subtracted before rotation and added back after (the "center" variant). kmat: (A, A^-1)
+    [Hkv, D, D]: x - mean is mapped to A (x - mean) before the rotation and back after (the
+    balance variants; the query then sees A^-T q, so the scores are exact).
     """
     if not policy.quantized:
         return quant.sanitize(x).bfloat16().float()
@@ -174,6 +245,8 @@ def fake_quant(x: torch.Tensor, policy: KVPolicy, which: str, scheme: KVScheme |
     y = quant.sanitize(x)
     if mean is not None:
         y = y - mean
+    if kmat is not None:
+        y = y @ kmat[0].transpose(-1, -2)
     signs = policy.signs(d) if rotated else None
     if rotated:
         y = hadamard.rotate(y, policy.rotation_block, signs)
@@ -182,6 +255,8 @@ def fake_quant(x: torch.Tensor, policy: KVPolicy, which: str, scheme: KVScheme |
     y = quantize_dequant(y, policy.bits, clip=clip, levels=lv)
     if rotated:
         y = hadamard.inverse_rotate(y, policy.rotation_block, signs)
+    if kmat is not None:
+        y = y @ kmat[1].transpose(-1, -2)
     if mean is not None:
         y = y + mean
     return y
