@@ -69,6 +69,8 @@ class KVPolicy:
                      side does not change; the per-token range of K shrinks.
     k_balance:       None, or alpha of the Q/K channel balance: the model replaces k by k / s and
                      q by q * s (s per layer, KV head and channel, calibrated; q.k unchanged).
+    k_whiten:        the full-matrix form of balance=0.5: k -> A k, q -> A^-T q with one
+                     calibrated D x D matrix A per layer and KV head (q.k unchanged).
     Both are applied model-side (sawtrt.models.kv_transform) to the K and q that the kernels
     receive; kernels, page layout and bytes per token are the same as without them. The
     constants live in the engine directory (kv_calibration.safetensors).
@@ -80,6 +82,7 @@ class KVPolicy:
     sign_seed: int | None = None
     k_center: bool = False
     k_balance: float | None = None
+    k_whiten: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,8 +91,10 @@ class KVPolicy:
                                         or self.sign_seed is not None):
             raise PolicyError(f"policy {self.kind} takes no rotation options")
         if self.kind == "bf16" and self.transforms_k:
-            raise PolicyError("center/balance change nothing a bf16 cache stores (K is kept "
-                              "exactly): use them with int8, int4 or int4-bdr")
+            raise PolicyError("center/balance/whiten change nothing a bf16 cache stores (K is "
+                              "kept exactly): use them with int8, int4 or int4-bdr")
+        if self.k_whiten and self.k_balance is not None:
+            raise PolicyError("whiten is the full-matrix form of balance: give one of them")
         if self.k_balance is not None and not 0.0 < self.k_balance <= 1.0:
             raise PolicyError(f"balance={self.k_balance} must be in (0, 1]")
         if self.rotation_block is not None:
@@ -109,7 +114,7 @@ class KVPolicy:
     @property
     def transforms_k(self) -> bool:
         """True when the model transforms q/K before the cache (needs the engine's calibration)."""
-        return self.k_center or self.k_balance is not None
+        return self.k_center or self.k_balance is not None or self.k_whiten
 
     @property
     def rotated(self) -> bool:
@@ -161,6 +166,8 @@ class KVPolicy:
                     kw["k_center"] = True
                 elif key == "balance" and eq:
                     kw["k_balance"] = float(val)
+                elif key == "whiten" and not eq:
+                    kw["k_whiten"] = True
                 else:
                     raise PolicyError(f"unknown option {opt!r}")
             except ValueError as e:
@@ -179,12 +186,14 @@ class KVPolicy:
             opts.append("center")
         if self.k_balance is not None:
             opts.append(f"balance={self.k_balance:g}")
+        if self.k_whiten:
+            opts.append("whiten")
         return self.kind + (":" + ",".join(opts) if opts else "")
 
     def to_dict(self) -> dict:
         """All fields, except the K-transform ones at their defaults (configs written before
         they existed stay byte-identical)."""
-        omit = {"k_center": False, "k_balance": None}
+        omit = {"k_center": False, "k_balance": None, "k_whiten": False}
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in omit or v != omit[k]}
 
@@ -196,13 +205,13 @@ class KVPolicy:
         return cls(**d)
 
 
-POLICY_OPTIONS = ("h", "seed", "kv", "k", "rotate", "center", "balance")
+POLICY_OPTIONS = ("h", "seed", "kv", "k", "rotate", "center", "balance", "whiten")
 
 
 def split_policy_list(text: str) -> list[str]:
     """"bf16,int4,int4-bdr:h=32,kv,seed=1" -> ["bf16", "int4", "int4-bdr:h=32,kv,seed=1"]: a comma
     (or ';') starts a new policy unless what follows is an option of the previous one (h=, seed=,
-    rotate=, kv, k, center, balance=). Suffixes after '@' (eval's variants) stay with their item."""
+    rotate=, kv, k, center, balance=, whiten). Suffixes after '@' (eval's variants) stay with their item."""
     out: list[str] = []
     for part in (p.strip() for p in text.replace(";", ",").split(",")):
         if not part:

@@ -21,13 +21,42 @@ from sawtrt.spec import KVPolicy, PageLayout
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
+def _spd(shape, g):
+    """Random well-conditioned second-moment matrices of `shape` [..., D, D]."""
+    x = torch.randn(*shape[:-2], 4 * shape[-1], shape[-1], generator=g)
+    return x.transpose(-1, -2) @ x / x.shape[-2] + 0.1 * torch.eye(shape[-1])
+
+
 def _calibration(spec, seed=0, mean_scale=3.0):
-    """Non-trivial statistics: |mu| a few times the typical K element, s spread over ~4x."""
+    """Non-trivial statistics: |mu| a few times the typical K element, s spread over ~4x,
+    random second-moment matrices."""
     g = torch.Generator().manual_seed(seed)
     shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
     return kvt.KVCalibration(torch.randn(shape, generator=g) * mean_scale,
                              torch.rand(shape, generator=g) * 3 + 0.5,
-                             torch.rand(shape, generator=g) * 3 + 0.5, {"source": "test"})
+                             torch.rand(shape, generator=g) * 3 + 0.5, {"source": "test"},
+                             _spd(shape + (spec.head_dim,), g),
+                             _spd(shape + (spec.head_dim,), g)).check(spec)
+
+
+def test_whitening_is_the_optimum_and_generalises_the_balance():
+    """A^2 = M solves M Sigma_k M = lambda Sigma_q (the stationarity condition of
+    tr(Sigma_q M^-1) tr(Sigma_k M)); A is symmetric with det 1; for diagonal moments it is the
+    balance=0.5 scale: A = diag(1 / s)."""
+    g = torch.Generator().manual_seed(7)
+    sk, sq = _spd((3, 16, 16), g).double(), _spd((3, 16, 16), g).double()
+    a = kvt.whitening(sk, sq).double()
+    assert torch.allclose(a, a.transpose(-1, -2), atol=1e-5)
+    assert torch.allclose(torch.linalg.det(a), torch.ones(3, dtype=torch.float64), atol=1e-4)
+    m = a @ a
+    lhs, rhs = m @ sk @ m, sq
+    lam = (lhs * rhs).sum((-1, -2)) / (rhs * rhs).sum((-1, -2))
+    assert torch.allclose(lhs, lam[:, None, None] * rhs, rtol=1e-4, atol=1e-4)
+    # diagonal second moments: the balance
+    kr, qr = torch.rand(2, 3, 16, generator=g) + 0.2, torch.rand(2, 3, 16, generator=g) + 0.2
+    cal = kvt.KVCalibration(torch.zeros(2, 3, 16), kr, qr, {}, torch.diag_embed(kr ** 2),
+                            torch.diag_embed(qr ** 2))
+    assert torch.allclose(cal.whitening(), torch.diag_embed(1 / cal.scales(0.5)), rtol=1e-4)
 
 
 def _logits(spec, weights, policy, transform=None, n=37, page_size=16):
@@ -51,13 +80,14 @@ def tiny():
 
 
 @pytest.mark.parametrize("text", ["int4-bdr:h=16,center", "int4-bdr:h=16,center,balance=0.5",
-                                  "int4-bdr:h=16,seed=3,balance=0.25"])
+                                  "int4-bdr:h=16,seed=3,balance=0.25", "int4:center"])
 def test_identity_calibration_is_the_plain_policy_bit_for_bit(tiny, text):
     """mu = 0 and s = 1: k - 0, k * 1 and q * 1 are exact, so the served output is the plain
     policy's to the last bit (the transform adds no other arithmetic)."""
     spec, w = tiny
     pol = KVPolicy.parse(text)
     plain = dataclasses.replace(pol, k_center=False, k_balance=None)
+    assert not plain.transforms_k
     t = kvt.KVTransform(pol, kvt.KVCalibration.identity(spec, "test"), spec.num_heads)
     assert torch.equal(_logits(spec, w, pol, t), _logits(spec, w, plain))
 
@@ -69,13 +99,15 @@ def test_transform_leaves_exact_attention_unchanged(tiny):
     wrong transform cannot pass)."""
     spec, w = tiny
     cal = _calibration(spec)
-    transform_pol = KVPolicy.parse("int4-bdr:center,balance=0.5")    # what the transform does
-    t = kvt.KVTransform(transform_pol, cal, spec.num_heads)
     bf16 = KVPolicy("bf16")
     ref = _logits(spec, w, bf16)
     err = lambda x: float((x - ref).norm() / ref.norm())          # noqa: E731
-    ok = err(_logits(spec, w, bf16, t))
-    assert ok < 1.5e-2, ok       # measured 6e-3: bf16 rounding of k - mu, 3x larger than k
+    errs = {}
+    for text in ("int4-bdr:center,balance=0.5", "int4-bdr:center,whiten"):   # what they do
+        t = kvt.KVTransform(KVPolicy.parse(text), cal, spec.num_heads)
+        errs[text] = err(_logits(spec, w, bf16, t))
+    ok = max(errs.values())
+    assert ok < 1.5e-2, errs     # measured 6e-3, 7e-3: bf16 rounding of k - mu (3x larger than k)
 
     class MeanOnQ(kvt.KVTransform):
         def __call__(self, layer, q, k):
@@ -111,12 +143,14 @@ def test_centring_and_balance_lower_the_error_of_offset_keys(tiny):
     cal = kvt.calibrate(spec, w, kvt.calibration_windows(ids, None, tokens=256, window=128))
     ref = _logits(spec, w, KVPolicy("bf16"))
     err = {}
-    for text in ("int4-bdr", "int4-bdr:center", "int4-bdr:center,balance=0.5"):
+    for text in ("int4-bdr", "int4-bdr:center", "int4-bdr:center,balance=0.5",
+                 "int4-bdr:center,whiten"):
         pol = KVPolicy.parse(text)
         t = kvt.KVTransform(pol, cal, spec.num_heads) if pol.transforms_k else None
         err[text] = float((_logits(spec, w, pol, t) - ref).norm() / ref.norm())
     assert err["int4-bdr:center"] < 0.8 * err["int4-bdr"], err
     assert err["int4-bdr:center,balance=0.5"] < err["int4-bdr"], err
+    assert err["int4-bdr:center,whiten"] < err["int4-bdr"], err
 
 
 def test_calibration_file_round_trip_and_errors(tmp_path, tiny):
@@ -152,6 +186,17 @@ def test_calibration_file_round_trip_and_errors(tmp_path, tiny):
         nan.check(spec)
 
 
+def test_whiten_without_moments_is_a_clear_error(tmp_path, tiny):
+    spec, _ = tiny
+    path = tmp_path / kvt.CALIBRATION_FILE
+    _calibration(spec).save(path)                    # moments=False: center / balance files
+    cal = kvt.KVCalibration.load(path, spec)
+    assert cal.k_moment is None
+    kvt.KVTransform(KVPolicy.parse("int4-bdr:center,balance=0.5"), cal, spec.num_heads)
+    with pytest.raises(kvt.KVCalibrationError, match="k_moment"):
+        kvt.KVTransform(KVPolicy.parse("int4-bdr:center,whiten"), cal, spec.num_heads)
+
+
 def test_model_refuses_a_transform_policy_without_its_transform(tiny):
     spec, w = tiny
     with pytest.raises(ValueError, match="K transform"):
@@ -183,7 +228,15 @@ def test_build_writes_and_load_reads_the_calibration(tmp_path):
     logs.clear()
     build_engine(opts, log=logs.append, progress=False)
     assert digests(out) == first and any("K calibration: up to date" in m for m in logs)
-    # a damaged or missing file is a clear error at load
+    # whiten needs the moment matrices: a new calibration file, not "up to date"
+    opts.kv_cache = "int4-bdr:center,whiten"
+    build_engine(opts, log=lambda m: None, progress=False)
+    assert json.loads((out / "config.json").read_text())["kv_calibration"]["moments"] is True
+    assert kvt.KVCalibration.load(out / kvt.CALIBRATION_FILE, spec).k_moment is not None
+    assert LLMEngine.from_engine_dir(out, device="cpu").model.kv_transform.k_mat is not None
+    opts.kv_cache = "int4-bdr:center,balance=0.5"
+    build_engine(opts, log=lambda m: None, progress=False)
+
     p = out / kvt.CALIBRATION_FILE
     p.write_bytes(p.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(EngineConfigError, match="sha256"):
@@ -204,7 +257,8 @@ def test_random_weights_build_uses_the_identity_and_override_needs_a_calibration
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kv_calibration"]["source"] == "identity"
     eng = LLMEngine.from_engine_dir(out, device="cpu")
-    assert torch.equal(eng.model.kv_transform.k_mean, torch.zeros_like(eng.model.kv_transform.k_mean))
+    t = eng.model.kv_transform
+    assert torch.equal(t.k_mean, torch.zeros_like(t.k_mean))
     plain = build_tiny(tmp_path, spec, kv_cache="int4-bdr")
     with pytest.raises(EngineConfigError, match="no.*calibration|has none"):
         LLMEngine.from_engine_dir(plain, device="cpu", kv_policy="int4-bdr:center")

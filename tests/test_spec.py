@@ -7,7 +7,7 @@ from sawtrt.spec import KVPolicy, PageLayout, PolicyError, split_policy_list
 @pytest.mark.parametrize("text", ["bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64",
                                   "int4-bdr:h=16,kv,seed=3", "int4-bdr:kv", "int4-bdr:h=64,center",
                                   "int4-bdr:h=64,seed=2,center,balance=0.5", "int4:center",
-                                  "int8:balance=0.25"])
+                                  "int8:balance=0.25", "int4-bdr:h=64,kv,seed=1,center,whiten"])
 def test_policy_text_and_dict_round_trip(text):
     p = KVPolicy.parse(text)
     assert KVPolicy.parse(str(p)) == p
@@ -21,7 +21,8 @@ def test_policy_text_and_dict_round_trip(text):
     ("bf16:center", "nothing a bf16 cache"), ("bf16:balance=0.5", "nothing a bf16 cache"),
     ("int4-bdr:balance=0", r"\(0, 1\]"), ("int4-bdr:balance=1.5", r"\(0, 1\]"),
     ("int4-bdr:balance", "unknown option"), ("int4-bdr:center=1", "unknown option"),
-    ("int4-bdr:balance=x", "bad KV policy")])
+    ("int4-bdr:balance=x", "bad KV policy"), ("bf16:whiten", "nothing a bf16 cache"),
+    ("int4-bdr:whiten,balance=0.5", "full-matrix form"), ("int4-bdr:whiten=1", "unknown option")])
 def test_bad_policies_are_clear_errors(text, msg):
     with pytest.raises(PolicyError, match=msg):
         KVPolicy.parse(text)

@@ -111,7 +111,8 @@ def test_network_defines_with_dynamic_tokens(arch, tie, bias, dtype):
 
 @pytest.mark.parametrize("policy, layers", [
     ("int4-bdr:center", ("k_center",)),
-    ("int4-bdr:center,balance=0.5", ("k_center", "k_balance", "q_balance"))])
+    ("int4-bdr:center,balance=0.5", ("k_center", "k_balance", "q_balance")),
+    ("int4-bdr:center,whiten", ("k_center", "k_whiten.to_tokens", "q_whiten.to_tokens"))])
 def test_network_applies_the_policys_k_transform(policy, layers):
     """center / balance: the same constants CausalLM uses, between RoPE and the attention input,
     shapes unchanged; a policy that needs them and gets none is refused."""
@@ -133,10 +134,10 @@ def test_network_applies_the_policys_k_transform(policy, layers):
     assert ("layers.0.k_balance" in by_name) == ("balance" in policy)
     # the attention input is built from the transformed q and k
     cat = by_name["layers.0.qkv_rope"]
-    last_k = "k_balance" if "balance" in policy else "k_center"
+    last_k, last_q = layers[-2:] if len(layers) == 3 else (layers[0], None)
     assert cat.get_input(1).name == by_name[f"layers.0.{last_k}"].get_output(0).name
-    if "balance" in policy:
-        assert cat.get_input(0).name == by_name["layers.0.q_balance"].get_output(0).name
+    if last_q:
+        assert cat.get_input(0).name == by_name[f"layers.0.{last_q}"].get_output(0).name
     with pytest.raises(N.NetworkBuildError, match="K transform"):
         define(spec, w, policy=policy)
 

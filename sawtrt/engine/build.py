@@ -333,8 +333,9 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
             path.unlink()
         return {}
     prev = old.get("kv_calibration", {})
+    moments = plan.layout.policy.k_whiten          # whiten also needs the D x D moments
     if (path.is_file() and prev.get("weights_sha256") == weights_info.get("sha256", "random")
-            and prev.get("sha256") == sha256_file(path)):
+            and prev.get("moments", False) == moments and prev.get("sha256") == sha256_file(path)):
         log(f"K calibration: up to date ({path})")
         return prev
     if weights_info["format"] == "random":
@@ -348,11 +349,12 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
             ids = ids[1:]
         weights = load_file(str(out / weights_info["file"]))
         cal = kvt.calibrate(plan.spec, weights, kvt.calibration_windows(ids, bos), meta)
-    digest = cal.save(path)
+    digest = cal.save(path, moments=moments)
     log(f"K calibration: wrote {path} ({cal.meta.get('source')}, "
         f"{cal.meta.get('tokens', 0)} tokens)")
     return {"file": kvt.CALIBRATION_FILE, "sha256": digest,
             "weights_sha256": weights_info.get("sha256", "random"),
+            **({"moments": True} if moments else {}),
             **{k: v for k, v in cal.meta.items() if k in ("source", "origin", "text_sha256",
                                                              "tokens", "note")}}
 

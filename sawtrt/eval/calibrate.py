@@ -11,6 +11,7 @@
     qcov    the second moment of the queries of its query group [Hkv, D, D] (after RoPE): the
             Q/K balance variants ("bal", "balrot", "whiten") are derived from the two.
     kmax, qmax  per layer, max |k - mean| and max |q| per channel [Hkv, D] ("balmax").
+    vsq     per layer, the mean square of V per channel [Hkv, D] ("vbal").
 
 Both are computed once per (model, block size) and cached under ~/.cache/sawtrt/eval/.
 """
@@ -34,7 +35,11 @@ def kv_calibration(calib: dict):
     mean = torch.stack([calib["means"][i][:, 0] for i in layers])              # [L, Hkv, D]
     k_sq = torch.stack([calib["kcov"][i].diagonal(dim1=-2, dim2=-1) for i in layers]) + mean ** 2
     q_sq = torch.stack([calib["qcov"][i].diagonal(dim1=-2, dim2=-1) for i in layers])
-    return KVCalibration(mean, k_sq.sqrt(), q_sq.sqrt(), {"source": "calib (transformers model)"})
+    k_moment = torch.stack([calib["kcov"][i] + calib["means"][i].transpose(1, 2)
+                            @ calib["means"][i] for i in layers])
+    q_moment = torch.stack([calib["qcov"][i] for i in layers])
+    return KVCalibration(mean, k_sq.sqrt(), q_sq.sqrt(), {"source": "calib (transformers model)"},
+                         k_moment, q_moment)
 
 
 def lloyd_levels(u: torch.Tensor, n: int = 16, iters: int = 60) -> torch.Tensor:
@@ -58,7 +63,7 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
     path = cache_root() / label / f"calib_h{block}_{tokens}.pt"
     if path.exists() and not refresh:
         out = torch.load(path, weights_only=True)
-        if "qcov" in out:
+        if "vsq" in out:
             return out
     keys: dict[int, list] = {}
     values: dict[int, list] = {}
@@ -86,6 +91,7 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
         us.append(u[(u > 0) & (u < 1)])
     vmeans = {layer: torch.cat(vs, 1).mean(1, keepdim=True) for layer, vs in values.items()}
     kcov, qcov, kmax, qmax = {}, {}, {}, {}
+    vsq = {layer: torch.cat(vs, 1).pow(2).mean(1) for layer, vs in values.items()}
     for layer, ks in keys.items():
         kc = torch.cat(ks, 1) - means[layer]                     # [Hkv, T, D]
         q = torch.cat(queries[layer], 1)                          # [Hq, T, D]
@@ -95,7 +101,7 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
         qcov[layer] = q.transpose(1, 2) @ q / q.shape[1]
         kmax[layer], qmax[layer] = kc.abs().amax(1), q.abs().amax(1)
     out = {"means": means, "vmeans": vmeans, "levels": lloyd_levels(torch.cat(us)), "block": block,
-           "tokens": tokens, "kcov": kcov, "qcov": qcov, "kmax": kmax, "qmax": qmax}
+           "tokens": tokens, "kcov": kcov, "qcov": qcov, "kmax": kmax, "qmax": qmax, "vsq": vsq}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out

@@ -34,7 +34,7 @@ import torch
 from .. import kv_cache
 from ..kernels import ops
 from ..spec import PageLayout
-from .kvquant import KVScheme, balance_matrices, fake_quant
+from .kvquant import KVScheme, balance_matrices, fake_quant, v_balance
 
 ATTN_NAME = "sawtrt_kv"
 _ACTIVE: contextvars.ContextVar["KVHook | None"] = contextvars.ContextVar("sawtrt_kv_hook",
@@ -81,6 +81,7 @@ class KVHook:
         self.kv_calibration = kv_calibration  # KVCalibration: the policy's center / balance
         self._kmats: dict[int, tuple] = {}    # layer -> (A, A^-1) of a balance variant
         self._served: dict[tuple, object] = {}  # (policy, Hq) -> KVTransform
+        self._vt: dict[int, torch.Tensor] = {}    # layer -> V balance t [Hkv, 1, D]
         self._caches: dict[int, tuple] = {}
         self.errors: dict[int, list] = {}     # probe mode: layer -> [sum err^2, sum exact^2]
 
@@ -113,6 +114,9 @@ class KVHook:
             raise ValueError(f"sequence of {length} > sliding window {sliding_window}")
         scaling = 1.0 / math.sqrt(d) if scaling is None else scaling
         layer = module.layer_idx
+        if self.scheme.vbal and layer not in self._vt:
+            self._vt[layer] = v_balance(self.calib, layer, module.o_proj.weight,
+                                        self.scheme.vbal)[:, None]
         if self.record is not None:
             self.record(layer, key[0, :, length - n:])
         if self.mode == "paged":
@@ -196,9 +200,15 @@ class KVHook:
             mean = t.k_mean[layer][:, None] if t.k_mean is not None else None
             if t.k_scale is not None:
                 kmat = (torch.diag_embed(t.k_scale[layer]), torch.diag_embed(1 / t.k_scale[layer]))
+            if t.k_mat is not None:
+                kmat = (t.k_mat[layer], t.q_mat[layer].transpose(-1, -2))    # A, A^-1
         kq = fake_quant(k, kpol, "k", self.scheme if kpol is self.scheme.policy else None,
                         mean=mean, levels=self.levels, kmat=kmat)
-        vq = fake_quant(v, vpol, "v", self.scheme if vpol is self.scheme.policy else None,
+        vt = self._vt.get(layer)
+        vq = fake_quant(v if vt is None else v / vt, vpol, "v",
+                        self.scheme if vpol is self.scheme.policy else None,
                         mean=self.vmeans.get(layer) if self.scheme.vcenter else None,
                         levels=self.levels)
+        if vt is not None:
+            vq = vq * vt
         return self._attend(q, kq, vq, scaling)               # [n, Hq, D]

@@ -25,6 +25,9 @@ table, per-token (s, m) fp16 parameters, no extra passes over the cache). Writte
     ...@whiten                    k -> A k, q -> A^-T q with the A minimising
                                   E|A^-T q|^2 * E|A k|^2 (A^T A = the geometric mean of Sigma_k^-1
                                   and Sigma_q): the full-matrix form of bal=0.5
+    ...@vbal=0.5                  V balance: v -> v / t per channel, the attention output times t
+                                  (foldable into v_proj rows and o_proj columns: free when
+                                  served), t_c = (rms v_c / |o_proj columns of c|)^alpha
     int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import hadamard, quant
+from ..models.kv_transform import whitening
 from ..spec import KVPolicy, PolicyError, split_policy_list
 
 # Shrink ratios tried per token by the "clip" variant (1.0 = the spec's min/max range).
@@ -64,6 +68,7 @@ class KVScheme:
     v8: bool = False                 # V stored as int8 in every layer (K as the policy says)
     balance: str | None = None       # "bal" | "balmax" | "balrot" | "whiten" (see module doc)
     alpha: float = 0.5
+    vbal: float | None = None        # alpha of the V balance (see module doc)
     text: str = field(default="", compare=False)
 
     @classmethod
@@ -86,6 +91,8 @@ class KVScheme:
                 kw["only"] = key[0]
             elif key in ("bal", "balmax", "balrot", "balraw") and eq:
                 kw["balance"], kw["alpha"] = key, float(val)
+            elif key == "vbal" and eq:
+                kw["vbal"] = float(val)
             elif key in ("whiten", "whitenraw") and not eq:
                 kw["balance"] = key
             elif key == "k8" and eq:
@@ -102,12 +109,12 @@ class KVScheme:
     def is_plain(self) -> bool:
         """True when this is exactly a served policy (no prototype variant)."""
         return not (self.clip or self.lut or self.center or self.vcenter or self.int8_layers
-                    or self.only or self.v8 or self.balance)
+                    or self.only or self.v8 or self.balance or self.vbal)
 
     @property
     def calibrated(self) -> bool:
         """True when the scheme needs calibration statistics (calibrate.py)."""
-        return bool(self.center or self.lut or self.vcenter or self.balance
+        return bool(self.center or self.lut or self.vcenter or self.balance or self.vbal
                     or self.policy.transforms_k)
 
     def __str__(self) -> str:
@@ -180,14 +187,6 @@ def quantize_dequant(x: torch.Tensor, bits: int, clip: bool = False,
     return best
 
 
-def _spd_power(m: torch.Tensor, p: float, ridge: float = 1e-6) -> torch.Tensor:
-    """m^p of symmetric positive semi-definite matrices [..., D, D] (eigenvalues floored at
-    ridge * their mean, so near-null directions of K do not blow up)."""
-    w, u = torch.linalg.eigh(m.double())
-    w = w.clamp_min(ridge * w.mean(-1, keepdim=True))
-    return (u * w[..., None, :].pow(p)) @ u.transpose(-1, -2)
-
-
 def balance_matrices(scheme: KVScheme, calib: dict, layer: int, d: int
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A, A^-1) [Hkv, D, D] of the scheme's K transform k -> A k (q -> A^-T q), or None."""
@@ -198,10 +197,8 @@ def balance_matrices(scheme: KVScheme, calib: dict, layer: int, d: int
         mu = calib["means"][layer].double()       # [Hkv, 1, D]
         kcov = kcov + mu.transpose(1, 2) @ mu
     if scheme.balance.startswith("whiten"):
-        kh, kih = _spd_power(kcov, 0.5), _spd_power(kcov, -0.5)
-        m = kih @ _spd_power(kh @ qcov @ kh, 0.5) @ kih
-        a = _spd_power(m, 0.5)
-        return a.float(), torch.linalg.inv(a).float()
+        a = whitening(kcov, qcov)
+        return a, torch.linalg.inv(a.double()).float()
     if scheme.balance == "balmax":
         kstat = calib["kmax"][layer].double()
         if not scheme.center:
@@ -225,6 +222,16 @@ def balance_matrices(scheme: KVScheme, calib: dict, layer: int, d: int
         a, ai = r @ a @ r.T, r @ ai @ r.T
     # row-vector convention: k' = k @ a^T; return (A, A^-1) as column-vector matrices
     return a.float(), ai.float()
+
+
+def v_balance(calib: dict, layer: int, o_proj: torch.Tensor, alpha: float) -> torch.Tensor:
+    """t [Hkv, D]: (rms v_c / w_c)^alpha, geometric mean 1, w_c^2 the squared norm of the o_proj
+    columns that channel c of the KV head reaches (all query heads of its group)."""
+    vrms = calib["vsq"][layer].double().sqrt()                              # [Hkv, D]
+    hkv, d = vrms.shape
+    w = o_proj.double().pow(2).sum(0).reshape(hkv, -1, d).sum(1).sqrt()      # [Hkv, D]
+    t = (vrms / w.clamp_min(1e-12)).clamp_min(1e-12).pow(alpha)
+    return (t / t.log().mean(-1, keepdim=True).exp()).float()
 
 
 def fake_quant(x: torch.Tensor, policy: KVPolicy, which: str, scheme: KVScheme | None = None,

@@ -1,9 +1,11 @@
 """Model-side K transforms of a KV policy: K centring and Q/K channel balance (no kernel change).
 
-`KVPolicy.k_center` and `KVPolicy.k_balance` (text options `center`, `balance=ALPHA`) ask the
-model to hand the kernels a transformed query and key, per layer l, KV head g and channel c:
+`KVPolicy.k_center`, `k_balance` and `k_whiten` (text options `center`, `balance=ALPHA`,
+`whiten`) ask the model to hand the kernels a transformed query and key, per layer l, KV head g
+(and channel c):
 
     k' = (k - mu[l, g]) / s[l, g]        q' = q * s[l, g]     (q of every query head of group g)
+    k' = A[l, g] (k - mu[l, g])          q' = A[l, g]^-T q    (whiten: A a D x D matrix)
 
 after RoPE (and Qwen3's k_norm), before `ops.write_kv` / `ops.attention_step`, which rotate
 (BDR), quantize and store k' exactly as they store k without the options. The scores change by
@@ -17,11 +19,15 @@ the read kernels, the page layout and the bytes per token are those of the plain
          q over the group's query heads), normalised to geometric mean 1 per (layer, head). The
          4-bit error of a score is about |q'|^2 * |k'|^2 up to constants (the step of the
          rotated k' grows with |k'|); alpha = 1/2 minimises that product (Cauchy-Schwarz).
+    A    the same objective over all linear maps, E|A^-T q|^2 * E|A k|^2: minimised by the
+         symmetric A with A^2 = Sigma_k^-1 # Sigma_q (the matrix geometric mean; Sigma the
+         second-moment matrices of k, mean included, and of q). Diagonal Sigmas give s above.
+         Costs a [D x D] matmul on q and k per layer instead of an elementwise scale.
 
 The statistics live in the engine directory (`CALIBRATION_FILE`: k_mean, k_rms, q_rms, fp32
-[layers, kv_heads, D]) and are computed by `sawtrt build` with `calibrate()` (the model itself
-over calibration text disjoint from the eval text); mu and s are derived at load, so one file
-serves every alpha.
+[layers, kv_heads, D], and for whiten k_moment, q_moment [layers, kv_heads, D, D]) and are
+computed by `sawtrt build` with `calibrate()` (the model itself over calibration text disjoint
+from the eval text); mu, s and A are derived at load, so one file serves every alpha.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from .specs import ModelSpec
 
 CALIBRATION_FILE = "kv_calibration.safetensors"
 STATS = ("k_mean", "k_rms", "q_rms")
+MOMENTS = ("k_moment", "q_moment")   # only in files of whiten policies
 CALIBRATION_TOKENS = 1024        # 2 windows of 512 (+BOS): ~1 s of CPU for SmolLM2 in fp32
 CALIBRATION_WINDOW = 512
 
@@ -47,27 +54,33 @@ class KVCalibrationError(ValueError):
 @dataclass
 class KVCalibration:
     """Per layer, KV head and channel: mean K, RMS of K (mean included) and RMS of q (over the
-    head's query group), all post-RoPE, fp32 [L, Hkv, D]."""
+    head's query group), all post-RoPE, fp32 [L, Hkv, D]; optionally the second-moment
+    matrices E[k k^T], E[q q^T] [L, Hkv, D, D] (whiten)."""
     k_mean: torch.Tensor
     k_rms: torch.Tensor
     q_rms: torch.Tensor
     meta: dict = field(default_factory=dict)     # where the statistics came from
+    k_moment: torch.Tensor | None = None
+    q_moment: torch.Tensor | None = None
 
     @classmethod
     def identity(cls, spec: ModelSpec, why: str) -> "KVCalibration":
         """mu = 0, s = 1: the transform changes nothing (random-weights engines)."""
         shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        eye = torch.eye(spec.head_dim).expand(*shape[:2], -1, -1).contiguous()
         return cls(torch.zeros(shape), torch.ones(shape), torch.ones(shape),
-                   {"source": "identity", "note": why})
+                   {"source": "identity", "note": why}, eye, eye.clone())
 
     def check(self, spec: ModelSpec) -> "KVCalibration":
         shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
-        for name in STATS:
+        present = [n for n in MOMENTS if getattr(self, n) is not None]
+        for name in STATS + tuple(present):
             t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            want = shape + ((spec.head_dim,) if name in MOMENTS else ())
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
                 raise KVCalibrationError(
-                    f"K calibration {name}: expected a tensor of shape {list(shape)} "
-                    f"[layers, kv_heads, head_dim], got "
+                    f"K calibration {name}: expected a tensor of shape {list(want)} "
+                    f"[layers, kv_heads, head_dim{', head_dim' if name in MOMENTS else ''}], got "
                     f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
             if not torch.isfinite(t).all():
                 raise KVCalibrationError(f"K calibration {name} has non-finite values")
@@ -75,11 +88,13 @@ class KVCalibration:
             raise KVCalibrationError("K calibration k_rms / q_rms must be > 0")
         return self
 
-    def save(self, path: Path) -> str:
-        """Write the safetensors file; returns its sha256."""
+    def save(self, path: Path, moments: bool = False) -> str:
+        """Write the safetensors file (with the moment matrices when asked); returns its
+        sha256."""
         from safetensors.torch import save_file
         tmp = path.with_suffix(".part")
-        save_file({n: getattr(self, n).float().contiguous() for n in STATS}, str(tmp),
+        names = STATS + (MOMENTS if moments else ())
+        save_file({n: getattr(self, n).float().contiguous() for n in names}, str(tmp),
                   metadata={k: str(v) for k, v in self.meta.items()})
         tmp.replace(path)
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -99,7 +114,8 @@ class KVCalibration:
                 missing = [n for n in STATS if n not in f.keys()]
                 if missing:
                     raise KVCalibrationError(f"K calibration {str(path)!r} lacks {missing}")
-                tensors = {n: f.get_tensor(n).float() for n in STATS}
+                tensors = {n: f.get_tensor(n).float() for n in STATS + MOMENTS
+                           if n in f.keys()}
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise KVCalibrationError(f"K calibration {str(path)!r} is not a readable "
@@ -110,6 +126,29 @@ class KVCalibration:
         """s [L, Hkv, D] = (k_rms / q_rms) ** alpha, geometric mean 1 per (layer, head)."""
         s = (self.k_rms.double() / self.q_rms.double()).pow(alpha)
         return (s / s.log().mean(-1, keepdim=True).exp()).float()
+
+    def whitening(self) -> torch.Tensor:
+        """A [L, Hkv, D, D] (symmetric; det 1 per head) with A^2 = Sigma_k^-1 # Sigma_q."""
+        if self.k_moment is None or self.q_moment is None:
+            raise KVCalibrationError("whiten needs the K calibration's k_moment / q_moment "
+                                     "matrices; rebuild the engine with the whiten policy")
+        return whitening(self.k_moment, self.q_moment)
+
+
+def spd_power(m: torch.Tensor, p: float, floor: float = 1e-6) -> torch.Tensor:
+    """m^p (fp64) of symmetric positive semi-definite matrices [..., D, D]; eigenvalues are
+    floored at floor * their mean, so directions K never uses do not blow up."""
+    w, u = torch.linalg.eigh(m.double())
+    w = w.clamp_min(floor * w.mean(-1, keepdim=True))
+    return (u * w[..., None, :].pow(p)) @ u.transpose(-1, -2)
+
+
+def whitening(k_moment: torch.Tensor, q_moment: torch.Tensor) -> torch.Tensor:
+    """The A minimising E|A^-T q|^2 E|A k|^2 (module doc), scaled to det 1, fp32."""
+    kh, kih = spd_power(k_moment, 0.5), spd_power(k_moment, -0.5)
+    a = spd_power(kih @ spd_power(kh @ q_moment.double() @ kh, 0.5) @ kih, 0.5)
+    logdet = torch.linalg.slogdet(a)[1] / a.shape[-1]
+    return (a / logdet.exp()[..., None, None]).float()
 
 
 class KVTransform:
@@ -123,7 +162,11 @@ class KVTransform:
         group = num_heads // calib.k_mean.shape[1]
         self.policy = policy
         self.k_mean = calib.k_mean.to(device, dtype) if policy.k_center else None
-        self.k_scale = self.q_scale = None
+        self.k_scale = self.q_scale = self.k_mat = self.q_mat = None
+        if policy.k_whiten:
+            a = calib.whitening()                                            # [L, Hkv, D, D]
+            self.k_mat = a.to(device, dtype)                                 # k' = A k
+            self.q_mat = torch.linalg.inv(a.double()).transpose(-1, -2).float().to(device, dtype)
         if policy.k_balance is not None:
             s = calib.scales(policy.k_balance)
             self.k_scale = (1.0 / s).to(device, dtype)                      # [L, Hkv, D]
@@ -135,6 +178,12 @@ class KVTransform:
         if self.k_scale is not None:
             k = k * self.k_scale[layer]
             q = q * self.q_scale[layer]
+        if self.k_mat is not None:
+            t, hq, d = q.shape
+            hkv = k.shape[1]
+            k = torch.einsum("thd,hed->the", k, self.k_mat[layer])
+            q = torch.einsum("thgd,hed->thge", q.reshape(t, hkv, hq // hkv, d),
+                             self.q_mat[layer]).reshape(t, hq, d)
         return q, k
 
 
@@ -147,6 +196,8 @@ class _Recorder:
         self.k_sum = torch.zeros(shape, dtype=torch.float64)
         self.k_sq = torch.zeros(shape, dtype=torch.float64)
         self.q_sq = torch.zeros(shape, dtype=torch.float64)
+        self.k_mom = torch.zeros(shape + (spec.head_dim,), dtype=torch.float64)
+        self.q_mom = torch.zeros(shape + (spec.head_dim,), dtype=torch.float64)
         self.hkv = spec.num_kv_heads
 
     def __call__(self, layer, q, k):
@@ -155,6 +206,8 @@ class _Recorder:
         self.k_sum[layer] += kd.sum(0)
         self.k_sq[layer] += kd.pow(2).sum(0)
         self.q_sq[layer] += qd.pow(2).mean(2).sum(0)
+        self.k_mom[layer] += torch.einsum("thd,the->hde", kd, kd)
+        self.q_mom[layer] += torch.einsum("thgd,thge->hde", qd, qd) / qd.shape[2]
         if layer == 0:
             self.n += k.shape[0]
         return q, k
@@ -200,4 +253,5 @@ def calibrate(spec: ModelSpec, weights: dict[str, torch.Tensor], windows: list[l
     n = rec.n
     info = dict(meta or {}, tokens=n, windows=len(windows))
     return KVCalibration((rec.k_sum / n).float(), (rec.k_sq / n).sqrt().float(),
-                         (rec.q_sq / n).sqrt().float(), info).check(spec)
+                         (rec.q_sq / n).sqrt().float(), info, (rec.k_mom / n).float(),
+                         (rec.q_mom / n).float()).check(spec)

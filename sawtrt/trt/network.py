@@ -200,8 +200,9 @@ class DecoderNetwork:
                        self.ew(rot, sin, E.PROD, name + ".sin"), E.SUM, name)
 
     def transform_qk(self, q, k, layer: int):
-        """The policy's center / balance, as CausalLM applies it (sawtrt.models.kv_transform):
-        k' = (k - mu) * (1 / s), q' = q * s, per-(head, channel) constants [1, H, D]."""
+        """The policy's center / balance / whiten, as CausalLM applies it
+        (sawtrt.models.kv_transform): k' = (k - mu) * (1 / s), q' = q * s with per-(head,
+        channel) constants [1, H, D]; k' = A k, q' = A^-T q with [H, D, D] matrices."""
         E, t = self.trt.ElementWiseOperation, self.kv_transform
         name = f"layers.{layer}"
         if t.k_mean is not None:
@@ -212,7 +213,24 @@ class DecoderNetwork:
                                       name=name + ".k_scale"), E.PROD, name + ".k_balance")
             q = self.ew(q, self.const(t.q_scale[layer].to(self.dtype)[None],
                                       name=name + ".q_scale"), E.PROD, name + ".q_balance")
+        if t.k_mat is not None:
+            group = self.spec.num_heads // self.spec.num_kv_heads
+            k = self.per_head_matmul(k, t.k_mat[layer], name + ".k_whiten")
+            q = self.per_head_matmul(q, t.q_mat[layer].repeat_interleave(group, 0),
+                                     name + ".q_whiten")
         return q, k
+
+    def per_head_matmul(self, x, m: torch.Tensor, name: str):
+        """y[t, h] = m[h] @ x[t, h] for x [T, H, D], m [H, D, D]: a batched GEMM over heads."""
+        mm = self.trt.MatrixOperation
+        first = self.net.add_shuffle(x)
+        first.first_transpose = (1, 0, 2)                                      # [H, T, D]
+        xt = self._name(first, name + ".to_heads")
+        y = self._name(self.net.add_matrix_multiply(
+            xt, mm.NONE, self.const(m.to(self.dtype), name=name + ".matrix"), mm.TRANSPOSE), name)
+        back = self.net.add_shuffle(y)
+        back.first_transpose = (1, 0, 2)
+        return self._name(back, name + ".to_tokens")
 
     # -- attention ----------------------------------------------------------------------------
     def attention_params(self, layer: int) -> AttentionParams:
