@@ -14,7 +14,7 @@ import click
 @click.option("--policies", default="fp32,bf16,int8,int4,int4-bdr:h=16,int4-bdr:h=32,int4-bdr:h=64",
               show_default=True,
               help="comma-separated: fp32, bf16, int8, int4, int4-bdr[:h=H,kv,seed=S,center,"
-                   "balance=A] (served; center/balance calibrated like `sawtrt build`) and "
+                   "balance=A|whiten] (served; K transforms calibrated like `sawtrt build`) and "
                    "prototype variants @center, @lut, @clip, @vcenter, @konly, @vonly, "
                    "@k8=L+L, @bal=A, @balmax=A, @balrot=A, @whiten, @vbal=A (fake path)")
 @click.option("--tokens", default=2048, show_default=True, help="tokens per text source")

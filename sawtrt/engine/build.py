@@ -4,7 +4,7 @@
 
 Steps (each skipped when its output is already there and up to date, so re-running with the
 same inputs rewrites nothing): weights (safetensors, bf16), tokenizer, K calibration (policies
-with `center` / `balance`: sawtrt.models.kv_transform), kernel library
+with `center` / `balance` / `whiten`: sawtrt.models.kv_transform), kernel library
 (build_scripts/build.py when nvcc exists), config.json, Triton model repository
 (sawtrt.serving.triton_repo), TensorRT plan (sawtrt.trt.build_engine). Steps whose provider is
 not importable / not installed are skipped with a message naming why.
@@ -324,9 +324,9 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
     """Write kv_calibration.safetensors when the policy transforms K; returns its config entry.
 
     Real weights: the model's own q/K statistics over the 'calib' text (kv_transform.calibrate,
-    fp32 on CPU; ~10 s for SmolLM2-135M). Random weights: the identity (mu = 0, s = 1) — random
-    K has no structure worth calibrating, and the qwen3-4b benchmark build stays instant; the
-    transform still runs, so the served cost is measured."""
+    fp32 on CPU; ~10 s for SmolLM2-135M). Random weights: the identity (mu = 0, s = 1, A = I):
+    random K has no structure worth calibrating, and the qwen3-4b benchmark build stays
+    instant; the transform still runs, so the served cost is measured."""
     path = out / kvt.CALIBRATION_FILE
     if not plan.layout.policy.transforms_k:
         if path.exists():

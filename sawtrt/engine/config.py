@@ -6,7 +6,7 @@ Layout of an engine directory:
                            which are regenerated from `weights.seed` at load)
     tokenizer.json         byte-level BPE (tokenizers format), when the model has a vocabulary
     tokenizer_config.json  tokenizer kind and special ids (+ chat template)
-    kv_calibration.safetensors  K statistics behind the policy's `center` / `balance` options
+    kv_calibration.safetensors  K statistics behind the policy's `center` / `balance` / `whiten`
                            (sawtrt.models.kv_transform), only for such policies
     lib/                   the compiled kernel library, when nvcc was there at build time
     triton_model_repo/     Triton model repository (written by sawtrt.serving), when available

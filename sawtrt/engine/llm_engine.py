@@ -64,7 +64,7 @@ def load_weights(cfg: EngineConfig, engine_dir: Path, device, dtype) -> dict:
 
 
 def load_kv_transform(cfg: EngineConfig, engine_dir: Path, dtype, device) -> KVTransform | None:
-    """The policy's model-side K transform (center / balance) from the engine's calibration
+    """The policy's model-side K transform (center / balance / whiten) from the engine's calibration
     file, or None when the policy has none."""
     pol = cfg.layout.policy
     if not pol.transforms_k:

@@ -78,7 +78,7 @@ class KVHook:
         self.levels = levels              # 16-level table (lut variant)
         self.record = record              # callable(layer, key) for statistics, or None
         self.calib = calib                # calibrate.py's statistics (balance variants)
-        self.kv_calibration = kv_calibration  # KVCalibration: the policy's center / balance
+        self.kv_calibration = kv_calibration  # KVCalibration: the policy's K transform
         self._kmats: dict[int, tuple] = {}    # layer -> (A, A^-1) of a balance variant
         self._served: dict[tuple, object] = {}  # (policy, Hq) -> KVTransform
         self._vt: dict[int, torch.Tensor] = {}    # layer -> V balance t [Hkv, 1, D]

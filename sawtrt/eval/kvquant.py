@@ -25,6 +25,9 @@ table, per-token (s, m) fp16 parameters, no extra passes over the cache). Writte
     ...@whiten                    k -> A k, q -> A^-T q with the A minimising
                                   E|A^-T q|^2 * E|A k|^2 (A^T A = the geometric mean of Sigma_k^-1
                                   and Sigma_q): the full-matrix form of bal=0.5
+    ...@center@balraw=0.5         centring, then the balance with s from K's statistics *with*
+    ...@center@whitenraw          its mean (likewise the matrix): the served policies
+                                  int4-bdr:h=64,center,balance=0.5 / int4-bdr:h=64,center,whiten
     ...@vbal=0.5                  V balance: v -> v / t per channel, the attention output times t
                                   (foldable into v_proj rows and o_proj columns: free when
                                   served), t_c = (rms v_c / |o_proj columns of c|)^alpha
@@ -66,7 +69,8 @@ class KVScheme:
     int8_layers: tuple[int, ...] = ()
     only: str | None = None          # "k" or "v": the other tensor stays bf16
     v8: bool = False                 # V stored as int8 in every layer (K as the policy says)
-    balance: str | None = None       # "bal" | "balmax" | "balrot" | "whiten" (see module doc)
+    balance: str | None = None       # "bal" | "balmax" | "balrot" | "balraw" | "whiten" |
+                                     # "whitenraw" (see module doc)
     alpha: float = 0.5
     vbal: float | None = None        # alpha of the V balance (see module doc)
     text: str = field(default="", compare=False)
@@ -98,8 +102,9 @@ class KVScheme:
             elif key == "k8" and eq:
                 kw["int8_layers"] = tuple(sorted(int(x) for x in val.split("+") if x.strip()))
             else:
-                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, konly, vonly, v8, "
-                                  "k8=L+L.., bal=A, balmax=A, balrot=A, whiten)")
+                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, "
+                                  "konly, vonly, v8, k8=L+L.., bal=A, balmax=A, balrot=A, balraw=A, "
+                                  "whiten, whitenraw, vbal=A)")
         scheme = cls(KVPolicy.parse(base), text=text.strip(), **kw)
         if (scheme.clip or scheme.lut) and not scheme.policy.quantized:
             raise PolicyError(f"{text!r}: clip/lut need a quantized policy")
