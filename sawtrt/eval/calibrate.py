@@ -12,6 +12,7 @@
             Q/K balance variants ("bal", "balrot", "whiten") are derived from the two.
     kmax, qmax  per layer, max |k - mean| and max |q| per channel [Hkv, D] ("balmax").
     vsq     per layer, the mean square of V per channel [Hkv, D] ("vbal").
+    vmom    per layer, the second-moment matrix of V [Hkv, D, D] ("vwhiten").
 
 Both are computed once per (model, block size) and cached under ~/.cache/sawtrt/eval/.
 """
@@ -63,7 +64,7 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
     path = cache_root() / label / f"calib_h{block}_{tokens}.pt"
     if path.exists() and not refresh:
         out = torch.load(path, weights_only=True)
-        if "vsq" in out:
+        if "vmom" in out:
             return out
     keys: dict[int, list] = {}
     values: dict[int, list] = {}
@@ -92,6 +93,8 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
     vmeans = {layer: torch.cat(vs, 1).mean(1, keepdim=True) for layer, vs in values.items()}
     kcov, qcov, kmax, qmax = {}, {}, {}, {}
     vsq = {layer: torch.cat(vs, 1).pow(2).mean(1) for layer, vs in values.items()}
+    vmom = {layer: (lambda v: v.transpose(1, 2) @ v / v.shape[1])(torch.cat(vs, 1))
+            for layer, vs in values.items()}
     for layer, ks in keys.items():
         kc = torch.cat(ks, 1) - means[layer]                     # [Hkv, T, D]
         q = torch.cat(queries[layer], 1)                          # [Hq, T, D]
@@ -101,7 +104,8 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
         qcov[layer] = q.transpose(1, 2) @ q / q.shape[1]
         kmax[layer], qmax[layer] = kc.abs().amax(1), q.abs().amax(1)
     out = {"means": means, "vmeans": vmeans, "levels": lloyd_levels(torch.cat(us)), "block": block,
-           "tokens": tokens, "kcov": kcov, "qcov": qcov, "kmax": kmax, "qmax": qmax, "vsq": vsq}
+           "tokens": tokens, "kcov": kcov, "qcov": qcov, "kmax": kmax, "qmax": qmax, "vsq": vsq,
+           "vmom": vmom}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out

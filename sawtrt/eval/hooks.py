@@ -34,7 +34,7 @@ import torch
 from .. import kv_cache
 from ..kernels import ops
 from ..spec import PageLayout
-from .kvquant import KVScheme, balance_matrices, fake_quant, v_balance
+from .kvquant import KVScheme, balance_matrices, fake_quant, v_balance, v_whitening
 
 ATTN_NAME = "sawtrt_kv"
 _ACTIVE: contextvars.ContextVar["KVHook | None"] = contextvars.ContextVar("sawtrt_kv_hook",
@@ -117,6 +117,8 @@ class KVHook:
         if self.scheme.vbal and layer not in self._vt:
             self._vt[layer] = v_balance(self.calib, layer, module.o_proj.weight,
                                         self.scheme.vbal)[:, None]
+        if self.scheme.vwhiten and layer not in self._vt:
+            self._vt[layer] = v_whitening(self.calib, layer, module.o_proj.weight)
         if self.record is not None:
             self.record(layer, key[0, :, length - n:])
         if self.mode == "paged":
@@ -205,10 +207,10 @@ class KVHook:
         kq = fake_quant(k, kpol, "k", self.scheme if kpol is self.scheme.policy else None,
                         mean=mean, levels=self.levels, kmat=kmat)
         vt = self._vt.get(layer)
-        vq = fake_quant(v if vt is None else v / vt, vpol, "v",
+        vq = fake_quant(v / vt if isinstance(vt, torch.Tensor) else v, vpol, "v",
                         self.scheme if vpol is self.scheme.policy else None,
                         mean=self.vmeans.get(layer) if self.scheme.vcenter else None,
-                        levels=self.levels)
-        if vt is not None:
+                        levels=self.levels, kmat=vt if isinstance(vt, tuple) else None)
+        if isinstance(vt, torch.Tensor):
             vq = vq * vt
         return self._attend(q, kq, vq, scaling)               # [n, Hq, D]

@@ -31,6 +31,8 @@ table, per-token (s, m) fp16 parameters, no extra passes over the cache). Writte
     ...@vbal=0.5                  V balance: v -> v / t per channel, the attention output times t
                                   (foldable into v_proj rows and o_proj columns: free when
                                   served), t_c = (rms v_c / |o_proj columns of c|)^alpha
+    ...@vwhiten                   its full-matrix form: v -> B v, output -> B^-1 o (also
+                                  foldable), B^2 = Sigma_v^-1 # (o_proj block Gram of the group)
     int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
@@ -73,6 +75,7 @@ class KVScheme:
                                      # "whitenraw" (see module doc)
     alpha: float = 0.5
     vbal: float | None = None        # alpha of the V balance (see module doc)
+    vwhiten: bool = False
     text: str = field(default="", compare=False)
 
     @classmethod
@@ -97,6 +100,8 @@ class KVScheme:
                 kw["balance"], kw["alpha"] = key, float(val)
             elif key == "vbal" and eq:
                 kw["vbal"] = float(val)
+            elif key == "vwhiten" and not eq:
+                kw["vwhiten"] = True
             elif key in ("whiten", "whitenraw") and not eq:
                 kw["balance"] = key
             elif key == "k8" and eq:
@@ -114,13 +119,13 @@ class KVScheme:
     def is_plain(self) -> bool:
         """True when this is exactly a served policy (no prototype variant)."""
         return not (self.clip or self.lut or self.center or self.vcenter or self.int8_layers
-                    or self.only or self.v8 or self.balance or self.vbal)
+                    or self.only or self.v8 or self.balance or self.vbal or self.vwhiten)
 
     @property
     def calibrated(self) -> bool:
         """True when the scheme needs calibration statistics (calibrate.py)."""
         return bool(self.center or self.lut or self.vcenter or self.balance or self.vbal
-                    or self.policy.transforms_k)
+                    or self.vwhiten                    or self.policy.transforms_k)
 
     def __str__(self) -> str:
         return self.text or str(self.policy)
@@ -237,6 +242,16 @@ def v_balance(calib: dict, layer: int, o_proj: torch.Tensor, alpha: float) -> to
     w = o_proj.double().pow(2).sum(0).reshape(hkv, -1, d).sum(1).sqrt()      # [Hkv, D]
     t = (vrms / w.clamp_min(1e-12)).clamp_min(1e-12).pow(alpha)
     return (t / t.log().mean(-1, keepdim=True).exp()).float()
+
+
+def v_whitening(calib: dict, layer: int, o_proj: torch.Tensor) -> tuple:
+    """(B, B^-1) [Hkv, D, D] of the vwhiten variant."""
+    vmom = calib["vmom"][layer].double()
+    hkv, d = vmom.shape[0], vmom.shape[-1]
+    w = o_proj.double().reshape(o_proj.shape[0], hkv, -1, d)              # [hidden, Hkv, G, D]
+    gram = torch.einsum("ngkd,ngke->gde", w, w)
+    b = whitening(vmom, gram)
+    return b, torch.linalg.inv(b.double()).float()
 
 
 def fake_quant(x: torch.Tensor, policy: KVPolicy, which: str, scheme: KVScheme | None = None,
