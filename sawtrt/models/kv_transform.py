@@ -1,4 +1,4 @@
-"""Model-side K transforms of a KV policy: K centring and Q/K channel balance (no kernel change).
+"""Model-side K transforms of a KV policy: K centring, Q/K balance, whitening (no kernel change).
 
 `KVPolicy.k_center`, `k_balance` and `k_whiten` (text options `center`, `balance=ALPHA`,
 `whiten`) ask the model to hand the kernels a transformed query and key, per layer l, KV head g
@@ -43,7 +43,7 @@ from .specs import ModelSpec
 CALIBRATION_FILE = "kv_calibration.safetensors"
 STATS = ("k_mean", "k_rms", "q_rms")
 MOMENTS = ("k_moment", "q_moment")   # only in files of whiten policies
-CALIBRATION_TOKENS = 1024        # 2 windows of 512 (+BOS): ~1 s of CPU for SmolLM2 in fp32
+CALIBRATION_TOKENS = 1024        # 2 windows of 512 (+BOS): a few s of CPU for SmolLM2 in fp32
 CALIBRATION_WINDOW = 512
 
 
@@ -194,8 +194,6 @@ class _Recorder:
         shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
         self.n = 0
         self.k_sum = torch.zeros(shape, dtype=torch.float64)
-        self.k_sq = torch.zeros(shape, dtype=torch.float64)
-        self.q_sq = torch.zeros(shape, dtype=torch.float64)
         self.k_mom = torch.zeros(shape + (spec.head_dim,), dtype=torch.float64)
         self.q_mom = torch.zeros(shape + (spec.head_dim,), dtype=torch.float64)
         self.hkv = spec.num_kv_heads
@@ -204,8 +202,6 @@ class _Recorder:
         kd = k.double()
         qd = q.double().reshape(q.shape[0], self.hkv, -1, q.shape[-1])   # [T, Hkv, G, D]
         self.k_sum[layer] += kd.sum(0)
-        self.k_sq[layer] += kd.pow(2).sum(0)
-        self.q_sq[layer] += qd.pow(2).mean(2).sum(0)
         self.k_mom[layer] += torch.einsum("thd,the->hde", kd, kd)
         self.q_mom[layer] += torch.einsum("thgd,thge->hde", qd, qd) / qd.shape[2]
         if layer == 0:
@@ -252,6 +248,7 @@ def calibrate(spec: ModelSpec, weights: dict[str, torch.Tensor], windows: list[l
         model(torch.tensor(ids), meta_, pool)
     n = rec.n
     info = dict(meta or {}, tokens=n, windows=len(windows))
-    return KVCalibration((rec.k_sum / n).float(), (rec.k_sq / n).sqrt().float(),
-                         (rec.q_sq / n).sqrt().float(), info, (rec.k_mom / n).float(),
-                         (rec.q_mom / n).float()).check(spec)
+    k_mom, q_mom = rec.k_mom / n, rec.q_mom / n
+    rms = lambda m: m.diagonal(dim1=-2, dim2=-1).sqrt().float()      # noqa: E731
+    return KVCalibration((rec.k_sum / n).float(), rms(k_mom), rms(q_mom), info, k_mom.float(),
+                         q_mom.float()).check(spec)
