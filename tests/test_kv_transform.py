@@ -107,11 +107,11 @@ def test_transform_leaves_exact_attention_unchanged(tiny):
         t = kvt.KVTransform(KVPolicy.parse(text), cal, spec.num_heads)
         errs[text] = err(_logits(spec, w, bf16, t))
     ok = max(errs.values())
-    assert ok < 1.5e-2, errs     # measured 6e-3, 7e-3: bf16 rounding of k - mu (3x larger than k)
+    assert ok < 1.5e-2, errs     # measured 6e-3, 8e-3: bf16 rounding of k - mu (3x larger than k)
 
     class MeanOnQ(kvt.KVTransform):
         def __call__(self, layer, q, k):
-            return q - self.k_mean[layer].repeat_interleave(2, 0), k
+            return q - self.k_mean[layer].repeat_interleave(q.shape[1] // k.shape[1], 0), k
 
     wrong_q = err(_logits(spec, w, bf16, MeanOnQ(KVPolicy.parse("int4:center"), cal,
                                                  spec.num_heads)))
