@@ -63,12 +63,26 @@ class KVPolicy:
     rotation_block:  h for int4-bdr; None means min(DEFAULT_BLOCK, D), fixed by `resolve(D)`
     rotate_v:        False rotates K only (default); True rotates K and V
     sign_seed:       None for plain Hadamard, else seed of the fixed +-1 signs (see `signs`)
+    k_center:        the model subtracts a calibrated per-layer, per-KV-head vector mu from K
+                     (after RoPE) before the write, so the cache holds k - mu. Softmax is
+                     invariant to it (q.(k - mu) = q.k - q.mu, one shift per query), so the read
+                     side does not change; the per-token range of K shrinks.
+    k_balance:       None, or alpha of the Q/K channel balance: the model replaces k by k / s and
+                     q by q * s (s per layer, KV head and channel, calibrated; q.k unchanged).
+    k_whiten:        the full-matrix form of balance=0.5: k -> A k, q -> A^-T q with one
+                     calibrated D x D matrix A per layer and KV head (q.k unchanged).
+    Both are applied model-side (sawtrt.models.kv_transform) to the K and q that the kernels
+    receive; kernels, page layout and bytes per token are the same as without them. The
+    constants live in the engine directory (kv_calibration.safetensors).
     """
 
     kind: str = "int4-bdr"
     rotation_block: int | None = None
     rotate_v: bool = False
     sign_seed: int | None = None
+    k_center: bool = False
+    k_balance: float | None = None
+    k_whiten: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -76,6 +90,13 @@ class KVPolicy:
         if self.kind != "int4-bdr" and (self.rotation_block is not None or self.rotate_v
                                         or self.sign_seed is not None):
             raise PolicyError(f"policy {self.kind} takes no rotation options")
+        if self.kind == "bf16" and self.transforms_k:
+            raise PolicyError("center/balance/whiten change nothing a bf16 cache stores (K is "
+                              "kept exactly): use them with int8, int4 or int4-bdr")
+        if self.k_whiten and self.k_balance is not None:
+            raise PolicyError("whiten is the full-matrix form of balance: give one of them")
+        if self.k_balance is not None and not 0.0 < self.k_balance <= 1.0:
+            raise PolicyError(f"balance={self.k_balance} must be in (0, 1]")
         if self.rotation_block is not None:
             b = self.rotation_block
             if b < 16 or b > 256 or b & (b - 1):
@@ -89,6 +110,11 @@ class KVPolicy:
     @property
     def quantized(self) -> bool:
         return self.bits < 16
+
+    @property
+    def transforms_k(self) -> bool:
+        """True when the model transforms q/K before the cache (needs the engine's calibration)."""
+        return self.k_center or self.k_balance is not None or self.k_whiten
 
     @property
     def rotated(self) -> bool:
@@ -121,7 +147,8 @@ class KVPolicy:
     # -- text and config forms --------------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> "KVPolicy":
-        """Parse "bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64", "int4-bdr:h=32,kv,seed=3"."""
+        """Parse "bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64", "int4-bdr:h=32,kv,seed=3",
+        "int4-bdr:h=64,center", "int4-bdr:h=64,center,balance=0.5", "int4:center"."""
         name, _, opts = text.strip().partition(":")
         kw: dict = {}
         for opt in filter(None, (o.strip() for o in opts.split(","))):
@@ -135,6 +162,12 @@ class KVPolicy:
                     kw["rotate_v"] = key == "kv"
                 elif key == "rotate" and val in ("k", "kv"):
                     kw["rotate_v"] = val == "kv"
+                elif key == "center" and not eq:
+                    kw["k_center"] = True
+                elif key == "balance" and eq:
+                    kw["k_balance"] = float(val)
+                elif key == "whiten" and not eq:
+                    kw["k_whiten"] = True
                 else:
                     raise PolicyError(f"unknown option {opt!r}")
             except ValueError as e:
@@ -142,8 +175,6 @@ class KVPolicy:
         return cls(kind=name.strip().lower(), **kw)
 
     def __str__(self) -> str:
-        if not self.rotated:
-            return self.kind
         opts = []
         if self.rotation_block:
             opts.append(f"h={self.rotation_block}")
@@ -151,10 +182,20 @@ class KVPolicy:
             opts.append("kv")
         if self.sign_seed is not None:
             opts.append(f"seed={self.sign_seed}")
+        if self.k_center:
+            opts.append("center")
+        if self.k_balance is not None:
+            opts.append(f"balance={self.k_balance:g}")
+        if self.k_whiten:
+            opts.append("whiten")
         return self.kind + (":" + ",".join(opts) if opts else "")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, except the K-transform ones at their defaults (configs written before
+        they existed stay byte-identical)."""
+        omit = {"k_center": False, "k_balance": None, "k_whiten": False}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in omit or v != omit[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVPolicy":
@@ -164,16 +205,19 @@ class KVPolicy:
         return cls(**d)
 
 
+POLICY_OPTIONS = ("h", "seed", "kv", "k", "rotate", "center", "balance", "whiten")
+
+
 def split_policy_list(text: str) -> list[str]:
     """"bf16,int4,int4-bdr:h=32,kv,seed=1" -> ["bf16", "int4", "int4-bdr:h=32,kv,seed=1"]: a comma
     (or ';') starts a new policy unless what follows is an option of the previous one (h=, seed=,
-    rotate=, kv, k). Suffixes after '@' (eval's variants) stay with their item."""
+    rotate=, kv, k, center, balance=, whiten). Suffixes after '@' (eval's variants) stay with their item."""
     out: list[str] = []
     for part in (p.strip() for p in text.replace(";", ",").split(",")):
         if not part:
             continue
         key = part.split("@")[0].split("=")[0]
-        if out and key in ("h", "seed", "kv", "k", "rotate"):
+        if out and key in POLICY_OPTIONS:
             out[-1] += "," + part
         else:
             out.append(part)

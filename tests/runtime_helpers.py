@@ -10,12 +10,15 @@ norm, RoPE, GQA, MLP, tied head) is transformers' code, independent of sawtrt.mo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import torch
 
 from sawtrt import hadamard, quant
 from sawtrt.engine.build import BuildOptions, build_engine
 from sawtrt.models.specs import ModelSpec
+from sawtrt.models.weights import random_weights
 from sawtrt.spec import KVPolicy, PageLayout
 
 
@@ -35,6 +38,34 @@ def build_tiny(tmp_path, spec: ModelSpec, kv_cache="bf16", page_size=16, max_bat
                                      max_seq_len=max_seq_len, compile_kernels=False,
                                      output=str(tmp_path / f"{name}-{kv_cache}")),
                         log=lambda m: None, progress=False)
+
+
+def digests(d):
+    """relative path -> sha256 of every file under d."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def hf_checkpoint(path, spec, seed=3):
+    """A tiny HF-style checkpoint dir: config.json, model.safetensors, tokenizer.json."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    path.mkdir()
+    cfg = {"model_type": "qwen3", "num_hidden_layers": spec.num_layers,
+           "hidden_size": spec.hidden_size, "num_attention_heads": spec.num_heads,
+           "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+           "intermediate_size": spec.intermediate_size, "vocab_size": spec.vocab_size,
+           "rope_theta": spec.rope_theta, "rms_norm_eps": spec.rms_norm_eps,
+           "tie_word_embeddings": True, "max_position_embeddings": 256, "eos_token_id": 0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    w = random_weights(spec, seed=seed, dtype=torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(path / "model.safetensors"))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+    return w
 
 
 # -- the transformers oracle -------------------------------------------------------------------

@@ -133,3 +133,26 @@ def test_center_variant_shrinks_the_error_of_offset_keys():
     plain = (fake_quant(k, pol, "k") - k).pow(2).mean()
     centred = (fake_quant(k, pol, "k", s, mean=offset) - k).pow(2).mean()
     assert centred < 0.5 * plain
+
+
+@pytest.mark.parametrize("variant", ["bal=0.5", "balmax=0.25", "balrot=0.5", "balraw=0.5",
+                                     "whiten", "whitenraw"])
+def test_balance_variants_keep_the_scores_and_are_plain_policies_when_served(variant):
+    """Every balance prototype is a pair (A, A^-1): the cache sees A (k - mu), the query A^-T q,
+    so the scores are q.k up to rounding; served policies parse as plain (runtime path)."""
+    from sawtrt.eval.kvquant import balance_matrices
+    g = torch.Generator().manual_seed(5)
+    hkv, d = 2, 32
+    x = torch.randn(hkv, 4 * d, d, generator=g)
+    y = torch.randn(hkv, 4 * d, d, generator=g) * torch.linspace(0.2, 3, d)
+    calib = {"means": {0: torch.randn(hkv, 1, d, generator=g)},
+             "kcov": {0: x.transpose(1, 2) @ x / x.shape[1]},
+             "qcov": {0: y.transpose(1, 2) @ y / y.shape[1]},
+             "kmax": {0: x.abs().amax(1)}, "qmax": {0: y.abs().amax(1)}}
+    scheme = KVScheme.parse(f"int4-bdr:h=32,seed=2@center@{variant}")
+    assert scheme.calibrated and not scheme.is_plain
+    a, ai = balance_matrices(scheme, calib, 0, d)
+    assert torch.allclose(a @ ai, torch.eye(d).expand(hkv, d, d), atol=1e-4)
+    assert not torch.allclose(a, torch.eye(d).expand(hkv, d, d), atol=1e-2)
+    served = KVScheme.parse("int4-bdr:h=64,kv,center,whiten")
+    assert served.is_plain and served.calibrated

@@ -2,20 +2,18 @@
 on tiny random-weight engines."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from runtime_helpers import build_tiny, tiny_spec
+from runtime_helpers import build_tiny, digests, hf_checkpoint, tiny_spec
 from sawtrt.cli import main as cli
 from sawtrt.engine.build import BuildError, BuildOptions, build_engine, plan_build
 from sawtrt.engine.llm import LLM
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.sampling import SamplingParams
-from sawtrt.models.weights import random_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
@@ -216,49 +214,22 @@ def test_build_cli_errors_are_clean(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output and "divide" in r.output
 
 
-def _digests(d):
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def _hf_checkpoint(path, spec, seed=3):
-    """A tiny HF-style checkpoint dir: config.json, model.safetensors, tokenizer.json."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    path.mkdir()
-    cfg = {"model_type": "qwen3", "num_hidden_layers": spec.num_layers,
-           "hidden_size": spec.hidden_size, "num_attention_heads": spec.num_heads,
-           "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-           "intermediate_size": spec.intermediate_size, "vocab_size": spec.vocab_size,
-           "rope_theta": spec.rope_theta, "rms_norm_eps": spec.rms_norm_eps,
-           "tie_word_embeddings": True, "max_position_embeddings": 256, "eos_token_id": 0}
-    (path / "config.json").write_text(json.dumps(cfg))
-    w = random_weights(spec, seed=seed, dtype=torch.bfloat16)
-    save_file({k: v.contiguous() for k, v in w.items()}, str(path / "model.safetensors"))
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path / "tokenizer.json"))
-    return w
-
-
 def test_build_from_safetensors_is_idempotent(tmp_path):
     spec = tiny_spec("qwen3")
-    w = _hf_checkpoint(tmp_path / "ckpt", spec)
+    w = hf_checkpoint(tmp_path / "ckpt", spec)
     opts = BuildOptions(model="my-qwen", checkpoint=str(tmp_path / "ckpt"), kv_cache="int8",
                         page_size=16, max_seq_len=128, compile_kernels=False,
                         output=str(tmp_path / "eng"))
     logs = []
     out = build_engine(opts, log=logs.append, progress=False)
-    first = _digests(out)
+    first = digests(out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["version"] == 1 and cfg["kv_policy"]["kind"] == "int8"
     assert cfg["weights"]["sha256"] == first["model.safetensors"]
     assert cfg["model"]["num_layers"] == 2 and cfg["page_layout"]["page_size"] == 16
     logs.clear()
     build_engine(opts, log=logs.append, progress=False)
-    assert _digests(out) == first
+    assert digests(out) == first
     assert any("up to date" in m for m in logs) and any("unchanged" in m for m in logs)
     eng = LLMEngine.from_engine_dir(out, device="cpu", dtype=torch.bfloat16)
     assert torch.equal(eng.model.embed, w["model.embed_tokens.weight"])
@@ -266,7 +237,7 @@ def test_build_from_safetensors_is_idempotent(tmp_path):
     # a changed option rewrites the config, not the weights
     opts.kv_cache = "int4-bdr"
     build_engine(opts, log=lambda m: None, progress=False)
-    again = _digests(out)
+    again = digests(out)
     assert again["model.safetensors"] == first["model.safetensors"]
     assert again["config.json"] != first["config.json"]
 
@@ -278,7 +249,7 @@ def test_random_build_idempotent_and_generate_cli(tmp_path):
             "--output", str(out)]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    first = _digests(out)
+    first = digests(out)
     assert "model.safetensors" not in first            # random weights are regenerated
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["weights"] == {"format": "random", "seed": 0, "dtype": "bfloat16",
@@ -287,7 +258,7 @@ def test_random_build_idempotent_and_generate_cli(tmp_path):
                                 "sign_seed": 5}
     assert cfg["page_layout"]["policy"]["rotation_block"] == 128
     r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 0 and _digests(out) == first
+    assert r.exit_code == 0 and digests(out) == first
 
 
 def test_generate_cli(tiny_dir):

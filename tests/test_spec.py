@@ -5,18 +5,40 @@ from sawtrt.spec import KVPolicy, PageLayout, PolicyError, split_policy_list
 
 
 @pytest.mark.parametrize("text", ["bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64",
-                                  "int4-bdr:h=16,kv,seed=3", "int4-bdr:kv"])
+                                  "int4-bdr:h=16,kv,seed=3", "int4-bdr:kv", "int4-bdr:h=64,center",
+                                  "int4-bdr:h=64,seed=2,center,balance=0.5", "int4:center",
+                                  "int8:balance=0.25", "int4-bdr:h=64,kv,seed=1,center,whiten"])
 def test_policy_text_and_dict_round_trip(text):
     p = KVPolicy.parse(text)
     assert KVPolicy.parse(str(p)) == p
     assert KVPolicy.from_dict(p.to_dict()) == p
 
 
-@pytest.mark.parametrize("text", ["int3", "int4:h=64", "int4-bdr:h=24", "int4-bdr:h=x",
-                                  "int4-bdr:foo", "bf16:kv"])
-def test_bad_policies_are_clear_errors(text):
-    with pytest.raises(PolicyError):
+@pytest.mark.parametrize("text, msg", [
+    ("int3", "unknown KV policy"), ("int4:h=64", "no rotation options"),
+    ("int4-bdr:h=24", "power of two"), ("int4-bdr:h=x", "bad KV policy"),
+    ("int4-bdr:foo", "unknown option"), ("bf16:kv", "no rotation options"),
+    ("bf16:center", "nothing a bf16 cache"), ("bf16:balance=0.5", "nothing a bf16 cache"),
+    ("int4-bdr:balance=0", r"\(0, 1\]"), ("int4-bdr:balance=1.5", r"\(0, 1\]"),
+    ("int4-bdr:balance", "unknown option"), ("int4-bdr:center=1", "unknown option"),
+    ("int4-bdr:balance=x", "bad KV policy"), ("bf16:whiten", "nothing a bf16 cache"),
+    ("int4-bdr:whiten,balance=0.5", "full-matrix form"), ("int4-bdr:whiten=1", "unknown option")])
+def test_bad_policies_are_clear_errors(text, msg):
+    with pytest.raises(PolicyError, match=msg):
         KVPolicy.parse(text)
+
+
+def test_k_transform_options_keep_old_configs_and_layouts():
+    """center / balance are model-side: the layout (bytes, offsets) is the plain policy's, and
+    a policy without them serialises exactly as before they existed."""
+    plain, cen = KVPolicy.parse("int4-bdr:h=64"), KVPolicy.parse("int4-bdr:h=64,center,balance=0.5")
+    assert plain.to_dict() == {"kind": "int4-bdr", "rotation_block": 64, "rotate_v": False,
+                               "sign_seed": None}
+    assert cen.to_dict()["k_center"] is True and cen.to_dict()["k_balance"] == 0.5
+    assert cen.transforms_k and not plain.transforms_k
+    a, b = PageLayout(plain, 64, 3), PageLayout(cen, 64, 3)
+    assert (a.token_bytes, a.head_block_bytes, a.v_params) == (b.token_bytes, b.head_block_bytes,
+                                                               b.v_params)
 
 
 def test_default_block_and_divisibility():
@@ -52,3 +74,5 @@ def test_policy_lists_keep_options_with_their_policy():
         "bf16", "int4", "int4-bdr:h=32,kv,seed=1", "int4-bdr:rotate=kv"]
     assert [str(KVPolicy.parse(p)) for p in split_policy_list("int4-bdr:h=64,kv,int8")] == [
         "int4-bdr:h=64,kv", "int8"]
+    assert split_policy_list("int4-bdr:h=64,center,balance=0.5,int4:center,bf16") == [
+        "int4-bdr:h=64,center,balance=0.5", "int4:center", "bf16"]

@@ -64,13 +64,14 @@ class Collect(trt.ILogger):
 
 
 def define(spec, weights, dtype=torch.bfloat16, attention=query_columns, limits=None,
-           logger=None):
+           logger=None, policy="int4-bdr", kv_transform=None):
     builder = trt.Builder(logger or Collect())
     net = N.create_network(trt, builder)
-    layout = PageLayout(KVPolicy.parse("int4-bdr"), spec.head_dim, spec.num_kv_heads, 16)
+    layout = PageLayout(KVPolicy.parse(policy), spec.head_dim, spec.num_kv_heads, 16)
     limits = limits or N.Limits.for_engine(max_batch=4, max_seq_len=256, page_size=16,
                                            max_tokens=64)
-    dn = N.DecoderNetwork(trt, net, spec, layout, weights, dtype, limits, attention=attention)
+    dn = N.DecoderNetwork(trt, net, spec, layout, weights, dtype, limits, attention=attention,
+                          kv_transform=kv_transform)
     out = dn.build()
     return builder, net, dn, out
 
@@ -106,6 +107,39 @@ def test_network_defines_with_dynamic_tokens(arch, tie, bias, dtype):
                if net.get_layer(i).name == "layers.0.qkv_rope.2d")
     assert tuple(qkv.shape) == (-1, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim)
     assert qkv.dtype == N.trt_dtype(trt, dtype)
+
+
+@pytest.mark.parametrize("policy, layers", [
+    ("int4-bdr:center", ("k_center",)),
+    ("int4-bdr:center,balance=0.5", ("k_center", "k_balance", "q_balance")),
+    ("int4-bdr:center,whiten", ("k_center", "k_whiten.to_tokens", "q_whiten.to_tokens"))])
+def test_network_applies_the_policys_k_transform(policy, layers):
+    """center / balance: the same constants CausalLM uses, between RoPE and the attention input,
+    shapes unchanged; a policy that needs them and gets none is refused."""
+    from sawtrt.models.kv_transform import KVCalibration, KVTransform
+    spec = tiny_spec()
+    w = tiny_weights(spec)
+    cal = KVCalibration.identity(spec, "test")
+    cal.k_mean += 0.5
+    t = KVTransform(KVPolicy.parse(policy), cal, spec.num_heads, torch.bfloat16)
+    log = Collect()
+    _, net, _, _ = define(spec, w, logger=log, policy=policy, kv_transform=t)
+    assert log.errors == []
+    by_name = {net.get_layer(i).name: net.get_layer(i) for i in range(net.num_layers)}
+    for i in range(spec.num_layers):
+        for name in layers:
+            out = by_name[f"layers.{i}.{name}"].get_output(0)
+            heads = spec.num_heads if name.startswith("q") else spec.num_kv_heads
+            assert tuple(out.shape) == (-1, heads, spec.head_dim)
+    assert ("layers.0.k_balance" in by_name) == ("balance" in policy)
+    # the attention input is built from the transformed q and k
+    cat = by_name["layers.0.qkv_rope"]
+    last_k, last_q = layers[-2:] if len(layers) == 3 else (layers[0], None)
+    assert cat.get_input(1).name == by_name[f"layers.0.{last_k}"].get_output(0).name
+    if last_q:
+        assert cat.get_input(0).name == by_name[f"layers.0.{last_q}"].get_output(0).name
+    with pytest.raises(N.NetworkBuildError, match="K transform"):
+        define(spec, w, policy=policy)
 
 
 def test_profile_covers_limits():

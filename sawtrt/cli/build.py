@@ -13,7 +13,9 @@ from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --random-weights.")
 @click.option("--kv-cache", default="int4-bdr", show_default=True, metavar="POLICY",
               help=f"KV policy: one of {', '.join(KINDS)}, optionally with options, e.g. "
-                   "int4-bdr:h=32,kv,seed=3.")
+                   "int4-bdr:h=32,kv,seed=3 or int4-bdr:h=64,kv,center,whiten (K centring and "
+                   "Q/K balance/whitening: center, balance=A, whiten; calibrated at build "
+                   "time; docs/accuracy.md).")
 @click.option("--rotation-block", type=int, default=None,
               help="BDR block size h (int4-bdr; default min(128, head_dim)).")
 @click.option("--rotate", type=click.Choice(["k", "kv"]), default=None,

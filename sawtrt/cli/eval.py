@@ -13,8 +13,10 @@ import click
               help="a transformers checkpoint directory instead of --model")
 @click.option("--policies", default="fp32,bf16,int8,int4,int4-bdr:h=16,int4-bdr:h=32,int4-bdr:h=64",
               show_default=True,
-              help="comma-separated: fp32, bf16, int8, "
-                   "int4, int4-bdr[:h=H,kv,seed=S] and prototype variants @center, @lut, @clip, @vcenter, @konly, @vonly, @k8=L+L (fake path)")
+              help="comma-separated: fp32, bf16, int8, int4, int4-bdr[:h=H,kv,seed=S,center,"
+                   "balance=A|whiten] (served; K transforms calibrated like `sawtrt build`) and "
+                   "prototype variants @center, @lut, @clip, @vcenter, @konly, @vonly, "
+                   "@k8=L+L, @bal=A, @balmax=A, @balrot=A, @whiten, @vbal=A (fake path)")
 @click.option("--tokens", default=2048, show_default=True, help="tokens per text source")
 @click.option("--window", default=512, show_default=True, help="tokens per window")
 @click.option("--offset", default=0, show_default=True, help="skip this many tokens per source")

@@ -3,7 +3,8 @@
     build_engine(BuildOptions(model="smollm2-135m", kv_cache="int4-bdr"))
 
 Steps (each skipped when its output is already there and up to date, so re-running with the
-same inputs rewrites nothing): weights (safetensors, bf16), tokenizer, kernel library
+same inputs rewrites nothing): weights (safetensors, bf16), tokenizer, K calibration (policies
+with `center` / `balance` / `whiten`: sawtrt.models.kv_transform), kernel library
 (build_scripts/build.py when nvcc exists), config.json, Triton model repository
 (sawtrt.serving.triton_repo), TensorRT plan (sawtrt.trt.build_engine). Steps whose provider is
 not importable / not installed are skipped with a message naming why.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..models import hub
+from ..models import kv_transform as kvt
 from ..models import tokenizer as tokenizers
 from ..models.specs import MODELS, ModelSpec, UnknownModel, get_spec
 from ..models.weights import (CheckpointError, check_weights, load_gguf, load_safetensors,
@@ -287,6 +289,7 @@ def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path
             log(f"weights: up to date ({wfile})")
         else:
             weights_info, tok_info = _convert(plan, out, log, progress)
+    kv_calibration = _kv_calibration(plan, out, old, weights_info, log)
     # -- kernels ------------------------------------------------------------------------------
     kernels = {"library": None, "archs": None, "note": plan.kernel_note}
     if plan.gpu_archs:
@@ -296,7 +299,7 @@ def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path
     # -- config -------------------------------------------------------------------------------
     cfg = EngineConfig(model=spec, layout=plan.layout, max_batch=plan.max_batch,
                        max_seq_len=plan.max_seq_len, weights=weights_info, tokenizer=tok_info,
-                       kernels=kernels, source=source)
+                       kernels=kernels, source=source, kv_calibration=kv_calibration)
     text = cfg.to_json()
     if (out / "config.json").is_file() and (out / "config.json").read_text() == text:
         log("config.json: unchanged")
@@ -315,6 +318,45 @@ def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path
         plan_path, reason = fn(out)
         log(f"TensorRT plan: {plan_path}" if plan_path else f"TensorRT plan: skipped ({reason})")
     return out
+
+
+def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, log) -> dict:
+    """Write kv_calibration.safetensors when the policy transforms K; returns its config entry.
+
+    Real weights: the model's own q/K statistics over the 'calib' text (kv_transform.calibrate,
+    fp32 on CPU; ~10 s for SmolLM2-135M). Random weights: the identity (mu = 0, s = 1, A = I):
+    random K has no structure worth calibrating, and the qwen3-4b benchmark build stays
+    instant; the transform still runs, so the served cost is measured."""
+    path = out / kvt.CALIBRATION_FILE
+    if not plan.layout.policy.transforms_k:
+        if path.exists():
+            path.unlink()
+        return {}
+    prev = old.get("kv_calibration", {})
+    moments = plan.layout.policy.k_whiten          # whiten also needs the D x D moments
+    if (path.is_file() and prev.get("weights_sha256") == weights_info.get("sha256", "random")
+            and prev.get("moments", False) == moments and prev.get("sha256") == sha256_file(path)):
+        log(f"K calibration: up to date ({path})")
+        return prev
+    if weights_info["format"] == "random":
+        cal = kvt.KVCalibration.identity(plan.spec, "random weights: mu = 0, s = 1")
+    else:
+        from safetensors.torch import load_file
+        tok = tokenizers.load(out)
+        ids, meta = kvt.calibration_ids(tok.encode)
+        bos = plan.spec.bos_token_id if plan.spec.bos_token_id is not None else tok.bos_token_id
+        if getattr(tok, "add_bos", False) and ids[:1] == [bos]:
+            ids = ids[1:]
+        weights = load_file(str(out / weights_info["file"]))
+        cal = kvt.calibrate(plan.spec, weights, kvt.calibration_windows(ids, bos), meta)
+    digest = cal.save(path, moments=moments)
+    log(f"K calibration: wrote {path} ({cal.meta.get('source')}, "
+        f"{cal.meta.get('tokens', 0)} tokens)")
+    return {"file": kvt.CALIBRATION_FILE, "sha256": digest,
+            "weights_sha256": weights_info.get("sha256", "random"),
+            **({"moments": True} if moments else {}),
+            **{k: v for k, v in cal.meta.items() if k in ("source", "origin", "text_sha256",
+                                                             "tokens", "note")}}
 
 
 def _optional(module: str, attr: str, log, what: str):

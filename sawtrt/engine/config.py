@@ -6,6 +6,8 @@ Layout of an engine directory:
                            which are regenerated from `weights.seed` at load)
     tokenizer.json         byte-level BPE (tokenizers format), when the model has a vocabulary
     tokenizer_config.json  tokenizer kind and special ids (+ chat template)
+    kv_calibration.safetensors  K statistics behind the policy's `center` / `balance` / `whiten`
+                           (sawtrt.models.kv_transform), only for such policies
     lib/                   the compiled kernel library, when nvcc was there at build time
     triton_model_repo/     Triton model repository (written by sawtrt.serving), when available
 """
@@ -37,6 +39,7 @@ class EngineConfig:
     kernels: dict = field(default_factory=dict)     # {"library": path|None, "archs": [...], ...}
     source: dict = field(default_factory=dict)      # where the weights came from
     extra: dict = field(default_factory=dict)       # written by other tools (plan, triton repo)
+    kv_calibration: dict = field(default_factory=dict)  # {"file", "sha256", "source", ...}
 
     @property
     def policy(self) -> KVPolicy:
@@ -48,7 +51,8 @@ class EngineConfig:
                 "kv_policy_str": str(self.layout.policy), "page_layout": self.layout.to_dict(),
                 "limits": {"max_batch": self.max_batch, "max_seq_len": self.max_seq_len},
                 "weights": self.weights, "tokenizer": self.tokenizer, "kernels": self.kernels,
-                "source": self.source, **({"extra": self.extra} if self.extra else {})}
+                "source": self.source, **({"extra": self.extra} if self.extra else {}),
+                **({"kv_calibration": self.kv_calibration} if self.kv_calibration else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
@@ -68,7 +72,8 @@ class EngineConfig:
                    max_batch=int(d["limits"]["max_batch"]),
                    max_seq_len=int(d["limits"]["max_seq_len"]), weights=d.get("weights", {}),
                    tokenizer=d.get("tokenizer", {}), kernels=d.get("kernels", {}),
-                   source=d.get("source", {}), extra=d.get("extra", {}))
+                   source=d.get("source", {}), extra=d.get("extra", {}),
+                   kv_calibration=d.get("kv_calibration", {}))
 
     @classmethod
     def load(cls, engine_dir) -> "EngineConfig":

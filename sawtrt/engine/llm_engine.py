@@ -21,6 +21,7 @@ import torch
 from ..kv_cache import new_pool
 from ..spec import KVPolicy, PageLayout
 from ..models import tokenizer as tokenizers
+from ..models.kv_transform import KVCalibration, KVCalibrationError, KVTransform
 from ..models.model import CausalLM
 from ..models.weights import random_weights
 from .block_manager import BlockManager, pages_for
@@ -61,6 +62,23 @@ def load_weights(cfg: EngineConfig, engine_dir: Path, device, dtype) -> dict:
             raise EngineConfigError(f"engine weights {str(path)!r} are missing")
         return load_file(str(path), device=str(device))
     raise EngineConfigError(f"unknown weights format {w.get('format')!r}")
+
+
+def load_kv_transform(cfg: EngineConfig, engine_dir: Path, dtype, device) -> KVTransform | None:
+    """The policy's model-side K transform (center / balance / whiten) from the engine's calibration
+    file, or None when the policy has none."""
+    pol = cfg.layout.policy
+    if not pol.transforms_k:
+        return None
+    info = cfg.kv_calibration
+    if not info:
+        raise EngineConfigError(f"KV policy {pol} needs a K calibration and this engine has none; "
+                                f"rebuild it with `sawtrt build --kv-cache {pol}`")
+    try:
+        cal = KVCalibration.load(Path(engine_dir) / info["file"], cfg.model, info.get("sha256"))
+    except KVCalibrationError as e:
+        raise EngineConfigError(str(e)) from None
+    return KVTransform(pol, cal, cfg.model.num_heads, dtype, device)
 
 
 class LLMEngine:
@@ -122,7 +140,8 @@ class LLMEngine:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         weights = load_weights(cfg, engine_dir, device, dtype)
         model = CausalLM(cfg.model, cfg.layout, weights, dtype=dtype, device=device,
-                         max_positions=cfg.max_seq_len)
+                         max_positions=cfg.max_seq_len,
+                         kv_transform=load_kv_transform(cfg, engine_dir, dtype, device))
         del weights
         tok = tokenizers.load(engine_dir)
         return cls(cfg, model, tok, device, **kwargs)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .calibrate import calibrate
+from .calibrate import calibrate, kv_calibration
 from .corpus import SOURCES, windows
 from .hf_models import load
 from .kvquant import KVScheme
@@ -68,18 +68,19 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
             f"in {s['windows']} windows of {window}")
     log(f"{len(ws)} windows, {sum(w.scored for w in ws)} scored tokens"
         f"{' (+BOS each)' if tok.bos_token_id is not None else ''}")
-    runtime = RuntimeModel(label) if (checkpoint is None and label in RUNTIME_MODELS) else None
+    runtime = RuntimeModel(label, tokenizer=tok) \
+        if (checkpoint is None and label in RUNTIME_MODELS) else None
     parsed = {s: (None if s == FP32 else KVScheme.parse(s)) for s in schemes}
     calib = None
-    if any(p is not None and (p.center or p.lut or p.vcenter) for p in parsed.values()):
+    if any(p is not None and p.calibrated for p in parsed.values()):
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         blk = next((p.policy.block_for(d) for p in parsed.values()
-                    if p is not None and (p.center or p.lut or p.vcenter) and p.policy.rotated),
+                    if p is not None and p.calibrated and p.policy.rotated),
                    min(128, d))
         calib = calibrate(hf, tok, label, blk)
         log(f"calibrated variants on 'calib' text ({calib['tokens']} tokens, h={blk})")
-    hook_kw = ({"means": calib["means"], "vmeans": calib["vmeans"], "levels": calib["levels"]}
-               if calib else {})
+    hook_kw = ({"means": calib["means"], "vmeans": calib["vmeans"], "levels": calib["levels"],
+                "calib": calib, "kv_calibration": kv_calibration(calib)} if calib else {})
 
     def paths_for(s):
         p = parsed[s]
@@ -190,9 +191,10 @@ def probe(model: str | None = None, checkpoint: str | None = None, schemes=DEFAU
             continue
         sch = KVScheme.parse(s)
         kw = {}
-        if sch.center or sch.lut or sch.vcenter:
+        if sch.calibrated:
             c = calibrate(hf, tok, label, sch.policy.block_for(d) or min(128, d))
-            kw = {"means": c["means"], "vmeans": c["vmeans"], "levels": c["levels"]}
+            kw = {"means": c["means"], "vmeans": c["vmeans"], "levels": c["levels"], "calib": c,
+                  "kv_calibration": kv_calibration(c)}
         hook = KVHook(sch, mode="probe", **kw)
         for w in ws:
             with hook.attach(hf):

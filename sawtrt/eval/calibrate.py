@@ -7,6 +7,12 @@
             elements only: the min and max of a vector are exactly 0 and 1 and stay exact).
             Used by the "lut" variant.
     vmeans  per layer, the mean V vector of each KV head: [Hkv, 1, D] ("vcenter" variant).
+    kcov    per layer, the covariance of the (centred) K vectors of each KV head [Hkv, D, D], and
+    qcov    the second moment of the queries of its query group [Hkv, D, D] (after RoPE): the
+            Q/K balance variants ("bal", "balrot", "whiten") are derived from the two.
+    kmax, qmax  per layer, max |k - mean| and max |q| per channel [Hkv, D] ("balmax").
+    vsq     per layer, the mean square of V per channel [Hkv, D] ("vbal").
+    vmom    per layer, the second-moment matrix of V [Hkv, D, D] ("vwhiten").
 
 Both are computed once per (model, block size) and cached under ~/.cache/sawtrt/eval/.
 """
@@ -19,6 +25,22 @@ from .corpus import windows
 from .hf_models import cache_root
 from .hooks import KVHook
 from .runner import window_nll
+
+
+def kv_calibration(calib: dict):
+    """The served K calibration (sawtrt.models.kv_transform.KVCalibration: k_mean, k_rms with
+    the mean, q_rms) from these statistics, for the fake and hf-paged paths. The same
+    quantities `sawtrt build` computes with sawtrt's own model on the same text."""
+    from ..models.kv_transform import KVCalibration
+    layers = sorted(calib["means"])
+    mean = torch.stack([calib["means"][i][:, 0] for i in layers])              # [L, Hkv, D]
+    k_sq = torch.stack([calib["kcov"][i].diagonal(dim1=-2, dim2=-1) for i in layers]) + mean ** 2
+    q_sq = torch.stack([calib["qcov"][i].diagonal(dim1=-2, dim2=-1) for i in layers])
+    k_moment = torch.stack([calib["kcov"][i] + calib["means"][i].transpose(1, 2)
+                            @ calib["means"][i] for i in layers])
+    q_moment = torch.stack([calib["qcov"][i] for i in layers])
+    return KVCalibration(mean, k_sq.sqrt(), q_sq.sqrt(), {"source": "calib (transformers model)"},
+                         k_moment, q_moment)
 
 
 def lloyd_levels(u: torch.Tensor, n: int = 16, iters: int = 60) -> torch.Tensor:
@@ -42,15 +64,17 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
     path = cache_root() / label / f"calib_h{block}_{tokens}.pt"
     if path.exists() and not refresh:
         out = torch.load(path, weights_only=True)
-        if "vmeans" in out:
+        if "vmom" in out:
             return out
     keys: dict[int, list] = {}
     values: dict[int, list] = {}
+    queries: dict[int, list] = {}
 
     class Rec(KVHook):
         def __call__(self, module, q, k, v, scaling, sw):
             keys.setdefault(module.layer_idx, []).append(k[0].detach().float().clone())
             values.setdefault(module.layer_idx, []).append(v[0].detach().float().clone())
+            queries.setdefault(module.layer_idx, []).append(q[0].detach().float().clone())
             return super().__call__(module, q, k, v, scaling, sw)
 
     ws, _ = windows(tokenizer, ("calib",), tokens=tokens, window=window)
@@ -67,8 +91,21 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
         u = (r - lo) / (hi - lo).clamp_min(1e-12)
         us.append(u[(u > 0) & (u < 1)])
     vmeans = {layer: torch.cat(vs, 1).mean(1, keepdim=True) for layer, vs in values.items()}
+    kcov, qcov, kmax, qmax = {}, {}, {}, {}
+    vsq = {layer: torch.cat(vs, 1).pow(2).mean(1) for layer, vs in values.items()}
+    vmom = {layer: (lambda v: v.transpose(1, 2) @ v / v.shape[1])(torch.cat(vs, 1))
+            for layer, vs in values.items()}
+    for layer, ks in keys.items():
+        kc = torch.cat(ks, 1) - means[layer]                     # [Hkv, T, D]
+        q = torch.cat(queries[layer], 1)                          # [Hq, T, D]
+        hkv, d = kc.shape[0], kc.shape[-1]
+        q = q.reshape(hkv, -1, d)                                 # query group g -> KV head g // G
+        kcov[layer] = kc.transpose(1, 2) @ kc / kc.shape[1]
+        qcov[layer] = q.transpose(1, 2) @ q / q.shape[1]
+        kmax[layer], qmax[layer] = kc.abs().amax(1), q.abs().amax(1)
     out = {"means": means, "vmeans": vmeans, "levels": lloyd_levels(torch.cat(us)), "block": block,
-           "tokens": tokens}
+           "tokens": tokens, "kcov": kcov, "qcov": qcov, "kmax": kmax, "qmax": qmax, "vsq": vsq,
+           "vmom": vmom}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out

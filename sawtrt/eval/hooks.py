@@ -34,7 +34,7 @@ import torch
 from .. import kv_cache
 from ..kernels import ops
 from ..spec import PageLayout
-from .kvquant import KVScheme, fake_quant
+from .kvquant import KVScheme, balance_matrices, fake_quant, v_balance, v_whitening
 
 ATTN_NAME = "sawtrt_kv"
 _ACTIVE: contextvars.ContextVar["KVHook | None"] = contextvars.ContextVar("sawtrt_kv_hook",
@@ -63,7 +63,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 class KVHook:
     def __init__(self, scheme: KVScheme | str, mode: str = "fake", page_size: int = 64,
                  max_tokens: int = 4096, means: dict | None = None, vmeans: dict | None = None,
-                 levels: torch.Tensor | None = None, record=None):
+                 levels: torch.Tensor | None = None, record=None, calib: dict | None = None,
+                 kv_calibration=None):
         self.scheme = KVScheme.parse(scheme) if isinstance(scheme, str) else scheme
         if mode not in ("fake", "paged", "probe"):
             raise ValueError(f"mode must be fake, paged or probe, not {mode!r}")
@@ -76,6 +77,11 @@ class KVHook:
         self.vmeans = vmeans or {}        # layer -> [Hkv, 1, D] V channel mean (vcenter variant)
         self.levels = levels              # 16-level table (lut variant)
         self.record = record              # callable(layer, key) for statistics, or None
+        self.calib = calib                # calibrate.py's statistics (balance variants)
+        self.kv_calibration = kv_calibration  # KVCalibration: the policy's K transform
+        self._kmats: dict[int, tuple] = {}    # layer -> (A, A^-1) of a balance variant
+        self._served: dict[tuple, object] = {}  # (policy, Hq) -> KVTransform
+        self._vt: dict[int, torch.Tensor] = {}    # layer -> V balance t [Hkv, 1, D]
         self._caches: dict[int, tuple] = {}
         self.errors: dict[int, list] = {}     # probe mode: layer -> [sum err^2, sum exact^2]
 
@@ -108,6 +114,11 @@ class KVHook:
             raise ValueError(f"sequence of {length} > sliding window {sliding_window}")
         scaling = 1.0 / math.sqrt(d) if scaling is None else scaling
         layer = module.layer_idx
+        if self.scheme.vbal and layer not in self._vt:
+            self._vt[layer] = v_balance(self.calib, layer, module.o_proj.weight,
+                                        self.scheme.vbal)[:, None]
+        if self.scheme.vwhiten and layer not in self._vt:
+            self._vt[layer] = v_whitening(self.calib, layer, module.o_proj.weight)
         if self.record is not None:
             self.record(layer, key[0, :, length - n:])
         if self.mode == "paged":
@@ -122,6 +133,12 @@ class KVHook:
         hkv, length, d = k.shape
         n = q.shape[1]
         policy = self.scheme.policy_for_layer(layer)
+        if policy.transforms_k:              # as CausalLM does: q', k' into the same kernels
+            qt, knew = self._served_transform(policy, q.shape[0])(
+                layer, q.transpose(0, 1).float(), k[:, length - n:].transpose(0, 1).float())
+            q = qt.transpose(0, 1)
+        else:
+            knew = k[:, length - n:].transpose(0, 1)              # [n, Hkv, D]
         state = self._caches.get(layer)
         if state is None:
             layout = PageLayout(policy, d, hkv, self.page_size)
@@ -134,7 +151,6 @@ class KVHook:
             raise ValueError(f"{length} tokens > max_tokens {self.max_tokens}")
         pos = torch.arange(length - n, length)
         slots = table[pos // self.page_size].long() * self.page_size + pos % self.page_size
-        knew = k[:, length - n:].transpose(0, 1)              # [n, Hkv, D]
         vnew = v[:, length - n:].transpose(0, 1)
         ops.write_kv(cache.layer(0), cache.layout, knew, vnew, slots)
         out = ops.paged_attention(q.transpose(0, 1).float(), cache.layer(0), cache.layout,
@@ -151,6 +167,15 @@ class KVHook:
         acc[0] += float((approx - exact).pow(2).sum())
         acc[1] += float(exact.pow(2).sum())
         return exact
+
+    def _served_transform(self, policy, num_heads):
+        from ..models.kv_transform import KVTransform
+        if self.kv_calibration is None:
+            raise ValueError(f"{policy}: center / balance need KVHook(kv_calibration=...)")
+        key = (str(policy), num_heads)
+        if key not in self._served:
+            self._served[key] = KVTransform(policy, self.kv_calibration, num_heads)
+        return self._served[key]
 
     @staticmethod
     def _attend(q, kq, vq, scaling):
@@ -169,9 +194,23 @@ class KVHook:
         n = q.shape[1]
         kpol, vpol = self.scheme.policy_for(layer, "k"), self.scheme.policy_for(layer, "v")
         mean = self.means.get(layer) if self.scheme.center else None
+        if self.scheme.balance and layer not in self._kmats:
+            self._kmats[layer] = balance_matrices(self.scheme, self.calib, layer, d)
+        kmat = self._kmats.get(layer)
+        if kpol.transforms_k:                # the served center / balance, in fake form
+            t = self._served_transform(kpol, q.shape[0])
+            mean = t.k_mean[layer][:, None] if t.k_mean is not None else None
+            if t.k_scale is not None:
+                kmat = (torch.diag_embed(t.k_scale[layer]), torch.diag_embed(1 / t.k_scale[layer]))
+            if t.k_mat is not None:
+                kmat = (t.k_mat[layer], t.q_mat[layer].transpose(-1, -2))    # A, A^-1
         kq = fake_quant(k, kpol, "k", self.scheme if kpol is self.scheme.policy else None,
-                        mean=mean, levels=self.levels)
-        vq = fake_quant(v, vpol, "v", self.scheme if vpol is self.scheme.policy else None,
+                        mean=mean, levels=self.levels, kmat=kmat)
+        vt = self._vt.get(layer)
+        vq = fake_quant(v / vt if isinstance(vt, torch.Tensor) else v, vpol, "v",
+                        self.scheme if vpol is self.scheme.policy else None,
                         mean=self.vmeans.get(layer) if self.scheme.vcenter else None,
-                        levels=self.levels)
+                        levels=self.levels, kmat=vt if isinstance(vt, tuple) else None)
+        if isinstance(vt, torch.Tensor):
+            vq = vq * vt
         return self._attend(q, kq, vq, scaling)               # [n, Hq, D]

@@ -22,9 +22,12 @@ RUNTIME_MODELS = ("smollm2-135m",)
 class RuntimeModel:
     """One CausalLM per KV policy, sharing one set of weights."""
 
-    def __init__(self, name: str, page_size: int = 64, dtype=torch.float32, weights=None):
+    def __init__(self, name: str, page_size: int = 64, dtype=torch.float32, weights=None,
+                 tokenizer=None):
         """weights: HF-named tensors to use instead of loading the GGUF with the runtime's
-        loader (tests pass the transformers model's state dict: the same de-quantized numbers)."""
+        loader (tests pass the transformers model's state dict: the same de-quantized numbers).
+        tokenizer: the transformers tokenizer, for policies with center / balance (their K
+        calibration is computed here the way `sawtrt build` computes it)."""
         if weights is None:
             from ..models.weights import load_gguf
             from .hf_models import gguf_source
@@ -33,16 +36,34 @@ class RuntimeModel:
         else:
             from ..models.specs import get_spec
             self.spec, self.weights = get_spec(name), weights
-        self.page_size, self.dtype = page_size, dtype
+        self.page_size, self.dtype, self.tokenizer = page_size, dtype, tokenizer
         self._models: dict[str, object] = {}
+        self._calibration = None
+
+    def calibration(self):
+        """The K calibration `sawtrt build` would write for these weights (computed once)."""
+        from ..models import kv_transform as kvt
+        if self._calibration is None:
+            if self.tokenizer is None:
+                raise ValueError("center / balance policies need RuntimeModel(tokenizer=...)")
+            tok = self.tokenizer
+            ids, meta = kvt.calibration_ids(
+                lambda t: tok(t, add_special_tokens=False).input_ids)
+            self._calibration = kvt.calibrate(self.spec, self.weights,
+                                              kvt.calibration_windows(ids, tok.bos_token_id),
+                                              meta)
+        return self._calibration
 
     def model(self, policy: KVPolicy):
+        from ..models.kv_transform import KVTransform
         from ..models.model import CausalLM
         key = str(policy)
         if key not in self._models:
             layout = PageLayout(policy, self.spec.head_dim, self.spec.num_kv_heads, self.page_size)
+            kvt = KVTransform(policy, self.calibration(), self.spec.num_heads, self.dtype) \
+                if policy.transforms_k else None
             self._models = {key: CausalLM(self.spec, layout, self.weights, dtype=self.dtype,
-                                          max_positions=8192)}
+                                          max_positions=8192, kv_transform=kvt)}
         return self._models[key]
 
     def _pool(self, m, tokens: int):

@@ -95,7 +95,8 @@ class CausalLM(torch.nn.Module):
     """
 
     def __init__(self, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
-                 dtype: torch.dtype = torch.bfloat16, device=None, max_positions: int | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, max_positions: int | None = None,
+                 kv_transform=None):
         super().__init__()
         if spec.arch not in ("llama", "qwen3"):
             raise ValueError(f"the torch model supports llama and qwen3, not {spec.arch!r}")
@@ -147,6 +148,9 @@ class CausalLM(torch.nn.Module):
         # the prefill kernel.
         self.fused = (layout.policy.kind != "int8"
                       and ops.kernel_config(layout, spec.num_heads, dtype, self.device) is not None)
+        if layout.policy.transforms_k and kv_transform is None:
+            raise ValueError(f"KV policy {layout.policy} needs its K transform (kv_transform.py)")
+        self.kv_transform = kv_transform      # (layer, q, k) -> (q', k'), or None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
@@ -167,6 +171,8 @@ class CausalLM(torch.nn.Module):
                 k = rms_norm(k, L["k_norm"], eps)
             q = self.rope(q, meta.positions)
             k = self.rope(k, meta.positions)
+            if self.kv_transform is not None:
+                q, k = self.kv_transform(i, q, k)
             pool = kv_pool[i]
             if self.fused:
                 t = q.shape[0]

@@ -80,12 +80,13 @@ def maybe_build_plan(engine_dir, max_tokens: int | None = None, force: bool = Fa
         if old.get("digest") == digest and old.get("tensorrt") == compat.version(trt) and \
                 old.get("limits") == limits.to_dict():
             return plan, "up to date"
-    from ..engine.llm_engine import load_weights
+    from ..engine.llm_engine import load_kv_transform, load_weights
     dtype = torch.bfloat16
     t0 = time.time()
     try:
         weights = load_weights(cfg, engine_dir, "cpu", dtype)
-        blob = N.build_serialized(trt, cfg.model, cfg.layout, weights, dtype, limits)
+        blob = N.build_serialized(trt, cfg.model, cfg.layout, weights, dtype, limits,
+                                  kv_transform=load_kv_transform(cfg, engine_dir, dtype, "cpu"))
     except Exception as e:                                    # noqa: BLE001
         return None, f"TensorRT build failed: {type(e).__name__}: {e}"
     tmp = plan.with_suffix(".plan.tmp")

@@ -98,7 +98,7 @@ class DecoderNetwork:
 
     def __init__(self, trt, network, spec: ModelSpec, layout: PageLayout,
                  weights: dict[str, torch.Tensor], dtype: torch.dtype, limits: Limits,
-                 attention=None):
+                 attention=None, kv_transform=None):
         if spec.arch not in ("llama", "qwen3"):
             raise NetworkBuildError(f"the TensorRT network supports llama and qwen3, not "
                                     f"{spec.arch!r}")
@@ -114,6 +114,10 @@ class DecoderNetwork:
         self._names: dict = {}
         self.plugins: list = []        # plugin instances behind the plugin layers
         self._attention = attention or DecoderNetwork.plugin_attention
+        if layout.policy.transforms_k and kv_transform is None:
+            raise NetworkBuildError(f"KV policy {layout.policy} needs its K transform "
+                                    "(sawtrt.models.kv_transform.KVTransform)")
+        self.kv_transform = kv_transform
 
     # -- small layer helpers ------------------------------------------------------------------
     def _name(self, layer, name):
@@ -194,6 +198,39 @@ class DecoderNetwork:
         rot = self.ew(rot, self.const(sign, name=name + ".sign"), E.PROD, name + ".rot")
         return self.ew(self.ew(x, cos, E.PROD, name + ".cos"),
                        self.ew(rot, sin, E.PROD, name + ".sin"), E.SUM, name)
+
+    def transform_qk(self, q, k, layer: int):
+        """The policy's center / balance / whiten, as CausalLM applies it
+        (sawtrt.models.kv_transform): k' = (k - mu) * (1 / s), q' = q * s with per-(head,
+        channel) constants [1, H, D]; k' = A k, q' = A^-T q with [H, D, D] matrices."""
+        E, t = self.trt.ElementWiseOperation, self.kv_transform
+        name = f"layers.{layer}"
+        if t.k_mean is not None:
+            k = self.ew(k, self.const(t.k_mean[layer].to(self.dtype)[None],
+                                      name=name + ".k_mean"), E.SUB, name + ".k_center")
+        if t.k_scale is not None:
+            k = self.ew(k, self.const(t.k_scale[layer].to(self.dtype)[None],
+                                      name=name + ".k_scale"), E.PROD, name + ".k_balance")
+            q = self.ew(q, self.const(t.q_scale[layer].to(self.dtype)[None],
+                                      name=name + ".q_scale"), E.PROD, name + ".q_balance")
+        if t.k_mat is not None:
+            group = self.spec.num_heads // self.spec.num_kv_heads
+            k = self.per_head_matmul(k, t.k_mat[layer], name + ".k_whiten")
+            q = self.per_head_matmul(q, t.q_mat[layer].repeat_interleave(group, 0),
+                                     name + ".q_whiten")
+        return q, k
+
+    def per_head_matmul(self, x, m: torch.Tensor, name: str):
+        """y[t, h] = m[h] @ x[t, h] for x [T, H, D], m [H, D, D]: a batched GEMM over heads."""
+        mm = self.trt.MatrixOperation
+        first = self.net.add_shuffle(x)
+        first.first_transpose = (1, 0, 2)                                      # [H, T, D]
+        xt = self._name(first, name + ".to_heads")
+        y = self._name(self.net.add_matrix_multiply(
+            xt, mm.NONE, self.const(m.to(self.dtype), name=name + ".matrix"), mm.TRANSPOSE), name)
+        back = self.net.add_shuffle(y)
+        back.first_transpose = (1, 0, 2)
+        return self._name(back, name + ".to_tokens")
 
     # -- attention ----------------------------------------------------------------------------
     def attention_params(self, layer: int) -> AttentionParams:
@@ -281,6 +318,8 @@ class DecoderNetwork:
                 k = self.rms_norm(k, a + "k_norm.weight", 3, f"layers.{i}.k_norm")
             q = self.rope(q, cos, sin, f"layers.{i}.q_rope")
             k = self.rope(k, cos, sin, f"layers.{i}.k_rope")
+            if self.kv_transform is not None:
+                q, k = self.transform_qk(q, k, i)
             cat = self.net.add_concatenation([q, k, v])
             cat.axis = 1
             qkv = self.reshape(self._name(cat, f"layers.{i}.qkv_rope"),
@@ -335,7 +374,7 @@ def create_network(trt, builder):
 
 def build_serialized(trt, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
                      dtype: torch.dtype, limits: Limits, logger=None,
-                     workspace_limit: int | None = None) -> bytes:
+                     workspace_limit: int | None = None, kv_transform=None) -> bytes:
     """Build the engine and return the serialized plan (needs full TensorRT, a GPU and the
     compiled kernel library: get_workspace_size asks the C ABI)."""
     from . import plugin as P
@@ -343,7 +382,8 @@ def build_serialized(trt, spec: ModelSpec, layout: PageLayout, weights: dict[str
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     net = create_network(trt, builder)
-    dn = DecoderNetwork(trt, net, spec, layout, weights, dtype, limits)
+    dn = DecoderNetwork(trt, net, spec, layout, weights, dtype, limits,
+                        kv_transform=kv_transform)
     dn.build()
     config = builder.create_builder_config()
     if workspace_limit:
