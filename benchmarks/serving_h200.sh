@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/serving_h200.sh STAGE...     (device tool: carry build/final, logs in $OUT)
 #
-# Stages: profile | long-POLICY (8 192-token prompts, 1 024 outputs, concurrency 1..256) |
+# Stages: gpu-tests (the GPU pytest files; run first after any runtime or kernel change) |
+#         profile | long-POLICY (8 192-token prompts, 1 024 outputs, concurrency 1..256) |
 #         short (256-token prompts, 1 024 outputs, all three policies) | smoke
 # The kernel library is built here beforehand: python build_scripts/build.py --dev --out build/final
 set -o pipefail
@@ -22,6 +23,10 @@ fi
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case $stage in
+    gpu-tests)
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
+        tests/test_trt_enqueue.py tests/test_runtime_gpu.py > "$OUT/pytest.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -20 ;;
     profile)
       python3 -m sawtrt.bench.step_profile --engine "$ENG" --policies bf16,int4,int4-bdr \
         --points 1x8192,64x8192 --kv-memory-gib "$KV_GIB" --json "$OUT/profile.json" ;;
