@@ -71,7 +71,7 @@ class KVPolicy:
                      q by q * s (s per layer, KV head and channel, calibrated; q.k unchanged).
     k_whiten:        the full-matrix form of balance=0.5: k -> A k, q -> A^-T q with one
                      calibrated D x D matrix A per layer and KV head (q.k unchanged).
-    Both are applied model-side (sawtrt.models.kv_transform) to the K and q that the kernels
+    All three are applied model-side (sawtrt.models.kv_transform) to the K and q that the kernels
     receive; kernels, page layout and bytes per token are the same as without them. The
     constants live in the engine directory (kv_calibration.safetensors).
     """

@@ -1,4 +1,4 @@
-"""The policy's model-side K transforms (center / balance): the calibration file of an engine,
+"""The policy's model-side K transforms (center / balance / whiten): the calibration file of an engine,
 and the runtime's output with them (sawtrt.models.kv_transform)."""
 from __future__ import annotations
 
@@ -236,6 +236,17 @@ def test_build_writes_and_load_reads_the_calibration(tmp_path):
     assert LLMEngine.from_engine_dir(out, device="cpu").model.kv_transform.k_mat is not None
     opts.kv_cache = "int4-bdr:center,balance=0.5"
     build_engine(opts, log=lambda m: None, progress=False)
+    # overriding the policy at load with one the file cannot serve: an engine config error
+    with pytest.raises(EngineConfigError, match="whiten.*k_moment|k_moment"):
+        LLMEngine.from_engine_dir(out, device="cpu", kv_policy="int4-bdr:center,whiten")
+    # a calibration of an older recipe is redone
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["kv_calibration"]["version"] = kvt.CALIBRATION_VERSION - 1
+    cfg_path.write_text(json.dumps(cfg))
+    logs.clear()
+    build_engine(opts, log=logs.append, progress=False)
+    assert any("K calibration: wrote" in m for m in logs)
 
     p = out / kvt.CALIBRATION_FILE
     p.write_bytes(p.read_bytes()[:-4] + b"\0\0\0\0")

@@ -335,11 +335,12 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
     prev = old.get("kv_calibration", {})
     moments = plan.layout.policy.k_whiten          # whiten also needs the D x D moments
     if (path.is_file() and prev.get("weights_sha256") == weights_info.get("sha256", "random")
-            and prev.get("moments", False) == moments and prev.get("sha256") == sha256_file(path)):
+            and prev.get("moments", False) == moments and prev.get("sha256") == sha256_file(path)
+            and prev.get("version") == kvt.CALIBRATION_VERSION):
         log(f"K calibration: up to date ({path})")
         return prev
     if weights_info["format"] == "random":
-        cal = kvt.KVCalibration.identity(plan.spec, "random weights: mu = 0, s = 1")
+        cal = kvt.KVCalibration.identity(plan.spec, "random weights: mu = 0, s = 1, A = I")
     else:
         from safetensors.torch import load_file
         tok = tokenizers.load(out)
@@ -352,7 +353,7 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
     digest = cal.save(path, moments=moments)
     log(f"K calibration: wrote {path} ({cal.meta.get('source')}, "
         f"{cal.meta.get('tokens', 0)} tokens)")
-    return {"file": kvt.CALIBRATION_FILE, "sha256": digest,
+    return {"file": kvt.CALIBRATION_FILE, "sha256": digest, "version": kvt.CALIBRATION_VERSION,
             "weights_sha256": weights_info.get("sha256", "random"),
             **({"moments": True} if moments else {}),
             **{k: v for k, v in cal.meta.items() if k in ("source", "origin", "text_sha256",

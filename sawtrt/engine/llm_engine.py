@@ -76,9 +76,9 @@ def load_kv_transform(cfg: EngineConfig, engine_dir: Path, dtype, device) -> KVT
                                 f"rebuild it with `sawtrt build --kv-cache {pol}`")
     try:
         cal = KVCalibration.load(Path(engine_dir) / info["file"], cfg.model, info.get("sha256"))
-    except KVCalibrationError as e:
-        raise EngineConfigError(str(e)) from None
-    return KVTransform(pol, cal, cfg.model.num_heads, dtype, device)
+        return KVTransform(pol, cal, cfg.model.num_heads, dtype, device)
+    except KVCalibrationError as e:      # e.g. a whiten policy over a file without moments
+        raise EngineConfigError(f"{engine_dir}: KV policy {pol}: {e}") from None
 
 
 class LLMEngine:

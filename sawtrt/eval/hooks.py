@@ -171,7 +171,7 @@ class KVHook:
     def _served_transform(self, policy, num_heads):
         from ..models.kv_transform import KVTransform
         if self.kv_calibration is None:
-            raise ValueError(f"{policy}: center / balance need KVHook(kv_calibration=...)")
+            raise ValueError(f"{policy}: center / balance / whiten need KVHook(kv_calibration=...)")
         key = (str(policy), num_heads)
         if key not in self._served:
             self._served[key] = KVTransform(policy, self.kv_calibration, num_heads)
@@ -197,7 +197,7 @@ class KVHook:
         if self.scheme.balance and layer not in self._kmats:
             self._kmats[layer] = balance_matrices(self.scheme, self.calib, layer, d)
         kmat = self._kmats.get(layer)
-        if kpol.transforms_k:                # the served center / balance, in fake form
+        if kpol.transforms_k:                # the served center / balance / whiten, in fake form
             t = self._served_transform(kpol, q.shape[0])
             mean = t.k_mean[layer][:, None] if t.k_mean is not None else None
             if t.k_scale is not None:

@@ -26,7 +26,7 @@ class RuntimeModel:
                  tokenizer=None):
         """weights: HF-named tensors to use instead of loading the GGUF with the runtime's
         loader (tests pass the transformers model's state dict: the same de-quantized numbers).
-        tokenizer: the transformers tokenizer, for policies with center / balance (their K
+        tokenizer: the transformers tokenizer, for policies with center / balance / whiten (their K
         calibration is computed here the way `sawtrt build` computes it)."""
         if weights is None:
             from ..models.weights import load_gguf
@@ -45,7 +45,7 @@ class RuntimeModel:
         from ..models import kv_transform as kvt
         if self._calibration is None:
             if self.tokenizer is None:
-                raise ValueError("center / balance policies need RuntimeModel(tokenizer=...)")
+                raise ValueError("center / balance / whiten policies need RuntimeModel(tokenizer=...)")
             tok = self.tokenizer
             ids, meta = kvt.calibration_ids(
                 lambda t: tok(t, add_special_tokens=False).input_ids)

@@ -43,6 +43,8 @@ from .specs import ModelSpec
 CALIBRATION_FILE = "kv_calibration.safetensors"
 STATS = ("k_mean", "k_rms", "q_rms")
 MOMENTS = ("k_moment", "q_moment")   # only in files of whiten policies
+# bump when calibrate() or the file's meaning changes: engines built before then recalibrate
+CALIBRATION_VERSION = 2
 CALIBRATION_TOKENS = 1024        # 2 windows of 512 (+BOS): a few s of CPU for SmolLM2 in fp32
 CALIBRATION_WINDOW = 512
 
@@ -65,7 +67,7 @@ class KVCalibration:
 
     @classmethod
     def identity(cls, spec: ModelSpec, why: str) -> "KVCalibration":
-        """mu = 0, s = 1: the transform changes nothing (random-weights engines)."""
+        """mu = 0, s = 1 (A = I from the identity moments): the transform changes nothing (random-weights engines)."""
         shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
         eye = torch.eye(spec.head_dim).expand(*shape[:2], -1, -1).contiguous()
         return cls(torch.zeros(shape), torch.ones(shape), torch.ones(shape),
