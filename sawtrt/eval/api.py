@@ -40,6 +40,13 @@ def _bytes_per_token(scheme: str, cfg) -> int | None:
                                                         cfg.num_key_value_heads, d)
 
 
+def _calib_windows(window: int) -> dict:
+    """Calibration windows no longer than the evaluated ones: Gemma-3's local layers see 511
+    tokens + BOS, and KVHook refuses longer sequences there (2 windows either way)."""
+    w = min(512, window)
+    return {"tokens": 2 * w, "window": w}
+
+
 def evaluate(model: str | None = None, checkpoint: str | None = None,
              schemes=DEFAULT_SCHEMES, tokens: int = 2048, window: int = 512,
              sources=SOURCES, offset: int = 0, greedy_tokens: int = 64,
@@ -77,7 +84,7 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
         blk = next((p.policy.block_for(d) for p in parsed.values()
                     if p is not None and p.calibrated and p.policy.rotated),
                    min(128, d))
-        calib = calibrate(hf, tok, label, blk)
+        calib = calibrate(hf, tok, label, blk, **_calib_windows(window))
         log(f"calibrated variants on 'calib' text ({calib['tokens']} tokens, h={blk})")
     hook_kw = ({"means": calib["means"], "vmeans": calib["vmeans"], "levels": calib["levels"],
                 "calib": calib, "kv_calibration": kv_calibration(calib)} if calib else {})
@@ -192,7 +199,8 @@ def probe(model: str | None = None, checkpoint: str | None = None, schemes=DEFAU
         sch = KVScheme.parse(s)
         kw = {}
         if sch.calibrated:
-            c = calibrate(hf, tok, label, sch.policy.block_for(d) or min(128, d))
+            c = calibrate(hf, tok, label, sch.policy.block_for(d) or min(128, d),
+                          **_calib_windows(window))
             kw = {"means": c["means"], "vmeans": c["vmeans"], "levels": c["levels"], "calib": c,
                   "kv_calibration": kv_calibration(c)}
         hook = KVHook(sch, mode="probe", **kw)
