@@ -15,9 +15,8 @@ from collections import defaultdict
 
 import torch
 
-from ..engine.sampling import SamplingParams
 from .step_timer import ForwardTimer
-from .throughput import make_engine, random_prompt
+from .throughput import make_engine, start_decoding
 
 # first match wins; names are the CUDA kernel names as the profiler reports them
 CLASSES = (
@@ -39,20 +38,7 @@ def classify(name: str) -> str:
 
 
 def profile_decode(engine, batch: int, context: int, steps: int = 5, warmup: int = 3) -> dict:
-    vocab = engine.config.model.vocab_size
-    # the first sequences decode while the later ones prefill: give every one enough room to
-    # still be running when the profiled steps come (they are aborted afterwards)
-    room = engine.max_seq_len - context - 1
-    if room < warmup + steps + batch + 1:
-        raise ValueError(f"context {context} leaves too few tokens in max_seq_len "
-                         f"{engine.max_seq_len} for the profiled steps")
-    p = SamplingParams(max_tokens=room, ignore_eos=True)
-    rids = [f"prof{batch}-{i}" for i in range(batch)]
-    for i, r in enumerate(rids):
-        engine.add_request(r, random_prompt(vocab, context, 7 * i + 1), p)
-    seqs = [engine._seqs[r] for r in rids]
-    while not all(s.num_output_tokens >= 1 for s in seqs):
-        engine.step()
+    rids = start_decoding(engine, batch, context, warmup + steps, "prof")
     for _ in range(warmup):
         engine.step()
     cuda = engine.device.type == "cuda"

@@ -51,6 +51,26 @@ def random_prompt(vocab: int, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=g).tolist()
 
 
+def start_decoding(engine, batch: int, context: int, steps: int, tag: str) -> list[str]:
+    """Add `batch` requests of `context` random tokens, run their (chunked) prefill, and return
+    their ids once every one is decoding, with room for `steps` more decode steps. The first
+    sequences decode while later ones prefill, so each may run up to max_seq_len; the caller
+    aborts them when done."""
+    room = engine.max_seq_len - context - 1
+    if room < steps + batch + 1:
+        raise ValueError(f"context {context} leaves too few tokens in max_seq_len "
+                         f"{engine.max_seq_len} for {steps} decode steps of {batch} sequences")
+    params = SamplingParams(max_tokens=room, ignore_eos=True)
+    vocab = engine.config.model.vocab_size
+    rids = [f"{tag}{batch}-{i}" for i in range(batch)]
+    for i, r in enumerate(rids):
+        engine.add_request(r, random_prompt(vocab, context, 7 * i + 1), params)
+    seqs = [engine._seqs[r] for r in rids]
+    while not all(s.num_output_tokens >= 1 for s in seqs):
+        engine.step()
+    return rids
+
+
 def _sync(engine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)

@@ -18,25 +18,12 @@ import time
 import torch
 
 from ..bench.step_timer import ForwardTimer
+from ..bench.throughput import start_decoding
 from .llm_engine import LLMEngine
-from .sampling import SamplingParams
 
 
 def bench(engine: LLMEngine, batch: int, context: int, steps: int, warmup: int = 3) -> dict:
-    gen = torch.Generator().manual_seed(batch)
-    vocab = engine.config.model.vocab_size
-    rids = [f"b{batch}-{i}" for i in range(batch)]
-    # early sequences decode while later ones prefill: leave them room to stay in the batch
-    room = engine.max_seq_len - context - 1
-    if room < warmup + steps + batch + 1:
-        raise ValueError(f"context {context} leaves too few tokens in max_seq_len "
-                         f"{engine.max_seq_len} for {warmup + steps} decode steps")
-    p = SamplingParams(max_tokens=room, ignore_eos=True)
-    for r in rids:
-        engine.add_request(r, torch.randint(0, vocab, (context,), generator=gen).tolist(), p)
-    seqs = [engine._seqs[r] for r in rids]
-    while not all(s.num_output_tokens >= 1 for s in seqs):     # prefill (chunked)
-        engine.step()
+    rids = start_decoding(engine, batch, context, warmup + steps, "b")
     step_ms = []
     with ForwardTimer(engine) as timer:
         for _ in range(warmup + steps):
