@@ -17,12 +17,20 @@ from .kv_cache import gather_kv
 from .spec import PageLayout
 
 
-def rotate_query(q: torch.Tensor, layout: PageLayout) -> torch.Tensor:
-    """q [..., D] in fp32, in the cache's K basis."""
+FP16_MAX = 65504.0
+
+
+def rotate_query(q: torch.Tensor, layout: PageLayout,
+                 operand: torch.dtype | None = None) -> torch.Tensor:
+    """q [..., D] in fp32, in the cache's K basis. `operand=torch.float16` also rounds it as the
+    prefill kernel's tensor-core operand is rounded (clamped to fp16's range, then to nearest):
+    that rounding is part of the prefill contract; decode and the CPU runtime keep fp32."""
     p = layout.policy
-    if not p.rotated:
-        return q.float()
-    return hadamard.rotate(q, p.rotation_block, p.signs(layout.head_dim))
+    qr = q.float() if not p.rotated else hadamard.rotate(q, p.rotation_block,
+                                                         p.signs(layout.head_dim))
+    if operand is not None:
+        qr = qr.clamp(-FP16_MAX, FP16_MAX).to(operand).float()
+    return qr
 
 
 def unrotate_output(o: torch.Tensor, layout: PageLayout) -> torch.Tensor:
@@ -48,13 +56,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: 
 
 def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayout,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    q_lens: torch.Tensor | None = None, sm_scale: float | None = None
-                    ) -> torch.Tensor:
+                    q_lens: torch.Tensor | None = None, sm_scale: float | None = None,
+                    query_operand: torch.dtype | None = None) -> torch.Tensor:
     """Attention of the step's queries over the paged cache.
 
     q            [sum(q_lens), Hq, D] (any float dtype), sequences back to back
     block_tables [B, max_pages] int32, seq_lens [B] int32 (tokens in cache, new ones included)
     q_lens       [B] new tokens per sequence (default: all 1, i.e. decode)
+    query_operand  torch.float16 to model the prefill kernel (rotated query rounded to fp16),
+                 None for exact fp32 (see rotate_query)
     returns      [sum(q_lens), Hq, D] in q's dtype
     """
     if q.shape[-1] != layout.head_dim:
@@ -66,7 +76,7 @@ def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayou
     if int(q_lens.sum()) != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens but q_lens sums to {int(q_lens.sum())}")
     sm_scale = 1.0 / math.sqrt(layout.head_dim) if sm_scale is None else sm_scale
-    qr = rotate_query(q, layout)
+    qr = rotate_query(q, layout, query_operand)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     start = 0
     for b in range(batch):

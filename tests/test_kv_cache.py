@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from sawtrt import hadamard, quant
+from sawtrt import hadamard, kv_cache, quant, reference
 from sawtrt.kv_cache import (KVPoolExhausted, PageAllocator, PagedKVCache, gather_kv, new_pool,
                              write_kv)
 from sawtrt.reference import dense_attention, paged_attention
@@ -155,3 +155,28 @@ def test_paged_cache_object():
     assert cache.layer(3).data_ptr() == cache.pool[3].data_ptr()
     with pytest.raises(KVPoolExhausted):
         cache.allocator.allocate(11)
+
+
+def test_query_operand_models_the_prefill_kernel_rounding():
+    """query_operand=fp16 rounds the rotated query once (clamped to fp16's range, so a huge
+    query gives finite scores), and moves the output far less than INT4 itself does."""
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=32"), 64, 1, 16)
+    q = torch.randn(5, 2, 64) * 3
+    q[0, 0, 0] = 1e6
+    exact = reference.rotate_query(q, layout)
+    rounded = reference.rotate_query(q, layout, torch.float16)
+    assert torch.isfinite(rounded).all() and rounded.abs().max() <= reference.FP16_MAX
+    small = exact.abs() < 1e3
+    assert torch.equal(rounded[small], exact[small].half().float())
+    assert not torch.equal(rounded, exact)
+    pool = kv_cache.new_pool(layout, 1, 2)[0]
+    k, v = torch.randn(20, 1, 64), torch.randn(20, 1, 64)
+    k[:, :, 3] *= 50
+    kv_cache.write_kv(pool, layout, k, v, torch.arange(20))
+    args = (pool, layout, torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([20]),
+            torch.tensor([5]))
+    q = torch.randn(5, 2, 64)
+    a = reference.paged_attention(q, *args)
+    b = reference.paged_attention(q, *args, query_operand=torch.float16)
+    exact_kv = reference.dense_attention(q, k, v, 15, 1 / 8)
+    assert (a - b).norm() < 0.01 * (a - exact_kv).norm()

@@ -10,12 +10,15 @@
 // Structure (flash-attention 2 on mma.sync m16n8k16, fp32 accumulation):
 //   * a block = 4 warps = 64 query rows of ONE KV head; a row is (query token, group head), so
 //     the G query heads of a GQA group share every K/V tile that the block decodes;
-//   * the query is rotated in registers (saw/hadamard.cuh) and stored as MMA operands: an
-//     unrotated fp16/bf16 query is exact in fp16 (inside its range); a rotated one is split
-//     q = hi + lo (both fp16, two MMAs into one fp32 accumulator), so rounding the rotated query costs no
-//     accuracy (with hi alone, outlier-heavy K made errors of 10 % of a row's magnitude in bf16,
-//     measured on the H200). sm_scale*log2(e) is applied in fp32 after the MMA; sum(q) per row
-//     is kept for the offset term;
+//   * the query is rotated in registers (saw/hadamard.cuh) and stored as one fp16 MMA operand:
+//     an unrotated fp16/bf16 query is exact in fp16 (inside its range, +-65504, to which it is
+//     clamped); a rotated one is rounded to fp16 once. That rounding is part of the contract
+//     (sawtrt.reference.paged_attention(query_operand=torch.float16) models it): its error is
+//     2^-12 of |q| per element, ~1e-3 of the output on the outlier-heavy test data, where the
+//     INT4 cache itself moves the output by ~0.4 (measured on CPU, docs/performance.md). An
+//     earlier hi + lo split (two MMAs) cost int4-bdr 8-9 % of its prefill time for nothing a
+//     model can see. sm_scale*log2(e) is applied in fp32 after the MMA; sum(q) per row (of the
+//     rounded operands) is kept for the offset term;
 //   * K/V tiles of BK tokens are read page by page (any page order) as raw codes, one tile
 //     ahead into registers (the loads fly during the current tile's MMAs), then turned into
 //     MMA operands without applying (s, m): the algebra of DESIGN.md does that exactly in fp32,
@@ -40,19 +43,20 @@ namespace {
 
 template <typename T, int KIND, int D>
 struct PrefillTraits {
-  // int4 is the only kind with a rotation, hence the only one that needs q = hi + lo
-  static constexpr int kQParts = KIND == SAW_KIND_INT4 ? 2 : 1;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
+  // int4 at D <= 128 fits in 168 registers (ptxas -v: 8 bytes spilled) instead of 171: three
+  // blocks per SM instead of two. The bf16/int8 operand paths need more and keep one.
+  static constexpr int kMinBlocks = KIND == SAW_KIND_INT4 && D <= 128 ? 3 : 1;
   static constexpr int kRows = kWarps * 16;     // query rows per block (16 per warp: one MMA M)
   // Smaller K/V tiles at D = 256 keep shared memory under the 99 KB sm_89 allows per block.
-  static constexpr int kBK = D >= 256 ? (kQParts == 2 ? 16 : 32) : 64;
+  static constexpr int kBK = D >= 256 ? 32 : 64;
   static constexpr int kPad = 8;                // 16 bytes: rows land on distinct banks
   static constexpr int kQStride = D + kPad;     // elements, Qs[row][d]
   static constexpr int kKStride = D + kPad;     // Ks[token][d]
   static constexpr int kVStride = D + kPad;     // Vs[token][d] (ldmatrix.trans feeds P.V)
   static constexpr int kOStride = D + 4;        // fp32 staging of the finished tile
-  static constexpr int kQBytes = kQParts * kRows * kQStride * 2;
+  static constexpr int kQBytes = kRows * kQStride * 2;
   static constexpr int kKBytes = kBK * kKStride * 2;
   static constexpr int kVBytes = kBK * kVStride * 2;
   static constexpr int kTileBytes = kQBytes + kKBytes + kVBytes;
@@ -149,7 +153,8 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* sm
 }
 
 template <typename T, int KIND, int D>
-__global__ void __launch_bounds__(PrefillTraits<T, KIND, D>::kThreads)
+__global__ void __launch_bounds__(PrefillTraits<T, KIND, D>::kThreads,
+                                  PrefillTraits<T, KIND, D>::kMinBlocks)
 PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restrict__ pool,
               const int32_t* __restrict__ block_tables, int32_t max_pages,
               const int32_t* __restrict__ seq_lens, const int32_t* __restrict__ cu_q_lens,
@@ -164,7 +169,6 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
   constexpr float kBias = KIND == SAW_KIND_INT4 ? 8.f : 128.f;  // code centring (DecodeChunk)
   extern __shared__ __align__(16) uint8_t smem[];
   M* Qs = reinterpret_cast<M*>(smem);
-  M* Qlo = Qs + Tr::kRows * Tr::kQStride;  // only when kQParts == 2
   M* Ks = reinterpret_cast<M*>(smem + Tr::kQBytes);
   M* Vs = reinterpret_cast<M*>(smem + Tr::kQBytes + Tr::kKBytes);
   float* Os = reinterpret_cast<float*>(smem);  // aliases Q/K/V once the tile is finished
@@ -189,8 +193,8 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
   const PageLayout layout(KIND, D, page_size);
   const int32_t* table = block_tables + int64_t(seq) * max_pages;
 
-  const bool split_q = Tr::kQParts == 2 && rotation_block > 0;
-  // ---- query tile: rotate and store as hi (+ lo); rows past q_len are zero
+  // ---- query tile: rotate, clamp to fp16's range, store as fp16; rows past q_len are zero
+  constexpr float kHalfMax = 65504.f;
   for (int r = warp * 16; r < warp * 16 + 16; ++r) {
     const int idx = row0 + r, qi = idx / group, g = idx % group;
     float x[E];
@@ -206,15 +210,9 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      const M hi = FromFloat<M>(x[i]);
-      Qs[r * Tr::kQStride + lane * E + i] = hi;
-      float used = ToFloat(hi);
-      if (split_q) {
-        const M lo = FromFloat<M>(x[i] - used);
-        Qlo[r * Tr::kQStride + lane * E + i] = lo;
-        used += ToFloat(lo);
-      }
-      sum += used;  // sum of the operands actually used, so the m term matches the MMA
+      const M op = FromFloat<M>(fminf(fmaxf(x[i], -kHalfMax), kHalfMax));
+      Qs[r * Tr::kQStride + lane * E + i] = op;
+      sum += ToFloat(op);  // sum of the operands actually used, so the m term matches the MMA
     }
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
@@ -309,19 +307,6 @@ PrefillKernel(const T* __restrict__ q, int64_t q_stride, const uint8_t* __restri
         const M* kb = Ks + (n * 8 + gid) * Tr::kKStride + kk * 16 + tig * 2;
         Mma16816<M>(s[n], a, *reinterpret_cast<const uint32_t*>(kb),
                     *reinterpret_cast<const uint32_t*>(kb + 8));
-      }
-      if (Tr::kQParts == 2 && split_q) {  // + q_lo . code into the same accumulators
-        const M* ql = qa + (Qlo - Qs);
-        a[0] = *reinterpret_cast<const uint32_t*>(ql + kk * 16);
-        a[1] = *reinterpret_cast<const uint32_t*>(ql + 8 * Tr::kQStride + kk * 16);
-        a[2] = *reinterpret_cast<const uint32_t*>(ql + kk * 16 + 8);
-        a[3] = *reinterpret_cast<const uint32_t*>(ql + 8 * Tr::kQStride + kk * 16 + 8);
-#pragma unroll
-        for (int n = 0; n < BK / 8; ++n) {
-          const M* kb = Ks + (n * 8 + gid) * Tr::kKStride + kk * 16 + tig * 2;
-          Mma16816<M>(s[n], a, *reinterpret_cast<const uint32_t*>(kb),
-                      *reinterpret_cast<const uint32_t*>(kb + 8));
-        }
       }
     }
 
