@@ -11,6 +11,8 @@ abort requests while another thread drives step().
 """
 from __future__ import annotations
 
+import gc
+
 import random
 import threading
 from dataclasses import dataclass
@@ -118,6 +120,10 @@ class LLMEngine:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         stops = {cfg.model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         self.eos_token_ids = {t for t in stops if t is not None}
+        # Everything made so far (module wrappers, graphs, tables) lives as long as the engine:
+        # out of the collector's generations, so full collections during serving stay short.
+        gc.collect()
+        gc.freeze()
 
     @classmethod
     def from_engine_dir(cls, engine_dir, device=None, dtype: torch.dtype | None = None,
