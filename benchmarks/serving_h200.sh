@@ -21,6 +21,7 @@ KV_GIB=${KV_GIB:-100}           # one KV budget for every policy (~77 % of the f
 CONC=${CONC:-1,8,16,32,64,128,256}
 TRITON_CONC=${TRITON_CONC:-1,16,64}   # short: a device call has 10 minutes, server start included
 TRITON_RPU=${TRITON_RPU:-1}           # requests per user and level
+TRITON_BUNDLE=${TRITON_BUNDLE:-.carry/triton}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee -a "$OUT/gpu.txt"
 if [ ! -f "$ENG/config.json" ]; then
   sawtrt build --model qwen3-4b --random-weights --no-kernels --max-batch 256 \
@@ -28,10 +29,11 @@ if [ ! -f "$ENG/config.json" ]; then
 fi
 triton_stage() {     # POLICY: selfcheck (10 s), then sawtrt bench serve through tritonserver
   local pol=$1 rc
-  [ -f .carry/triton/env.sh ] || { echo "no .carry/triton (bash benchmarks/make_triton_bundle.sh)"; return 1; }
-  . .carry/triton/env.sh || return 1
-  python3 benchmarks/triton_selfcheck.py --need torch --log "$OUT/triton-selfcheck.server.log" \
-    > "$OUT/triton-selfcheck.log" 2>&1 || { tail -n 40 "$OUT/triton-selfcheck.log"; return 1; }
+  [ -f "$TRITON_BUNDLE/env.sh" ] || { echo "no $TRITON_BUNDLE (bash benchmarks/make_triton_bundle.sh)"; return 1; }
+  . "$TRITON_BUNDLE/env.sh" || return 1
+  python3 benchmarks/triton_selfcheck.py --need torch --need sawtrt.engine.llm_engine \
+    --log "$OUT/triton-selfcheck.server.log" > "$OUT/triton-selfcheck.log" 2>&1 \
+    || { tail -n 40 "$OUT/triton-selfcheck.log"; return 1; }
   sawtrt bench serve --engine "$ENG" --kv-cache "$pol" --kv-memory-gib "$KV_GIB" \
     --max-num-seqs "$(tr , '\n' <<< "$TRITON_CONC" | sort -n | tail -1)" \
     --max-num-batched-tokens 8192 --concurrency "$TRITON_CONC" \

@@ -100,8 +100,10 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, requests_per_
                 raise click.ClickException(f"cannot load the tokenizer of "
                                            f"{tokenizer_dir or engine_dir}: {e}") from None
         for i in range(warmup):
-            generate(url, make_prompt(prompt_len, 10_000 + i, tokenizer), output_len, model=model,
-                     timeout=timeout, ignore_eos=True).check()
+            r = generate(url, make_prompt(prompt_len, 10_000 + i, tokenizer), output_len,
+                         model=model, timeout=timeout, ignore_eos=True)
+            if r.error is not None:
+                raise click.ClickException(f"warm-up request failed: {r.error}")
         results = []
         for c in levels:
             n = num_requests or (requests_per_user * c if requests_per_user else max(8, 4 * c))
