@@ -6,8 +6,12 @@
 #
 # Stages: gpu-tests (the GPU pytest files; run first after any runtime or kernel change) |
 #         profile | long-POLICY (8 192-token prompts, 1 024 outputs, concurrency 1..256) |
-#         short (256-token prompts, 1 024 outputs, all three policies) | smoke
+#         short (256-token prompts, 1 024 outputs, all three policies) | smoke |
+#         triton-POLICY (the same long requests through a real tritonserver and gRPC streaming:
+#                        `sawtrt bench serve --engine`, concurrency $TRITON_CONC, one wave each;
+#                        needs the bundle: carry .carry/triton, see benchmarks/make_triton_bundle.sh)
 # The kernel library is built here beforehand: python build_scripts/build.py --dev --out build/final
+# e.g. device run, carry [".carry/triton", "build/final"]: bash benchmarks/serving_h200.sh triton-int4-bdr
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SAWTRT_KERNEL_LIB=$PWD/build/final/libsawtrt_kernels.so
 OUT=${OUT:-/tmp/sawtrt-serving}; mkdir -p "$OUT"
@@ -15,11 +19,29 @@ sawtrt() { python3 -c 'from sawtrt.cli import main; main()' "$@"; }
 ENG=${ENG:-/tmp/qwen3-4b-random}
 KV_GIB=${KV_GIB:-100}           # one KV budget for every policy (~77 % of the free memory)
 CONC=${CONC:-1,8,16,32,64,128,256}
+TRITON_CONC=${TRITON_CONC:-1,16,64}   # short: a device call has 10 minutes, server start included
+TRITON_RPU=${TRITON_RPU:-1}           # requests per user and level
+TRITON_BUNDLE=${TRITON_BUNDLE:-.carry/triton}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee -a "$OUT/gpu.txt"
 if [ ! -f "$ENG/config.json" ]; then
   sawtrt build --model qwen3-4b --random-weights --no-kernels --max-batch 256 \
     --max-seq-len 9344 --output "$ENG" > "$OUT/build.log" 2>&1 || { tail "$OUT/build.log"; exit 1; }
 fi
+triton_stage() {     # POLICY: selfcheck (10 s), then sawtrt bench serve through tritonserver
+  local pol=$1 rc
+  [ -f "$TRITON_BUNDLE/env.sh" ] || { echo "no $TRITON_BUNDLE (bash benchmarks/make_triton_bundle.sh)"; return 1; }
+  . "$TRITON_BUNDLE/env.sh" || return 1
+  python3 benchmarks/triton_selfcheck.py --need torch --need sawtrt.engine.llm_engine \
+    --log "$OUT/triton-selfcheck.server.log" > "$OUT/triton-selfcheck.log" 2>&1 \
+    || { tail -n 40 "$OUT/triton-selfcheck.log"; return 1; }
+  sawtrt bench serve --engine "$ENG" --kv-cache "$pol" --kv-memory-gib "$KV_GIB" \
+    --max-num-seqs "$(tr , '\n' <<< "$TRITON_CONC" | sort -n | tail -1)" \
+    --max-num-batched-tokens 8192 --concurrency "$TRITON_CONC" \
+    --requests-per-user "$TRITON_RPU" --prompt-len 8192 --output-len 1024 --timeout 500 \
+    --server-log "$OUT/triton-$pol.server.log" --json "$OUT/triton-$pol.json" \
+    > "$OUT/triton-$pol.log" 2>&1
+  rc=$?; tail -n 15 "$OUT/triton-$pol.log"; return $rc
+}
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case $stage in
@@ -41,6 +63,8 @@ for stage in "$@"; do
     smoke)
       sawtrt bench throughput --engine "$ENG" --policies int4-bdr,bf16 --concurrency 1,64 \
         --prompt-len 8192 --output-len 64 --kv-memory-gib "$KV_GIB" --json "$OUT/smoke.json" ;;
+    triton-*)
+      triton_stage "${stage#triton-}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac || echo "stage $stage failed rc=$?"
 done

@@ -104,6 +104,7 @@ class FakeEngine:
         self.pending = []
         self.fail_next_step = False
         self.step_delay = 0.0
+        self.blank_text = False  # tokens that decode to no text (random-weight engines)
         self.lock = threading.Lock()
         self.calls_from = set()
 
@@ -149,7 +150,8 @@ class FakeEngine:
             s[1] += 1
             s[3] = -(-(s[0] + s[1]) // self.page_size)
             done = s[1] >= s[2]
-            outs.append(StepOutput(rid, [s[1]], chr(ord("a") + (s[1] - 1) % 26), done,
+            text = "" if self.blank_text else chr(ord("a") + (s[1] - 1) % 26)
+            outs.append(StepOutput(rid, [s[1]], text, done,
                                    "length" if done else None, s[0], s[1]))
             if done:
                 del self.seqs[rid]
@@ -216,6 +218,20 @@ def test_streaming_and_non_streaming_agree(loop):
     assert all(e[-1] is False for e in streamed.events[:-1])
     assert loop.stats.completed == 2 and loop.engine.kv_cache_usage()["used_pages"] == 0
     assert loop.engine.calls_from == {"sawtrt-engine-loop"}   # engine touched by one thread
+
+
+def test_streaming_reports_tokens_without_text(loop):
+    """A step whose tokens decode to no text still sends a response (clients time tokens by
+    num_output_tokens); a non-streaming request still gets one."""
+    loop.engine.blank_text = True
+    streamed, whole = ListSink(), ListSink()
+    loop.submit(parsed(max_tokens=6, stream=True), streamed)
+    loop.submit(parsed(max_tokens=6, stream=False), whole)
+    wait_all([streamed, whole])
+    sends = [e for e in streamed.events if e[0] == "send"]
+    assert [e[3] for e in sends] == [1, 2, 3, 4, 5, 6] and streamed.text == ""
+    assert sends[-1][-1] is True and sends[-1][4] == "length"
+    assert len(whole.events) == 1 and whole.events[0][3] == 6
 
 
 def test_many_concurrent_submitters(loop):

@@ -185,11 +185,10 @@ def default_kv_gib(engine_dir, device=None, fraction: float = 0.8) -> float:
 
 def make_engine(engine_dir, policy: str, max_num_seqs: int, kv_memory_gib: float,
                 max_num_batched_tokens: int, device=None):
-    from ..engine.llm_engine import LLMEngine
-    return LLMEngine.from_engine_dir(engine_dir, device=device, kv_policy=policy,
-                                     max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens,
-                                     kv_memory_bytes=int(kv_memory_gib * GiB))
+    from ..engine.options import EngineOptions
+    return EngineOptions(kv_policy=policy, kv_memory_gib=kv_memory_gib,
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         max_num_seqs=max_num_seqs).load(engine_dir, device)
 
 
 def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: float,

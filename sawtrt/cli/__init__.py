@@ -5,6 +5,7 @@ when their command runs, so `sawtrt kv-plan` does not pay for the runtime or the
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import click
@@ -30,6 +31,48 @@ def positive_ints(text: str, what: str) -> list[int]:
     if not values or min(values) < 1:
         raise click.BadParameter(f"{what} must be >= 1")
     return values
+
+
+def kv_memory_gib_option(default: str):
+    """--kv-memory-gib, the same for every command that sizes a KV pool; `default` describes
+    what the command does without it."""
+    return click.option("--kv-memory-gib", type=click.FloatRange(min=0, min_open=True),
+                        default=None, help=f"KV pool budget in GiB [default: {default}].")
+
+
+def engine_options(f):
+    """--kv-cache / --kv-memory-gib / --max-num-batched-tokens / --max-num-seqs for commands that
+    start an engine inside tritonserver; the command gets them as one `engine_options`
+    (sawtrt.engine.options.EngineOptions) argument."""
+    def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs):
+        from ..engine.options import EngineOptions
+        if kv_cache:
+            from ..spec import KVPolicy
+            try:
+                KVPolicy.parse(kv_cache)
+            except ValueError as e:
+                raise click.BadParameter(str(e), ctx=ctx, param_hint="--kv-cache") from None
+        return EngineOptions(kv_policy=kv_cache or None, kv_memory_gib=kv_memory_gib,
+                             max_num_batched_tokens=max_num_batched_tokens,
+                             max_num_seqs=max_num_seqs)
+
+    @functools.wraps(f)
+    def wrapper(*args, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, **kw):
+        ctx = click.get_current_context()
+        return f(*args, engine_options=make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens,
+                                            max_num_seqs), **kw)
+    for opt in reversed((
+            click.option("--kv-cache", default=None, metavar="POLICY",
+                         help="Override the engine's KV policy (e.g. bf16, int4, int4-bdr:h=32); "
+                              "the weights do not depend on it [default: the engine's]."),
+            kv_memory_gib_option("the engine's: a fixed fraction of the free GPU memory at "
+                                 "load, 1 GiB on CPU"),
+            click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
+                         help="Token budget of one engine step [default: the engine's]."),
+            click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+                         help="Running sequences at most [default: the engine's --max-batch]."))):
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 class LazyGroup(click.Group):

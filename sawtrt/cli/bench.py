@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import positive_ints
+from . import kv_memory_gib_option, positive_ints
 
 
 @click.group()
@@ -59,9 +59,8 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
               help="Prompt tokens (random ids).")
 @click.option("--output-len", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Output tokens per request (EOS ignored).")
-@click.option("--kv-memory-gib", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="KV pool budget, the same for every policy [default: 80 % of the free GPU "
-                   "memory minus the bf16 weights, measured once at start].")
+@kv_memory_gib_option("80 % of the free GPU memory minus the bf16 weights, measured once at "
+                      "start; the same for every policy")
 @click.option("--max-num-batched-tokens", default=8192, show_default=True,
               type=click.IntRange(min=1), help="Token budget of one step (chunked prefill).")
 @click.option("--device", default=None, help="Torch device (default: cuda when available).")

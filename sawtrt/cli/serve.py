@@ -3,6 +3,8 @@ import threading
 
 import click
 
+from . import engine_options
+
 
 @click.command("serve")
 @click.option("--engine", "engine_dir", required=True,
@@ -22,8 +24,9 @@ import click
 @click.option("--log-verbose", default=0, show_default=True, type=int)
 @click.option("--ready-timeout", default=600, show_default=True, type=float,
               help="Seconds to wait for the model to load.")
+@engine_options
 def serve(engine_dir, model_repository, host, grpc_port, http_port, metrics_port, device,
-          log_file, log_verbose, ready_timeout):
+          log_file, log_verbose, ready_timeout, engine_options):
     """Serve an engine with a real tritonserver (Python backend, gRPC streaming).
 
     Writes the model repository, starts tritonserver, waits until the model is ready and runs
@@ -32,7 +35,8 @@ def serve(engine_dir, model_repository, host, grpc_port, http_port, metrics_port
     from ..serving.server import ServerError, TritonNotFound, TritonServer
     from ..serving.triton_repo import MODEL_NAME, write_model_repository
 
-    repo = write_model_repository(engine_dir, model_repository, device=device)
+    repo = write_model_repository(engine_dir, model_repository, device=device,
+                                  options=engine_options)
     server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port,
                           metrics_port=metrics_port, host=host, log_file=log_file or "-",
                           log_verbose=log_verbose)

@@ -179,6 +179,7 @@ class _Active:
     stream: bool
     submitted: float
     parts: list = field(default_factory=list)     # non-streaming: text pieces so far
+    sent_tokens: int = 0                          # streaming: output tokens reported so far
 
 
 @dataclass
@@ -328,9 +329,13 @@ class EngineLoop:
             final = bool(out.finished)
             try:
                 if a.stream:
-                    if out.new_text or final:
+                    # one response per step that produced tokens, even when they decode to no
+                    # text yet (a split UTF-8 character; a random-weight engine's ids outside
+                    # its byte vocabulary): clients time tokens by num_output_tokens
+                    if out.new_text or final or out.num_output_tokens > a.sent_tokens:
                         a.sink.send(out.new_text, out.num_prompt_tokens, out.num_output_tokens,
                                     out.finish_reason if final else None, final)
+                        a.sent_tokens = out.num_output_tokens
                 else:
                     a.parts.append(out.new_text)
                     if final:

@@ -26,10 +26,28 @@ _WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars wa
           "its own song of rain wind bread and iron").split()
 
 
-def make_prompt(num_words: int, seed: int) -> str:
-    """About `num_words` tokens of English-like text (common words are ~1 BPE token each)."""
+def make_prompt(num_words: int, seed: int, tokenizer=None) -> str:
+    """About `num_words` tokens of English-like text (common words are ~1 BPE token each).
+
+    With `tokenizer` (the served engine's: encode / decode), the text is cut to `num_words`
+    *tokens* of that tokenizer instead (exact for a byte tokenizer, within a token or two for
+    BPE, whose merges may change at the cut)."""
     rng = random.Random(seed)
-    return " ".join(rng.choice(_WORDS) for _ in range(max(1, num_words)))
+    if tokenizer is None:
+        return " ".join(rng.choice(_WORDS) for _ in range(max(1, num_words)))
+    n = max(1, num_words)
+    words: list[str] = []
+    ids: list[int] = []
+    while len(ids) < n:
+        words += [rng.choice(_WORDS) for _ in range(max(16, n - len(ids)))]
+        ids = tokenizer.encode(" ".join(words))
+    text = tokenizer.decode(ids[:n])
+    for _ in range(4):                  # re-encoding the cut text may merge differently
+        extra = len(tokenizer.encode(text)) - n
+        if extra <= 0:
+            break
+        text = tokenizer.decode(tokenizer.encode(text)[:n - extra])
+    return text
 
 
 @dataclass
@@ -41,6 +59,7 @@ class LevelConfig:
     ignore_eos: bool = True
     timeout_s: float = 600.0
     seed: int = 0
+    tokenizer: object = None     # prompt_len in this tokenizer's tokens (else words)
 
 
 def run_level(url: str, cfg: LevelConfig, *, model: str = "sawtrt", num_gpus: int = 1,
@@ -57,7 +76,8 @@ def run_level(url: str, cfg: LevelConfig, *, model: str = "sawtrt", num_gpus: in
             if i is None:
                 return
             try:
-                r = generate(url, make_prompt(cfg.prompt_len, cfg.seed + i), cfg.output_len,
+                r = generate(url, make_prompt(cfg.prompt_len, cfg.seed + i, cfg.tokenizer),
+                             cfg.output_len,
                              model=model, timeout=cfg.timeout_s, ignore_eos=cfg.ignore_eos,
                              stream=True)
             except Exception as e:          # noqa: BLE001 - count it, keep the level going
@@ -87,6 +107,7 @@ def summarize(results, cfg: LevelConfig, wall_s: float, num_gpus: int = 1) -> di
     return {
         "concurrency": cfg.concurrency, "num_requests": cfg.num_requests,
         "prompt_len_words": cfg.prompt_len, "output_len": cfg.output_len,
+        "prompt_unit": "words" if cfg.tokenizer is None else "tokens",
         "completed": len(ok), "lost": cfg.num_requests - len(ok),
         "errors": distinct_errors[:5], "num_distinct_errors": len(distinct_errors),
         "wall_s": wall_s,

@@ -35,7 +35,7 @@ class StreamResult:
     finish_reason: str | None = None
     error: str | None = None
     t_start: float = 0.0
-    t_first: float | None = None              # first response carrying text
+    t_first: float | None = None              # first response carrying text or tokens
     t_end: float | None = None
     chunk_times: list = field(default_factory=list)   # (time, num_output_tokens) per response
     cancelled_by_client: bool = False
@@ -146,7 +146,7 @@ def stream_infer(url: str, inputs, *, model: str = "sawtrt", timeout: float = 30
                     res.num_output_tokens = int(n_out.reshape(-1)[0])
                 if n_in is not None:
                     res.num_input_tokens = int(n_in.reshape(-1)[0])
-                if delta and res.t_first is None:
+                if (delta or res.num_output_tokens > 0) and res.t_first is None:
                     res.t_first = t
                 res.text += delta
                 res.chunk_times.append((t, res.num_output_tokens))

@@ -8,8 +8,16 @@ The wheel's layout needs three things to run outside PyTriton, all done here:
   and the stub built for *this* interpreter's Python version (the wheel ships one per version);
 - `LD_LIBRARY_PATH` with the wheel's `nvidia_pytriton.libs` (libtritonserver and friends) and, first,
   this interpreter's own `libpython` directory, so the stub embeds the same Python build;
-- `PATH` with this interpreter's `bin/` first: the stub ignores PYTHONPATH and derives its
-  `sys.prefix` from the `python3` it finds on PATH, which is how it sees the venv's packages.
+- a `python3` first on `PATH` that gives the stub this process's packages: the stub ignores
+  PYTHONPATH and derives `sys.prefix` from the `python3` it finds on PATH. `stub_python_env`
+  makes a venv-shaped directory (pyvenv.cfg, bin/python3 -> this interpreter) whose
+  site-packages holds one .pth listing this process's `sys.path` (so PYTHONPATH entries and
+  venv packages reach the stub alike), preceded by `$SAWTRT_TRITON_STUB_PATH` (e.g. numpy 1.26:
+  the 2.51 stub breaks with numpy 2.x).
+
+`$SAWTRT_TRITONSERVER` names the `tritonserver` binary to use before anything else: one inside
+a copy of the wheel's layout (`.../pytriton/tritonserver/bin/tritonserver`, e.g. the bundle made by
+benchmarks/make_triton_bundle.sh) is run as above; any other binary brings its own backends.
 """
 from __future__ import annotations
 
@@ -45,7 +53,24 @@ class TritonDist:
     libs_dir: Path | None      # extra shared libraries the binary needs
 
 
+TRITONSERVER_ENV = "SAWTRT_TRITONSERVER"        # path of the tritonserver binary to use
+STUB_PATH_ENV = "SAWTRT_TRITON_STUB_PATH"        # dirs put first on the Python stub's sys.path
+
+
+def _py_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def find_tritonserver() -> TritonDist:
+    explicit = os.environ.get(TRITONSERVER_ENV)
+    if explicit:
+        binary = Path(explicit)
+        if not binary.is_file() or not os.access(binary, os.X_OK):
+            raise TritonNotFound(f"${TRITONSERVER_ENV}={explicit} is not an executable file")
+        dist = binary.resolve().parent.parent
+        if (dist / "python_backend_stubs").is_dir():          # the wheel's layout
+            return _wheel_dist(dist)
+        return TritonDist(binary, None, None)
     on_path = shutil.which("tritonserver")
     if on_path:
         return TritonDist(Path(on_path), None, None)
@@ -54,15 +79,31 @@ def find_tritonserver() -> TritonDist:
     except ImportError as e:
         raise TritonNotFound(
             "no `tritonserver` on PATH and the nvidia-pytriton wheel is not installed; "
-            "install the serving extra: pip install -e '.[serving]'") from e
-    root = Path(pytriton.__file__).resolve().parent
-    dist = root / "tritonserver"
+            f"install the serving extra (pip install -e '.[serving]') or set ${TRITONSERVER_ENV}"
+            ) from e
+    return _wheel_dist(Path(pytriton.__file__).resolve().parent / "tritonserver")
+
+
+def _wheel_dist(dist: Path) -> TritonDist:
+    """The nvidia-pytriton layout: DIST = .../pytriton/tritonserver, libraries in
+    .../nvidia_pytriton.libs (the binaries' RPATHs point there)."""
     binary = dist / "bin" / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    stub = dist / "python_backend_stubs" / _py_version() / "triton_python_backend_stub"
     if not binary.exists() or not stub.exists():
-        raise TritonNotFound(f"nvidia-pytriton at {root} has no tritonserver or no Python {version} stub")
-    return TritonDist(binary, dist / "backends", root.parent / "nvidia_pytriton.libs")
+        raise TritonNotFound(f"{dist} has no tritonserver or no Python {_py_version()} stub")
+    _check_libpython()
+    return TritonDist(binary, dist / "backends", dist.parent.parent / "nvidia_pytriton.libs")
+
+
+def _check_libpython() -> None:
+    """The stub links libpythonX.Y.so; a statically linked interpreter has none to give it."""
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return
+    import ctypes.util
+    if ctypes.util.find_library(f"python{_py_version()}") is None:
+        raise TritonNotFound(
+            f"the Python backend stub needs libpython{_py_version()}.so and this interpreter "
+            f"({sys.executable}) is statically linked; none is on the loader path either")
 
 
 def prepare_backend_dir(dist: TritonDist, workdir: Path) -> Path | None:
@@ -72,8 +113,8 @@ def prepare_backend_dir(dist: TritonDist, workdir: Path) -> Path | None:
     out = Path(workdir) / "backends"
     py = out / "python"
     py.mkdir(parents=True, exist_ok=True)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = dist.backend_dir.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
+    stub = dist.backend_dir.parent / "python_backend_stubs" / _py_version() / \
+        "triton_python_backend_stub"
     for src, name in ((dist.backend_dir / "python" / "libtriton_python.so", "libtriton_python.so"),
                       (dist.backend_dir / "python" / "triton_python_backend_utils.py",
                        "triton_python_backend_utils.py"),
@@ -85,7 +126,37 @@ def prepare_backend_dir(dist: TritonDist, workdir: Path) -> Path | None:
     return out
 
 
-def server_env(dist: TritonDist, base: dict | None = None) -> dict:
+def stub_python_env(workdir: Path, extra_paths=None) -> Path:
+    """A venv-shaped directory for the Python backend stub; returns its `bin/` (put it first on
+    the server's PATH). Its site-packages has one `sawtrt_stub.pth`: `extra_paths` (default
+    `$SAWTRT_TRITON_STUB_PATH`), then every directory on this process's `sys.path`, so the stub
+    imports what this process imports (sawtrt from PYTHONPATH, torch from site-packages), with the
+    stub-only packages first."""
+    if extra_paths is None:
+        extra_paths = [p for p in os.environ.get(STUB_PATH_ENV, "").split(os.pathsep) if p]
+    root = Path(workdir) / "stub-python"
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(getattr(sys, "_base_executable", None) or sys.executable)
+    for name in ("python3", f"python{_py_version()}", "python"):
+        link = bin_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(base)
+    (root / "pyvenv.cfg").write_text(
+        f"home = {base.parent}\ninclude-system-site-packages = false\n"
+        f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+    site = root / "lib" / f"python{_py_version()}" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for p in [*extra_paths, *sys.path]:
+        if p and os.path.isabs(p) and os.path.isdir(p) and p not in entries:
+            entries.append(p)
+    (site / "sawtrt_stub.pth").write_text("".join(e + "\n" for e in entries))
+    return bin_dir
+
+
+def server_env(dist: TritonDist, base: dict | None = None, stub_bin: Path | None = None) -> dict:
     env = dict(os.environ if base is None else base)
     lib_dirs = []
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
@@ -95,7 +166,8 @@ def server_env(dist: TritonDist, base: dict | None = None) -> dict:
     if env.get("LD_LIBRARY_PATH"):
         lib_dirs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = ":".join(lib_dirs)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    first = os.fspath(stub_bin) if stub_bin is not None else os.path.dirname(sys.executable)
+    env["PATH"] = first + os.pathsep + env.get("PATH", "")
     env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
     return env
 
@@ -171,13 +243,16 @@ class TritonServer:
         self._workdir = tempfile.TemporaryDirectory(prefix="sawtrt-triton-")
         try:
             backend_dir = prepare_backend_dir(dist, Path(self._workdir.name))
+            # the wheel's stub runs this interpreter: give it this process's sys.path
+            stub_bin = None if backend_dir is None else stub_python_env(Path(self._workdir.name))
             out = subprocess.DEVNULL
             if self.log_file == "-":
                 out = None
             elif self.log_file is not None:
                 self._log = open(self.log_file, "ab")
                 out = self._log
-            self.proc = subprocess.Popen(self.command(dist, backend_dir), env=server_env(dist),
+            self.proc = subprocess.Popen(self.command(dist, backend_dir),
+                                         env=server_env(dist, stub_bin=stub_bin),
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:

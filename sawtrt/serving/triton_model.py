@@ -104,10 +104,15 @@ class TritonPythonModel:
                 "no engine directory: set the `engine_dir` parameter in config.pbtxt "
                 "(sawtrt build / write_model_repository do) or $SAWTRT_ENGINE_DIR")
         device = params.get("device") or None
+        from sawtrt.engine.options import EngineOptions
+        try:
+            options = EngineOptions.from_params(params)
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"config.pbtxt parameters: {e}") from None
 
-        from sawtrt.engine.llm_engine import LLMEngine   # heavy import: torch, the model
-        logger.info(f"loading engine {engine_dir} (device {device or 'default'})")
-        self.engine = LLMEngine.from_engine_dir(engine_dir, device=device)
+        logger.info(f"loading engine {engine_dir} (device {device or 'default'}; "
+                    f"{options.describe()})")
+        self.engine = options.load(engine_dir, device)   # heavy import: torch, the model
         self._init_metrics()
         self.loop = EngineLoop(self.engine, on_step=self._update_metrics).start()
         self._update_metrics(self.loop)

@@ -77,9 +77,10 @@ def _dims(dims) -> str:
 
 
 def render_config(engine_dir: str, *, model_name: str = MODEL_NAME,
-                  max_batch_size: int = 64, device: str = "") -> str:
+                  max_batch_size: int = 64, device: str = "", options=None) -> str:
     """The config.pbtxt text. `max_batch_size` only makes clients' [1, 1] shapes legal (as in
-    TensorRT-LLM's models): batching happens inside the engine, one request per Triton request."""
+    TensorRT-LLM's models): batching happens inside the engine, one request per Triton request.
+    `options` (an engine.options.EngineOptions) become string parameters too."""
     lines = [
         f'name: "{model_name}"',
         'backend: "python"',
@@ -103,6 +104,8 @@ def render_config(engine_dir: str, *, model_name: str = MODEL_NAME,
         "",
     ]
     params = {"engine_dir": engine_dir, "device": device}
+    if options is not None:
+        params.update(options.to_params())
     for key, value in params.items():
         value = value.replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
@@ -110,17 +113,18 @@ def render_config(engine_dir: str, *, model_name: str = MODEL_NAME,
 
 
 def write_model_repository(engine_dir, output_dir=None, *, model_name: str = MODEL_NAME,
-                           max_batch_size: int = 64, device: str = "") -> Path:
+                           max_batch_size: int = 64, device: str = "", options=None) -> Path:
     """Write a Triton model repository serving `engine_dir`; return the repository root.
 
     `output_dir` defaults to `<engine_dir>/triton_model_repo`. An existing model folder of the
     same name is replaced. The engine path is stored absolute so the repository can be served
-    from any working directory.
+    from any working directory. `options`: an engine.options.EngineOptions (KV policy, KV
+    budget, ...) the served engine is loaded with.
     """
     engine_dir = Path(engine_dir).resolve()
     root = Path(output_dir) if output_dir is not None else engine_dir / REPO_DIRNAME
     _write_model(root / model_name, os.fspath(engine_dir), model_name=model_name,
-                 max_batch_size=max_batch_size, device=device)
+                 max_batch_size=max_batch_size, device=device, options=options)
     return root
 
 

@@ -1,0 +1,67 @@
+"""Run-time choices of an engine that its directory does not fix: the KV policy override, the KV
+pool budget and the scheduler's limits. One definition for every way an engine is started:
+`sawtrt bench throughput` (in process), `sawtrt serve` / `sawtrt bench serve --engine` (inside the
+Triton Python backend, where they travel as config.pbtxt string parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    kv_policy: str | None = None              # e.g. "int4-bdr:h=32"; None: the engine's own
+    kv_memory_gib: float | None = None        # KV pool budget; None: the engine's default
+    max_num_batched_tokens: int | None = None  # tokens per step (chunked prefill)
+    max_num_seqs: int | None = None           # running sequences; None: the engine's max_batch
+
+    def __post_init__(self):
+        if self.kv_memory_gib is not None and not self.kv_memory_gib > 0:
+            raise ValueError(f"kv_memory_gib must be > 0, got {self.kv_memory_gib}")
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments of LLMEngine.from_engine_dir (defaults left out)."""
+        kw = {}
+        if self.kv_policy:
+            kw["kv_policy"] = self.kv_policy
+        if self.kv_memory_gib is not None:
+            kw["kv_memory_bytes"] = int(self.kv_memory_gib * GiB)
+        if self.max_num_batched_tokens is not None:
+            kw["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.max_num_seqs is not None:
+            kw["max_num_seqs"] = self.max_num_seqs
+        return kw
+
+    def load(self, engine_dir, device=None):
+        from .llm_engine import LLMEngine
+        return LLMEngine.from_engine_dir(engine_dir, device=device, **self.engine_kwargs())
+
+    def to_params(self) -> dict[str, str]:
+        """String parameters (Triton's config.pbtxt); "" means the default."""
+        return {f.name: "" if getattr(self, f.name) is None else str(getattr(self, f.name))
+                for f in fields(self)}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "EngineOptions":
+        """Inverse of to_params; missing or empty values are defaults."""
+        conv = {"kv_policy": str, "kv_memory_gib": float, "max_num_batched_tokens": int,
+                "max_num_seqs": int}
+        kw = {}
+        for name, f in conv.items():
+            v = params.get(name, "")
+            if v not in ("", None):
+                try:
+                    kw[name] = f(v)
+                except ValueError:
+                    raise ValueError(f"engine option {name}: cannot read {v!r}") from None
+        return cls(**kw)
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.to_params().items() if v]
+        return ", ".join(parts) or "engine defaults"
