@@ -7,6 +7,8 @@
 # Stages: gpu-tests (the GPU pytest files; run first after any runtime or kernel change) |
 #         profile | long-POLICY (8 192-token prompts, 1 024 outputs, concurrency 1..256) |
 #         short (256-token prompts, 1 024 outputs, all three policies) | smoke |
+#         pair (int4 then int4-bdr in ONE process at $PAIR_CONC: the bdr / int4 ratio without
+#               the call-to-call spread of host time) | prefill (python -m sawtrt.bench.prefill) |
 #         triton-POLICY (the same long requests through a real tritonserver and gRPC streaming:
 #                        `sawtrt bench serve --engine`, concurrency $TRITON_CONC, one wave each;
 #                        needs the bundle: carry .carry/triton, see benchmarks/make_triton_bundle.sh)
@@ -60,6 +62,12 @@ for stage in "$@"; do
       sawtrt bench throughput --engine "$ENG" --policies bf16,int4,int4-bdr \
         --concurrency "$CONC" --prompt-len 256 --output-len 1024 --kv-memory-gib "$KV_GIB" \
         --json "$OUT/short.json" ;;
+    pair)
+      sawtrt bench throughput --engine "$ENG" --policies int4,int4-bdr \
+        --concurrency "${PAIR_CONC:-16,32,64}" --prompt-len 8192 --output-len 1024 \
+        --kv-memory-gib "$KV_GIB" --json "$OUT/pair.json" ;;
+    prefill)
+      python3 -m sawtrt.bench.prefill --json "$OUT/prefill.json" ;;
     smoke)
       sawtrt bench throughput --engine "$ENG" --policies int4-bdr,bf16 --concurrency 1,64 \
         --prompt-len 8192 --output-len 64 --kv-memory-gib "$KV_GIB" --json "$OUT/smoke.json" ;;
