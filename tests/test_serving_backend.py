@@ -289,6 +289,52 @@ def test_broken_client_is_aborted(loop):
     assert loop.stats.failed == 1 and "0" not in loop.engine.seqs
 
 
+class GatedSink(ListSink):
+    """send blocks until `gate` is set (a client whose responses are slow to hand over)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def send(self, *args):
+        assert self.gate.wait(10), "gate never opened"
+        super().send(*args)
+
+
+def test_responses_do_not_hold_up_the_engine(loop):
+    """Sends run on their own thread: the engine finishes all 20 steps of a request while its
+    first response is still being handed over, and the responses then arrive complete, in
+    order."""
+    sink = GatedSink()
+    loop.submit(parsed(max_tokens=20), sink)
+    deadline = time.monotonic() + 5
+    while loop.stats.completed == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.stats.completed == 1 and loop.stats.steps >= 20 and sink.events == []
+    sink.gate.set()
+    wait_all([sink])
+    assert [e[3] for e in sink.events] == list(range(1, 21))
+    assert sink.text == "".join(chr(ord("a") + i) for i in range(20))
+
+
+def test_failed_final_response_counts_as_failed_not_completed(loop):
+    class FinalFails(ListSink):
+        def send(self, text, n_in, n_out, reason, final):
+            if final:
+                raise RuntimeError("client gone")
+            super().send(text, n_in, n_out, reason, final)
+
+    bad, ok = FinalFails(), ListSink()
+    loop.submit(parsed(max_tokens=4), bad)
+    loop.submit(parsed(max_tokens=6), ok)
+    wait_all([ok])
+    deadline = time.monotonic() + 5
+    while loop.stats.failed == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.stats.failed == 1 and loop.stats.completed == 1
+    assert len(bad.events) == 3          # the three non-final tokens
+
+
 def test_engine_step_failure_fails_active_requests_only(loop):
     loop.engine.step_delay = 0.01
     a = ListSink()

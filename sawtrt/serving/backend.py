@@ -5,13 +5,19 @@ The Triton model (`triton_model.py`) turns each Triton request into a numpy inpu
 and fake sinks.
 
 Threading: one loop thread owns the engine (add_request / step / abort_request are only ever
-called from it). `submit()` is thread-safe: it queues the request and wakes the loop.
+called from it). `submit()` is thread-safe: it queues the request and wakes the loop. Responses
+go out through a second thread (`_Outbox`, FIFO, so each request's responses keep their order):
+a send is an IPC round trip in Triton's Python backend, and at 16 streams it added ~5 ms to every
+step when the loop sent them itself (H200, docs/performance.md); now the sends overlap the next
+step's GPU work. A send that fails comes back to the loop, which aborts the request.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 import traceback
@@ -192,6 +198,47 @@ class LoopStats:
     steps: int = 0
 
 
+class _Outbox:
+    """One thread that delivers sink calls in the order they were posted. A call that raises
+    marks its request broken: its later calls are dropped and `on_failure(rid, final)` tells the
+    loop (once per request)."""
+
+    _STOP = object()
+
+    def __init__(self, on_failure: Callable[[str, bool], None]):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_failure = on_failure
+        self._broken: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="sawtrt-responses", daemon=True)
+        self._thread.start()
+
+    def post(self, rid: str, call: Callable[[], None], final: bool = False,
+             report: bool = True) -> None:
+        """Run `call` on the sender thread; `report=False`: a failure is only logged."""
+        self._q.put((rid, call, final, report))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Deliver everything posted so far, then stop the thread."""
+        self._q.put(self._STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is self._STOP:
+                return
+            rid, call, final, report = item
+            if rid in self._broken:
+                continue
+            try:
+                call()
+            except Exception:            # noqa: BLE001 - the client went away
+                log.warning("sending a response for %s failed: %s", rid, traceback.format_exc())
+                if report:
+                    self._broken.add(rid)
+                    self._on_failure(rid, final)
+
+
 class EngineLoop:
     """Runs `engine.step()` in a background thread and routes outputs to per-request sinks.
 
@@ -215,6 +262,8 @@ class EngineLoop:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._last_cancel_check = 0.0
+        self._send_failures: deque = deque()      # (rid, final) from the outbox thread
+        self._outbox = _Outbox(self._send_failed)
 
     # --- public, thread-safe -----------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -254,13 +303,15 @@ class EngineLoop:
         try:
             while True:
                 with self._wake:
-                    if not self._stop and not self._incoming and not self.engine.has_unfinished():
+                    if (not self._stop and not self._incoming and not self._send_failures
+                        and not self.engine.has_unfinished()):
                         self._wake.wait(self.idle_wait_s)
                     if self._stop:
                         break
                     incoming = list(self._incoming)
                     self._incoming.clear()
                 try:
+                    self._handle_send_failures()
                     for item in incoming:
                         self._admit(*item)
                     self._check_cancelled()
@@ -302,6 +353,19 @@ class EngineLoop:
                 self.stats.cancelled += 1
                 self._safe_error(a.sink, "request cancelled", CANCELLED)
 
+    def _send_failed(self, rid: str, final: bool) -> None:   # outbox thread
+        with self._wake:
+            self._send_failures.append((rid, final))
+            self._wake.notify()
+
+    def _handle_send_failures(self) -> None:
+        while self._send_failures:
+            rid, final = self._send_failures.popleft()
+            if final:                    # it was counted as completed when it was posted
+                self.stats.completed -= 1
+            self._abort(rid)
+            self.stats.failed += 1
+
     def _abort(self, rid: str) -> None:
         self._active.pop(rid, None)
         try:
@@ -323,32 +387,28 @@ class EngineLoop:
         self.stats.steps += 1
         self._notify()           # metrics first: a client that reacts to a token sees them
         for out in outputs:
-            a = self._active.get(out.request_id)
+            rid = out.request_id
+            a = self._active.get(rid)
             if a is None:
                 continue
             final = bool(out.finished)
-            try:
-                if a.stream:
-                    # one response per step that produced tokens, even when they decode to no
-                    # text yet (a split UTF-8 character; a random-weight engine's ids outside
-                    # its byte vocabulary): clients time tokens by num_output_tokens
-                    if out.new_text or final or out.num_output_tokens > a.sent_tokens:
-                        a.sink.send(out.new_text, out.num_prompt_tokens, out.num_output_tokens,
-                                    out.finish_reason if final else None, final)
-                        a.sent_tokens = out.num_output_tokens
-                else:
-                    a.parts.append(out.new_text)
-                    if final:
-                        a.sink.send("".join(a.parts), out.num_prompt_tokens, out.num_output_tokens,
-                                    out.finish_reason, True)
-            except Exception:            # noqa: BLE001 - the client went away
-                log.warning("sending a response for %s failed; aborting it: %s",
-                            out.request_id, traceback.format_exc())
-                self._abort(out.request_id)
-                self.stats.failed += 1
-                continue
+            if a.stream:
+                # one response per step that produced tokens, even when they decode to no text
+                # yet (a split UTF-8 character; a random-weight engine's ids outside its byte
+                # vocabulary): clients time tokens by num_output_tokens
+                if out.new_text or final or out.num_output_tokens > a.sent_tokens:
+                    self._outbox.post(rid, functools.partial(
+                        a.sink.send, out.new_text, out.num_prompt_tokens, out.num_output_tokens,
+                        out.finish_reason if final else None, final), final)
+                    a.sent_tokens = out.num_output_tokens
+            else:
+                a.parts.append(out.new_text)
+                if final:
+                    self._outbox.post(rid, functools.partial(
+                        a.sink.send, "".join(a.parts), out.num_prompt_tokens,
+                        out.num_output_tokens, out.finish_reason, True), True)
             if final:
-                self._active.pop(out.request_id, None)
+                self._active.pop(rid, None)
                 self.stats.completed += 1
 
     def _notify(self) -> None:
@@ -367,10 +427,8 @@ class EngineLoop:
         for rid, a in list(self._active.items()):
             self._abort(rid)
             self._safe_error(a.sink, "server is shutting down", UNAVAILABLE)
+        self._outbox.close()
 
-    @staticmethod
-    def _safe_error(sink: Sink, message: str, kind: str = INTERNAL) -> None:
-        try:
-            sink.error(message, kind)
-        except Exception:                # noqa: BLE001
-            log.warning("could not deliver error %r: %s", message, traceback.format_exc())
+    def _safe_error(self, sink: Sink, message: str, kind: str = INTERNAL) -> None:
+        """A final error response, after whatever was posted for that sink before it."""
+        self._outbox.post("", functools.partial(sink.error, message, kind), report=False)
