@@ -20,11 +20,21 @@ from .spec import PageLayout
 FP16_MAX = 65504.0
 
 
+def kernel_query_operand(q_lens) -> torch.dtype | None:
+    """What the CUDA library rounds the rotated query to in a step with these new-token counts:
+    fp16 when the step goes to the prefill kernel, None (fp32) when it goes to the decode kernel
+    (c_api.cu: exactly one new token for every sequence)."""
+    lens = [int(n) for n in q_lens]
+    return None if all(n == 1 for n in lens) else torch.float16
+
+
 def rotate_query(q: torch.Tensor, layout: PageLayout,
                  operand: torch.dtype | None = None) -> torch.Tensor:
     """q [..., D] in fp32, in the cache's K basis. `operand=torch.float16` also rounds it as the
     prefill kernel's tensor-core operand is rounded (clamped to fp16's range, then to nearest):
     that rounding is part of the prefill contract; decode and the CPU runtime keep fp32."""
+    if operand not in (None, torch.float16):
+        raise ValueError(f"query operand must be None or torch.float16, got {operand}")
     p = layout.policy
     qr = q.float() if not p.rotated else hadamard.rotate(q, p.rotation_block,
                                                          p.signs(layout.head_dim))

@@ -199,6 +199,17 @@ def loop():
     lp.stop(timeout=10)
 
 
+def wait_stats(loop, timeout=5, **want):
+    """Counters are updated by the loop after the response thread reports; poll for them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(getattr(loop.stats, k) == v for k, v in want.items()):
+            return
+        time.sleep(0.01)
+    got = {k: getattr(loop.stats, k) for k in want}
+    raise AssertionError(f"stats {got} != {want}")
+
+
 def wait_all(sinks, timeout=10):
     for s in sinks:
         assert s.done.wait(timeout), f"request did not finish: {s.events}"
@@ -216,7 +227,8 @@ def test_streaming_and_non_streaming_agree(loop):
     last = streamed.events[-1]
     assert last[0] == "send" and last[-1] is True and last[4] == "length" and last[3] == 30
     assert all(e[-1] is False for e in streamed.events[:-1])
-    assert loop.stats.completed == 2 and loop.engine.kv_cache_usage()["used_pages"] == 0
+    wait_stats(loop, completed=2)
+    assert loop.engine.kv_cache_usage()["used_pages"] == 0
     assert loop.engine.calls_from == {"sawtrt-engine-loop"}   # engine touched by one thread
 
 
@@ -245,7 +257,8 @@ def test_many_concurrent_submitters(loop):
     wait_all(sinks)
     for i, s in enumerate(sinks):
         assert s.text == "abcdefg"[:3 + i % 5]
-    assert loop.stats.completed == 40 and loop.num_active == 0
+    wait_stats(loop, completed=40)
+    assert loop.num_active == 0
 
 
 def test_engine_rejection_is_an_error_response_and_loop_survives(loop):
@@ -273,7 +286,7 @@ def test_cancel_aborts_and_frees_pages(loop):
     while loop.engine.kv_cache_usage()["used_pages"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert loop.engine.kv_cache_usage()["used_pages"] == 0
-    assert loop.stats.cancelled == 1 and loop.stats.completed == 1
+    wait_stats(loop, cancelled=1, completed=1)
 
 
 def test_broken_client_is_aborted(loop):
@@ -308,13 +321,15 @@ def test_responses_do_not_hold_up_the_engine(loop):
     sink = GatedSink()
     loop.submit(parsed(max_tokens=20), sink)
     deadline = time.monotonic() + 5
-    while loop.stats.completed == 0 and time.monotonic() < deadline:
+    while (loop.stats.steps < 20 or loop.engine.has_unfinished()) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert loop.stats.completed == 1 and loop.stats.steps >= 20 and sink.events == []
+    assert not loop.engine.has_unfinished() and sink.events == []
+    assert loop.stats.completed == 0            # counted when its final response is delivered
     sink.gate.set()
     wait_all([sink])
     assert [e[3] for e in sink.events] == list(range(1, 21))
     assert sink.text == "".join(chr(ord("a") + i) for i in range(20))
+    wait_stats(loop, completed=1)
 
 
 def test_failed_final_response_counts_as_failed_not_completed(loop):
@@ -328,11 +343,52 @@ def test_failed_final_response_counts_as_failed_not_completed(loop):
     loop.submit(parsed(max_tokens=4), bad)
     loop.submit(parsed(max_tokens=6), ok)
     wait_all([ok])
-    deadline = time.monotonic() + 5
-    while loop.stats.failed == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert loop.stats.failed == 1 and loop.stats.completed == 1
+    wait_stats(loop, completed=1, failed=1)
     assert len(bad.events) == 3          # the three non-final tokens
+
+
+def test_a_failed_send_after_the_final_was_queued_counts_once(loop):
+    """The engine finishes a request while an earlier chunk is still queued; that chunk's send
+    fails: the request is failed (not also completed), its later responses are dropped."""
+    class FirstFails(GatedSink):
+        def send(self, text, n_in, n_out, reason, final):
+            assert self.gate.wait(10)
+            if n_out == 1:
+                raise RuntimeError("client gone")
+            super().send(text, n_in, n_out, reason, final)
+
+    bad = FirstFails()
+    loop.submit(parsed(max_tokens=5), bad)
+    deadline = time.monotonic() + 5
+    while loop.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    bad.gate.set()
+    wait_stats(loop, failed=1)
+    time.sleep(0.1)
+    assert loop.stats.completed == 0 and loop.stats.failed == 1 and bad.events == []
+
+
+def test_cancelled_request_with_a_failing_send_counts_once(loop):
+    class Flaky(ListSink):
+        def send(self, *args):
+            if self.cancel_after is not None and len(self.events) >= 2:
+                raise RuntimeError("client gone")
+            super().send(*args)
+
+    sink = Flaky(cancel_after=2)
+    loop.engine.step_delay = 0.01
+    loop.submit(parsed(max_tokens=1000), sink)
+    wait_stats(loop, cancelled=1)
+    time.sleep(0.2)
+    assert loop.stats.failed == 0 and loop.stats.cancelled == 1 and loop.stats.completed == 0
+    assert loop.engine.kv_cache_usage()["used_pages"] == 0
+
+
+def test_stop_without_start_leaves_no_thread():
+    before = threading.active_count()
+    for _ in range(3):
+        EngineLoop(FakeEngine()).stop()
+    assert threading.active_count() == before
 
 
 def test_engine_step_failure_fails_active_requests_only(loop):

@@ -124,7 +124,8 @@ def run_case(policy, dtype, prefix, new, dev, launch):
     same_pool = reference.paged_attention(
         qkv.float()[:, :hq * layout.head_dim].reshape(-1, hq, layout.head_dim),
         g["pool"].cpu(), layout, tables, seq_lens, q_lens, params.scale,
-        query_operand=torch.float16 if max(new) > 1 else None).reshape(got.shape)
+        query_operand=reference.kernel_query_operand(new) if dev.type == "cuda" else None
+    ).reshape(got.shape)     # (the CPU stand-in for the C ABI runs the fp32 reference)
     # tolerance as tests/test_kernels_gpu.py states it for these kernels: prefill rounds the
     # rotated query to fp16 (modelled by query_operand), both round p*s_v to the activation type
     # (eps) and the output once more

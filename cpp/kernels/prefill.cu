@@ -13,9 +13,10 @@
 //   * the query is rotated in registers (saw/hadamard.cuh) and stored as one fp16 MMA operand:
 //     an unrotated fp16/bf16 query is exact in fp16 (inside its range, +-65504, to which it is
 //     clamped); a rotated one is rounded to fp16 once. That rounding is part of the contract
-//     (sawtrt.reference.paged_attention(query_operand=torch.float16) models it): its error is
-//     2^-12 of |q| per element, ~1e-3 of the output on the outlier-heavy test data, where the
-//     INT4 cache itself moves the output by ~0.4 (measured on CPU, docs/performance.md). An
+//     (sawtrt.reference.paged_attention(query_operand=torch.float16) models it): at most 2^-11
+//     of |q| per element; on the outlier-heavy test data it moves the output by ~1e-3 (relative
+//     Frobenius; up to 2e-2 of a row's max elementwise), where the INT4 cache itself moves it by
+//     ~0.4 (up to 3x a row's max) — measured on CPU, docs/performance.md. An
 //     earlier hi + lo split (two MMAs) cost int4-bdr 8-9 % of its prefill time for nothing a
 //     model can see. sm_scale*log2(e) is applied in fp32 after the MMA; sum(q) per row (of the
 //     rounded operands) is kept for the offset term;
@@ -45,8 +46,9 @@ template <typename T, int KIND, int D>
 struct PrefillTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  // int4 at D <= 128 fits in 168 registers (ptxas -v: no spill) instead of 171: three
-  // blocks per SM instead of two. The bf16/int8 operand paths need more and keep one.
+  // int4 at D <= 128 fits in 168 registers (ptxas -v: no spill on sm_80/89/90a/100a/120a)
+  // instead of 171: three blocks per SM instead of two on the H200 (where shared memory holds
+  // fewer, e.g. sm_89's 100 KB, the cap buys nothing). bf16/int8 need more and keep one.
   static constexpr int kMinBlocks = KIND == SAW_KIND_INT4 && D <= 128 ? 3 : 1;
   static constexpr int kRows = kWarps * 16;     // query rows per block (16 per warp: one MMA M)
   // Smaller K/V tiles at D = 256 keep shared memory under the 99 KB sm_89 allows per block.

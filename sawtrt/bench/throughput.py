@@ -209,6 +209,8 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                              kv_memory_gib, max(max_num_batched_tokens,
                                                 max(lv.concurrency for lv in levels)), device)
         load_s = time.perf_counter() - t0
+        from ..engine.llm_engine import freeze_gc
+        freeze_gc()                     # as the server does after loading its engine
         cfg = engine.config
         info = {"model": cfg.model.name, "device": str(engine.device),
                 "gpu": torch.cuda.get_device_name(engine.device)

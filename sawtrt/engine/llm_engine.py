@@ -12,7 +12,6 @@ abort requests while another thread drives step().
 from __future__ import annotations
 
 import gc
-
 import random
 import threading
 from dataclasses import dataclass
@@ -83,6 +82,15 @@ def load_kv_transform(cfg: EngineConfig, engine_dir: Path, dtype, device) -> KVT
         raise EngineConfigError(f"{engine_dir}: KV policy {pol}: {e}") from None
 
 
+def freeze_gc() -> None:
+    """For serving processes, once an engine is loaded: everything alive now (weights' module
+    wrappers, CUDA graphs, tables) stays for the process's life, so move it out of the
+    collector's generations and full collections during serving stay short. Process-wide, so
+    the serving entry points call it, not LLMEngine itself."""
+    gc.collect()
+    gc.freeze()
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: CausalLM, tokenizer, device,
                  num_pages: int | None = None, max_num_batched_tokens: int | None = None,
@@ -120,10 +128,6 @@ class LLMEngine:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         stops = {cfg.model.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         self.eos_token_ids = {t for t in stops if t is not None}
-        # Everything made so far (module wrappers, graphs, tables) lives as long as the engine:
-        # out of the collector's generations, so full collections during serving stay short.
-        gc.collect()
-        gc.freeze()
 
     @classmethod
     def from_engine_dir(cls, engine_dir, device=None, dtype: torch.dtype | None = None,

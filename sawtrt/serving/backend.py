@@ -6,10 +6,14 @@ and fake sinks.
 
 Threading: one loop thread owns the engine (add_request / step / abort_request are only ever
 called from it). `submit()` is thread-safe: it queues the request and wakes the loop. Responses
-go out through a second thread (`_Outbox`, FIFO, so each request's responses keep their order):
-a send is an IPC round trip in Triton's Python backend, and at 16 streams it added ~5 ms to every
-step when the loop sent them itself (H200, docs/performance.md); now the sends overlap the next
-step's GPU work. A send that fails comes back to the loop, which aborts the request.
+go out through a second thread (`_Outbox`, one FIFO, so each request's responses keep their
+order): a send is an IPC round trip in Triton's Python backend (it releases the GIL), and with 16
+streams the H200 run showed ITL 15 ms through the server against 10 ms engine-only, which the
+loop's own sends are suspected to explain (docs/performance.md); now they overlap the next step.
+The outbox reports each request's outcome back to the loop (final delivered, or a send failed),
+and the loop keeps all counters and aborts requests whose client went away. One FIFO means a
+send that blocks holds up the others; Triton's sends hand the response to the server and do
+not wait for the network.
 """
 from __future__ import annotations
 
@@ -199,23 +203,22 @@ class LoopStats:
 
 
 class _Outbox:
-    """One thread that delivers sink calls in the order they were posted. A call that raises
-    marks its request broken: its later calls are dropped and `on_failure(rid, final)` tells the
-    loop (once per request)."""
+    """One thread that runs sink calls in the order they were posted. Per request: a call that
+    raises marks the request broken (its later calls are dropped) and `report(rid, False)` is
+    called once; a delivered final response calls `report(rid, True)`."""
 
     _STOP = object()
+    CHUNK, FINAL, ERROR = range(3)   # what a posted call is
 
-    def __init__(self, on_failure: Callable[[str, bool], None]):
+    def __init__(self, report: Callable[[str, bool], None]):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._on_failure = on_failure
+        self._report = report
         self._broken: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="sawtrt-responses", daemon=True)
         self._thread.start()
 
-    def post(self, rid: str, call: Callable[[], None], final: bool = False,
-             report: bool = True) -> None:
-        """Run `call` on the sender thread; `report=False`: a failure is only logged."""
-        self._q.put((rid, call, final, report))
+    def post(self, rid: str, call: Callable[[], None], what: int) -> None:
+        self._q.put((rid, call, what))
 
     def close(self, timeout: float = 30.0) -> None:
         """Deliver everything posted so far, then stop the thread."""
@@ -227,16 +230,23 @@ class _Outbox:
             item = self._q.get()
             if item is self._STOP:
                 return
-            rid, call, final, report = item
+            rid, call, what = item
+            last = what != self.CHUNK     # nothing more comes for rid after a final or an error
             if rid in self._broken:
+                if last:
+                    self._broken.discard(rid)
                 continue
             try:
                 call()
             except Exception:            # noqa: BLE001 - the client went away
                 log.warning("sending a response for %s failed: %s", rid, traceback.format_exc())
-                if report:
-                    self._broken.add(rid)
-                    self._on_failure(rid, final)
+                if what != self.ERROR:   # an undeliverable error changes nothing for the loop
+                    if not last:
+                        self._broken.add(rid)
+                    self._report(rid, False)
+                continue
+            if what == self.FINAL:
+                self._report(rid, True)
 
 
 class EngineLoop:
@@ -262,11 +272,13 @@ class EngineLoop:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._last_cancel_check = 0.0
-        self._send_failures: deque = deque()      # (rid, final) from the outbox thread
-        self._outbox = _Outbox(self._send_failed)
+        self._outcomes: deque = deque()     # (rid, delivered) from the outbox thread
+        self._delivering: set[str] = set()  # finished in the engine, final not delivered yet
+        self._outbox: _Outbox | None = None
 
     # --- public, thread-safe -----------------------------------------------------------------
     def start(self) -> "EngineLoop":
+        self._outbox = _Outbox(self._outcome)
         self._thread = threading.Thread(target=self._run, name="sawtrt-engine-loop", daemon=True)
         self._thread.start()
         return self
@@ -303,15 +315,15 @@ class EngineLoop:
         try:
             while True:
                 with self._wake:
-                    if (not self._stop and not self._incoming and not self._send_failures
-                        and not self.engine.has_unfinished()):
+                    if (not self._stop and not self._incoming and not self._outcomes
+                            and not self.engine.has_unfinished()):
                         self._wake.wait(self.idle_wait_s)
                     if self._stop:
                         break
                     incoming = list(self._incoming)
                     self._incoming.clear()
                 try:
-                    self._handle_send_failures()
+                    self._handle_outcomes()
                     for item in incoming:
                         self._admit(*item)
                     self._check_cancelled()
@@ -329,12 +341,13 @@ class EngineLoop:
             self.engine.add_request(rid, parsed.prompt, parsed.params)
         except ValueError as e:           # empty / too long prompt, bad params
             self.stats.rejected += 1
-            self._safe_error(sink, f"bad request: {e}", INVALID_ARGUMENT)
+            self._safe_error(sink, f"bad request: {e}", INVALID_ARGUMENT, rid)
             return
         except Exception as e:           # noqa: BLE001 - a broken request must not kill the loop
             self.stats.failed += 1
             log.error("add_request failed: %s", traceback.format_exc())
-            self._safe_error(sink, f"internal error while adding the request: {type(e).__name__}: {e}")
+            self._safe_error(sink, f"internal error while adding the request: {type(e).__name__}: {e}",
+                             rid=rid)
             return
         self._active[rid] = _Active(sink, parsed.stream, time.monotonic())
 
@@ -351,20 +364,27 @@ class EngineLoop:
             if cancelled:
                 self._abort(rid)
                 self.stats.cancelled += 1
-                self._safe_error(a.sink, "request cancelled", CANCELLED)
+                self._safe_error(a.sink, "request cancelled", CANCELLED, rid)
 
-    def _send_failed(self, rid: str, final: bool) -> None:   # outbox thread
+    def _outcome(self, rid: str, delivered: bool) -> None:   # outbox thread
         with self._wake:
-            self._send_failures.append((rid, final))
+            self._outcomes.append((rid, delivered))
             self._wake.notify()
 
-    def _handle_send_failures(self) -> None:
-        while self._send_failures:
-            rid, final = self._send_failures.popleft()
-            if final:                    # it was counted as completed when it was posted
-                self.stats.completed -= 1
-            self._abort(rid)
-            self.stats.failed += 1
+    def _handle_outcomes(self) -> None:
+        """Count finished requests when their final response is delivered; a failed send aborts
+        a request still running. Requests already cancelled or failed are not counted again."""
+        while self._outcomes:
+            rid, delivered = self._outcomes.popleft()
+            if rid in self._delivering:
+                self._delivering.discard(rid)
+                if delivered:
+                    self.stats.completed += 1
+                else:
+                    self.stats.failed += 1
+            elif not delivered and rid in self._active:
+                self._abort(rid)
+                self.stats.failed += 1
 
     def _abort(self, rid: str) -> None:
         self._active.pop(rid, None)
@@ -382,7 +402,8 @@ class EngineLoop:
             for rid, a in list(self._active.items()):
                 self._abort(rid)
                 self.stats.failed += 1
-                self._safe_error(a.sink, f"internal error in the engine step: {type(e).__name__}: {e}")
+                self._safe_error(a.sink, f"internal error in the engine step: {type(e).__name__}: {e}",
+                                 rid=rid)
             return
         self.stats.steps += 1
         self._notify()           # metrics first: a client that reacts to a token sees them
@@ -392,6 +413,7 @@ class EngineLoop:
             if a is None:
                 continue
             final = bool(out.finished)
+            what = _Outbox.FINAL if final else _Outbox.CHUNK
             if a.stream:
                 # one response per step that produced tokens, even when they decode to no text
                 # yet (a split UTF-8 character; a random-weight engine's ids outside its byte
@@ -399,17 +421,17 @@ class EngineLoop:
                 if out.new_text or final or out.num_output_tokens > a.sent_tokens:
                     self._outbox.post(rid, functools.partial(
                         a.sink.send, out.new_text, out.num_prompt_tokens, out.num_output_tokens,
-                        out.finish_reason if final else None, final), final)
+                        out.finish_reason if final else None, final), what)
                     a.sent_tokens = out.num_output_tokens
             else:
                 a.parts.append(out.new_text)
                 if final:
                     self._outbox.post(rid, functools.partial(
                         a.sink.send, "".join(a.parts), out.num_prompt_tokens,
-                        out.num_output_tokens, out.finish_reason, True), True)
+                        out.num_output_tokens, out.finish_reason, True), what)
             if final:
                 self._active.pop(rid, None)
-                self.stats.completed += 1
+                self._delivering.add(rid)
 
     def _notify(self) -> None:
         if self.on_step is not None:
@@ -426,9 +448,10 @@ class EngineLoop:
             self._safe_error(sink, "server is shutting down", UNAVAILABLE)
         for rid, a in list(self._active.items()):
             self._abort(rid)
-            self._safe_error(a.sink, "server is shutting down", UNAVAILABLE)
+            self._safe_error(a.sink, "server is shutting down", UNAVAILABLE, rid)
         self._outbox.close()
 
-    def _safe_error(self, sink: Sink, message: str, kind: str = INTERNAL) -> None:
-        """A final error response, after whatever was posted for that sink before it."""
-        self._outbox.post("", functools.partial(sink.error, message, kind), report=False)
+    def _safe_error(self, sink: Sink, message: str, kind: str = INTERNAL, rid: str = "") -> None:
+        """A final error response, after whatever was posted for the request before it (and
+        not at all to a client whose earlier send failed)."""
+        self._outbox.post(rid, functools.partial(sink.error, message, kind), _Outbox.ERROR)

@@ -5,7 +5,7 @@
 initialize: load the engine directory named by the `engine_dir` config parameter (or
             $SAWTRT_ENGINE_DIR when the parameter is the template placeholder), start the loop.
 execute:    parse each request; a bad one gets an error response at once, a good one is queued.
-            Returns None (decoupled): responses are sent from the loop thread.
+            Returns None (decoupled): responses are sent from the loop's response thread.
 finalize:   stop the loop; requests still running get "server is shutting down".
 
 Metrics (on Triton's metrics port, label model=<name>):
@@ -113,6 +113,8 @@ class TritonPythonModel:
         logger.info(f"loading engine {engine_dir} (device {device or 'default'}; "
                     f"{options.describe()})")
         self.engine = options.load(engine_dir, device)   # heavy import: torch, the model
+        from sawtrt.engine.llm_engine import freeze_gc
+        freeze_gc()
         self._init_metrics()
         self.loop = EngineLoop(self.engine, on_step=self._update_metrics).start()
         self._update_metrics(self.loop)

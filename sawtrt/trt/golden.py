@@ -32,6 +32,8 @@ def sawattention(params: AttentionParams, qkv, pool, block_tables, seq_lens, cu_
     slots = step_slots(params, block_tables, seq_lens, cu_q_lens).to(pool.device)
     kv_cache.write_kv(pool, layout, k.reshape(t, hkv, d), v.reshape(t, hkv, d), slots)
     q_lens = (cu_q_lens[1:] - cu_q_lens[:-1]).cpu()
+    # the query rounding of the kernel the library picks for this step (fp16 in prefill)
     out = reference.paged_attention(q.reshape(t, hq, d), pool, layout, block_tables, seq_lens,
-                                    q_lens, params.scale)
+                                    q_lens, params.scale,
+                                    query_operand=reference.kernel_query_operand(q_lens))
     return out.reshape(t, hq * d).to(qkv.dtype)
