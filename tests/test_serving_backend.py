@@ -300,6 +300,10 @@ def test_broken_client_is_aborted(loop):
     while loop.stats.failed == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert loop.stats.failed == 1 and "0" not in loop.engine.seqs
+    deadline = time.monotonic() + 5        # the response thread forgets the broken client
+    while loop._outbox._broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not loop._outbox._broken
 
 
 class GatedSink(ListSink):

@@ -383,8 +383,11 @@ class EngineLoop:
                 else:
                     self.stats.failed += 1
             elif not delivered and rid in self._active:
+                sink = self._active[rid].sink
                 self._abort(rid)
                 self.stats.failed += 1
+                # the outbox drops it (the client is gone) and forgets the request with it
+                self._safe_error(sink, "response delivery failed", rid=rid)
 
     def _abort(self, rid: str) -> None:
         self._active.pop(rid, None)
