@@ -234,7 +234,8 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
             if checkpoint is not None:
                 checkpoint(record())
         del engine
-        gc.collect()
+        gc.unfreeze()      # frozen objects are never collected: the engine's cycles (and its
+        gc.collect()       # KV pool) must go before the next policy's engine is sized
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return record()
