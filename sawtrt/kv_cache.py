@@ -2,6 +2,9 @@
 
 Shapes: a pool is uint8 [num_layers, num_pages, num_kv_heads, head_block_bytes] (spec.py has the
 in-page layout); `pool[layer]` is what the kernels and the TensorRT plugin get for one layer.
+A policy with per-layer page formats (KVPolicy.layer_pages) has layers of different widths: its
+pool is a list of per-layer tensors [num_pages, num_kv_heads, head_block_bytes of the layer],
+indexed the same way (`pool[layer]`); `pool_pages` / `pool_nbytes` read either form.
 These functions are the reference the CUDA write kernel is checked against, bit for bit, and the
 CPU fallback of the runtime.
 """
@@ -62,12 +65,29 @@ class PageAllocator:
 
 
 def new_pool(layout: PageLayout, num_layers: int, num_pages: int, device=None,
-             poison: int | None = None) -> torch.Tensor:
-    """Allocate a pool tensor. `poison` fills it with one byte value (tests use it)."""
-    shape = (num_layers, num_pages, layout.num_kv_heads, layout.head_block_bytes)
-    if poison is None:
-        return torch.zeros(shape, dtype=torch.uint8, device=device)
-    return torch.full(shape, poison, dtype=torch.uint8, device=device)
+             poison: int | None = None):
+    """Allocate a pool: one uint8 tensor [num_layers, num_pages, Hkv, head_block_bytes], or for a
+    layout with per-layer page formats a list of num_layers tensors [num_pages, Hkv, bytes of
+    that layer]. `poison` fills it with one byte value (tests use it)."""
+    def alloc(shape):
+        if poison is None:
+            return torch.zeros(shape, dtype=torch.uint8, device=device)
+        return torch.full(shape, poison, dtype=torch.uint8, device=device)
+
+    if layout.mixed:
+        return [alloc((num_pages, lay.num_kv_heads, lay.head_block_bytes))
+                for lay in layout.layers(num_layers)]
+    return alloc((num_layers, num_pages, layout.num_kv_heads, layout.head_block_bytes))
+
+
+def pool_pages(pool) -> int:
+    """Pages per layer of a pool from `new_pool` (either form)."""
+    return pool[0].shape[0]
+
+
+def pool_nbytes(pool) -> int:
+    """Bytes of a pool from `new_pool` (either form)."""
+    return pool.nbytes if isinstance(pool, torch.Tensor) else sum(t.nbytes for t in pool)
 
 
 def _byte_index(layout: PageLayout, slots: torch.Tensor, region: int, width: int):
@@ -158,3 +178,6 @@ class PagedKVCache:
 
     def layer(self, i: int) -> torch.Tensor:
         return self.pool[i]
+
+    def layer_layout(self, i: int) -> PageLayout:
+        return self.layout.for_layer(i)

@@ -19,18 +19,25 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _tidy(x: float):
+    return int(x) if x == int(x) else round(x, 1)
+
+
 def plan(spec: ModelSpec, memory_bytes: int, seq_len: int, policies=DEFAULT_POLICIES,
          page_size: int = DEFAULT_PAGE_SIZE) -> list[dict]:
     rows = []
     for text in policies:
         layout = PageLayout(KVPolicy.parse(text), spec.head_dim, spec.num_kv_heads, page_size)
-        per_token = layout.token_bytes * spec.num_kv_heads * spec.num_layers
-        page_all_layers = layout.page_bytes * spec.num_layers
+        per_token = layout.bytes_per_token(spec.num_layers)
+        page_all_layers = layout.pool_page_bytes(spec.num_layers)
         pages = memory_bytes // page_all_layers
         pages_per_seq = -(-seq_len // page_size)
         rows.append({
             "policy": str(layout.policy), "bytes_per_token": per_token,
-            "bytes_per_token_per_kv_head": layout.token_bytes, "pages": pages,
+            # mean over layers for per-layer page formats
+            "bytes_per_token_per_kv_head": _tidy(per_token / (spec.num_layers
+                                                              * spec.num_kv_heads)),
+            "pages": pages,
             "tokens": pages * page_size, "sequences": pages // pages_per_seq,
         })
     base = next((r for r in rows if r["policy"] == "bf16"), rows[0])["bytes_per_token"]

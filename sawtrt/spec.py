@@ -32,6 +32,13 @@ so one page id addresses codes and scales together (the allocator stays uniform)
 streams one contiguous, 16-byte aligned region per (page, KV head). A pool tensor has shape
 [num_layers, num_pages, num_kv_heads, head_block_bytes] (uint8). A slot is
 page_id * page_size + offset_in_page; slot -1 means "skip this token" (padding).
+
+Per-layer page formats (`KVPolicy.layer_pages`, text "int4-bdr:h=64,int8=1+10+19"): a few named
+layers keep plain int8 (or bf16) pages while every other layer uses the base policy. Pages are
+per layer, so each layer's pool stays uniform and the page ids stay shared: the cache is then one
+pool tensor per layer ([num_pages, num_kv_heads, head_block_bytes of that layer], a list), and
+`PageLayout.for_layer(i)` is the layout every kernel call of layer i gets. The named layers take
+no rotation and no K transform (their pages are wide enough not to need them).
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ from .hadamard import RotationError, check_block
 
 CLAMP = 60000.0          # finite inputs are clamped here: keeps m and s inside fp16 range
 KINDS = ("bf16", "int8", "int4", "int4-bdr")
+WIDE_KINDS = ("int8", "bf16")   # what `layer_pages` may give a layer instead of the base policy
 PAGE_SIZES = (16, 32, 64, 128)
 DEFAULT_PAGE_SIZE = 64
 DEFAULT_BLOCK = 128      # h = min(128, D) unless asked otherwise
@@ -74,6 +82,10 @@ class KVPolicy:
     All three are applied model-side (sawtrt.models.kv_transform) to the K and q that the kernels
     receive; kernels, page layout and bytes per token are the same as without them. The
     constants live in the engine directory (kv_calibration.safetensors).
+    layer_pages:     per-layer exceptions, ((kind, (layer, ...)), ...) with kind in WIDE_KINDS:
+                     those layers store plain `kind` pages (no rotation, no K transform), every
+                     other layer this policy. Text form "int8=1+10+19" ('+' between layers, so a
+                     policy list can still be split at commas). Normalised: kinds and layers sorted.
     """
 
     kind: str = "int4-bdr"
@@ -83,8 +95,11 @@ class KVPolicy:
     k_center: bool = False
     k_balance: float | None = None
     k_whiten: bool = False
+    layer_pages: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "layer_pages", _normalise_layer_pages(self.kind,
+                                                                       self.layer_pages))
         if self.kind not in KINDS:
             raise PolicyError(f"unknown KV policy {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.kind != "int4-bdr" and (self.rotation_block is not None or self.rotate_v
@@ -120,6 +135,35 @@ class KVPolicy:
     def rotated(self) -> bool:
         return self.kind == "int4-bdr"
 
+    # -- per-layer page formats -------------------------------------------------------------
+    @property
+    def mixed(self) -> bool:
+        """True when some layers store other pages than the base policy (`layer_pages`)."""
+        return bool(self.layer_pages)
+
+    @property
+    def base(self) -> "KVPolicy":
+        """This policy without its per-layer exceptions: what the unnamed layers store."""
+        return dataclasses.replace(self, layer_pages=()) if self.layer_pages else self
+
+    @property
+    def wide_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(i for _, layers in self.layer_pages for i in layers))
+
+    def for_layer(self, layer: int) -> "KVPolicy":
+        """The (uniform) policy of one layer's pages."""
+        for kind, layers in self.layer_pages:
+            if layer in layers:
+                return KVPolicy(kind)
+        return self.base
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise PolicyError when `layer_pages` names a layer the model does not have."""
+        bad = [i for i in self.wide_layers if i >= num_layers]
+        if bad:
+            raise PolicyError(f"KV policy {self} names layer(s) {bad}; the model has "
+                              f"{num_layers} layers (0..{num_layers - 1})")
+
     def block_for(self, head_dim: int) -> int | None:
         """The rotation block for this head_dim (None when not rotated); validates h | D."""
         if not self.rotated:
@@ -132,7 +176,8 @@ class KVPolicy:
         return block
 
     def resolve(self, head_dim: int) -> "KVPolicy":
-        """The same policy with the default block made explicit for `head_dim`."""
+        """The same policy with the default block made explicit for `head_dim` (per-layer
+        exceptions kept)."""
         return dataclasses.replace(self, rotation_block=self.block_for(head_dim)) \
             if self.rotated else self
 
@@ -148,9 +193,11 @@ class KVPolicy:
     @classmethod
     def parse(cls, text: str) -> "KVPolicy":
         """Parse "bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64", "int4-bdr:h=32,kv,seed=3",
-        "int4-bdr:h=64,center", "int4-bdr:h=64,center,balance=0.5", "int4:center"."""
+        "int4-bdr:h=64,center", "int4-bdr:h=64,center,balance=0.5", "int4:center",
+        "int4-bdr:h=64,kv,center,whiten,int8=1+10+19"."""
         name, _, opts = text.strip().partition(":")
         kw: dict = {}
+        wide: dict[str, tuple[int, ...]] = {}
         for opt in filter(None, (o.strip() for o in opts.split(","))):
             key, eq, val = opt.partition("=")
             try:
@@ -168,10 +215,16 @@ class KVPolicy:
                     kw["k_balance"] = float(val)
                 elif key == "whiten" and not eq:
                     kw["k_whiten"] = True
+                elif key in WIDE_KINDS and eq:
+                    if key in wide:
+                        raise PolicyError(f"{key}= given twice")
+                    wide[key] = tuple(int(x) for x in val.split("+"))
                 else:
                     raise PolicyError(f"unknown option {opt!r}")
             except ValueError as e:
                 raise PolicyError(f"bad KV policy {text!r}: {e}") from None
+        if wide:
+            kw["layer_pages"] = tuple(wide.items())
         return cls(kind=name.strip().lower(), **kw)
 
     def __str__(self) -> str:
@@ -188,36 +241,77 @@ class KVPolicy:
             opts.append(f"balance={self.k_balance:g}")
         if self.k_whiten:
             opts.append("whiten")
+        opts += [f"{kind}=" + "+".join(map(str, layers)) for kind, layers in self.layer_pages]
         return self.kind + (":" + ",".join(opts) if opts else "")
 
     def to_dict(self) -> dict:
-        """All fields, except the K-transform ones at their defaults (configs written before
-        they existed stay byte-identical)."""
-        omit = {"k_center": False, "k_balance": None, "k_whiten": False}
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in omit or v != omit[k]}
+        """All fields, except the K-transform and per-layer ones at their defaults (configs
+        written before they existed stay byte-identical). layer_pages: {kind: [layers]}."""
+        omit = {"k_center": False, "k_balance": None, "k_whiten": False, "layer_pages": ()}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in omit or v != omit[k]}
+        if self.layer_pages:
+            d["layer_pages"] = {kind: list(layers) for kind, layers in self.layer_pages}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVPolicy":
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise PolicyError(f"unknown KV policy fields {sorted(unknown)}")
+        d = dict(d)
+        if "layer_pages" in d:
+            lp = d["layer_pages"]
+            if not isinstance(lp, dict):
+                raise PolicyError("layer_pages must be a mapping {kind: [layers]}")
+            d["layer_pages"] = tuple((k, tuple(v)) for k, v in lp.items())
         return cls(**d)
 
 
+def _normalise_layer_pages(base_kind: str, layer_pages) -> tuple:
+    """Validate `layer_pages` and give it one canonical form: ((kind, (sorted layers)), ...)
+    sorted by kind, no empty entries, no layer twice."""
+    if not layer_pages:
+        return ()
+    try:
+        items = [(str(k), tuple(int(i) for i in v)) for k, v in layer_pages]
+    except (TypeError, ValueError):
+        raise PolicyError(f"layer_pages must be ((kind, (layers...)), ...), got "
+                          f"{layer_pages!r}") from None
+    seen: set[int] = set()
+    out = []
+    for kind, layers in sorted(items):
+        if kind not in WIDE_KINDS:
+            raise PolicyError(f"per-layer pages can be {' or '.join(WIDE_KINDS)}, not {kind!r}")
+        if KVPolicy(kind).bits <= KVPolicy(base_kind).bits:
+            raise PolicyError(f"{kind} pages for some layers of a {base_kind} cache store nothing "
+                              "more precisely: name a wider kind")
+        if not layers:
+            raise PolicyError(f"{kind}= names no layer")
+        if any(i < 0 for i in layers):
+            raise PolicyError(f"{kind}=: layer indices must be >= 0, got {list(layers)}")
+        dup = seen.intersection(layers) | {i for i in layers if layers.count(i) > 1}
+        if dup:
+            raise PolicyError(f"layer(s) {sorted(dup)} named twice in the per-layer pages")
+        seen.update(layers)
+        out.append((kind, tuple(sorted(layers))))
+    return tuple(out)
+
+
 POLICY_OPTIONS = ("h", "seed", "kv", "k", "rotate", "center", "balance", "whiten")
+VALUED_OPTIONS = WIDE_KINDS    # options only when followed by "=": "int8" alone is a policy
 
 
 def split_policy_list(text: str) -> list[str]:
     """"bf16,int4,int4-bdr:h=32,kv,seed=1" -> ["bf16", "int4", "int4-bdr:h=32,kv,seed=1"]: a comma
     (or ';') starts a new policy unless what follows is an option of the previous one (h=, seed=,
-    rotate=, kv, k, center, balance=, whiten). Suffixes after '@' (eval's variants) stay with their item."""
+    rotate=, kv, k, center, balance=, whiten, int8=, bf16=). Suffixes after '@' (eval's variants) stay with their item."""
     out: list[str] = []
     for part in (p.strip() for p in text.replace(";", ",").split(",")):
         if not part:
             continue
-        key = part.split("@")[0].split("=")[0]
-        if out and key in POLICY_OPTIONS:
+        head = part.split("@")[0]
+        key = head.split("=")[0]
+        if out and (key in POLICY_OPTIONS or (key in VALUED_OPTIONS and "=" in head)):
             out[-1] += "," + part
         else:
             out.append(part)
@@ -249,14 +343,46 @@ class PageLayout:
             raise PolicyError("num_kv_heads must be >= 1")
         object.__setattr__(self, "policy", self.policy.resolve(self.head_dim))
 
+    # -- per-layer page formats (KVPolicy.layer_pages) --------------------------------------
+    @property
+    def mixed(self) -> bool:
+        return self.policy.mixed
+
+    def for_layer(self, layer: int) -> "PageLayout":
+        """The uniform layout of one layer's pool: what the kernels of that layer get."""
+        if not self.policy.mixed:
+            return self
+        return PageLayout(self.policy.for_layer(layer), self.head_dim, self.num_kv_heads,
+                          self.page_size)
+
+    def layers(self, num_layers: int) -> list["PageLayout"]:
+        """Every layer's layout; validates that the policy's named layers exist."""
+        self.policy.check_layers(num_layers)
+        return [self.for_layer(i) for i in range(num_layers)]
+
+    def bytes_per_token(self, num_layers: int) -> int:
+        """Cache bytes of one token over all layers and KV heads, K and V."""
+        return sum(lay.token_bytes for lay in self.layers(num_layers)) * self.num_kv_heads
+
+    def pool_page_bytes(self, num_layers: int) -> int:
+        """Bytes one page id costs over all layers' pools."""
+        return sum(lay.page_bytes for lay in self.layers(num_layers))
+
+    # -- one layer's bytes (a mixed layout has none: ask for_layer(i)) -----------------------
+    def _uniform_policy(self) -> KVPolicy:
+        if self.policy.mixed:
+            raise PolicyError(f"{self.policy} has per-layer page formats: its byte layout is "
+                              "per layer (PageLayout.for_layer(i))")
+        return self.policy
+
     @property
     def code_bytes(self) -> int:
         """Bytes of K (or V) codes per token per KV head."""
-        return self.head_dim * self.policy.bits // 8
+        return self.head_dim * self._uniform_policy().bits // 8
 
     @property
     def param_bytes(self) -> int:
-        return PARAM_BYTES if self.policy.quantized else 0
+        return PARAM_BYTES if self._uniform_policy().quantized else 0
 
     @property
     def token_bytes(self) -> int:
@@ -287,17 +413,31 @@ class PageLayout:
     def page_bytes(self) -> int:
         return self.num_kv_heads * self.head_block_bytes
 
+    def _head_block_bytes_by_kind(self) -> dict:
+        """{kind: head_block_bytes} of the base policy and each per-layer kind."""
+        kinds = [self.policy.base] + [KVPolicy(k) for k, _ in self.policy.layer_pages]
+        return {p.kind: PageLayout(p, self.head_dim, self.num_kv_heads,
+                                   self.page_size).head_block_bytes for p in kinds}
+
     def to_dict(self) -> dict:
-        return {"policy": self.policy.to_dict(), "head_dim": self.head_dim,
-                "num_kv_heads": self.num_kv_heads, "page_size": self.page_size,
-                "head_block_bytes": self.head_block_bytes}
+        """head_block_bytes is the base policy's; a mixed layout adds the per-layer kinds'
+        (layer_head_block_bytes) so a reader can check both against its own layout."""
+        by_kind = self._head_block_bytes_by_kind()
+        d = {"policy": self.policy.to_dict(), "head_dim": self.head_dim,
+             "num_kv_heads": self.num_kv_heads, "page_size": self.page_size,
+             "head_block_bytes": by_kind.pop(self.policy.kind)}
+        if by_kind:
+            d["layer_head_block_bytes"] = by_kind
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PageLayout":
         layout = cls(KVPolicy.from_dict(d["policy"]), int(d["head_dim"]),
                      int(d["num_kv_heads"]), int(d["page_size"]))
-        if "head_block_bytes" in d and d["head_block_bytes"] != layout.head_block_bytes:
-            raise PolicyError("config's head_block_bytes disagrees with this sawtrt's layout")
+        want = layout.to_dict()
+        for key in ("head_block_bytes", "layer_head_block_bytes"):
+            if key in d and d[key] != want.get(key):
+                raise PolicyError(f"config's {key} disagrees with this sawtrt's layout")
         return layout
 
     def to_json(self) -> str:

@@ -218,13 +218,12 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                 "dtype": str(engine.model.dtype)}
         log(f"{pol}: engine ready in {load_s:.0f} s ({engine.runner.graph_note}; "
             f"{engine.block_manager.num_pages} pages of {cfg.layout.page_size} tokens, "
-            f"{cfg.layout.token_bytes * cfg.layout.num_kv_heads * cfg.model.num_layers} B/token)")
+            f"{cfg.layout.bytes_per_token(cfg.model.num_layers)} B/token)")
         warm = Level(1, 1, min(levels[0].prompt_len, 512), 4, seed=99)
         run_level(engine, warm)                      # lazy inits, cuBLAS heuristics
         rows = []
         runs.append({"policy": str(cfg.layout.policy), "policy_arg": pol,
-                     "kv_bytes_per_token": cfg.layout.token_bytes * cfg.layout.num_kv_heads
-                     * cfg.model.num_layers,
+                     "kv_bytes_per_token": cfg.layout.bytes_per_token(cfg.model.num_layers),
                      "fused_kernels": engine.model.fused, "graphs": engine.runner.graph_note,
                      "engine_load_s": load_s, "levels": rows})
         for lv in levels:

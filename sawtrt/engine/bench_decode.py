@@ -41,8 +41,8 @@ def bench(engine: LLMEngine, batch: int, context: int, steps: int, warmup: int =
     step = statistics.median(step_ms[warmup:])
     fwd = statistics.median(fwd_ms[warmup:])
     cfg = engine.config
-    kv_bytes = batch * (context + warmup + steps // 2) * cfg.model.num_layers * \
-        cfg.layout.num_kv_heads * cfg.layout.token_bytes
+    kv_bytes = batch * (context + warmup + steps // 2) * \
+        cfg.layout.bytes_per_token(cfg.model.num_layers)
     return {"batch": batch, "context": context, "step_ms": round(step, 3),
             "forward_ms": round(fwd, 3), "tokens_per_s": round(batch / step * 1e3, 1),
             "kv_bytes_per_step": kv_bytes,

@@ -199,6 +199,7 @@ def plan_build(o: BuildOptions) -> BuildPlan:
         raise BuildError(f"--page-size {o.page_size} must be one of {PAGE_SIZES}")
     try:
         layout = PageLayout(pol, spec.head_dim, spec.num_kv_heads, o.page_size)
+        pol.check_layers(spec.num_layers)          # per-layer pages name existing layers
     except PolicyError as e:
         raise BuildError(f"{name} (head_dim={spec.head_dim}): {e}") from None
     if not 1 <= o.max_batch <= MAX_BATCH_LIMIT:

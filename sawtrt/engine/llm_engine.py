@@ -103,7 +103,7 @@ class LLMEngine:
         self.max_seq_len = cfg.max_seq_len
         self.max_num_seqs = max_num_seqs or cfg.max_batch
         layout = cfg.layout
-        per_page = cfg.model.num_layers * layout.page_bytes
+        per_page = layout.pool_page_bytes(cfg.model.num_layers)    # every layer's pool
         need = self.max_num_seqs * pages_for(cfg.max_seq_len, layout.page_size)
         if num_pages is None:
             if kv_memory_bytes is None:

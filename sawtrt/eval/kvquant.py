@@ -133,7 +133,7 @@ class KVScheme:
     def policy_for_layer(self, layer: int) -> KVPolicy:
         if layer in self.int8_layers:
             return KVPolicy("int8")
-        return self.policy
+        return self.policy.for_layer(layer)       # the served per-layer pages (int8=...)
 
     def policy_for(self, layer: int, which: str) -> KVPolicy:
         """The policy K ("k") or V ("v") of `layer` is stored in."""

@@ -91,7 +91,8 @@ class CausalLM(torch.nn.Module):
     """Llama / Qwen3 decoder over a paged KV cache.
 
     `forward(input_ids [T], meta, kv_pool [L, pages, Hkv, bytes]) -> logits [S, vocab]` (fp32),
-    S = len(meta.logits_indices).
+    S = len(meta.logits_indices). kv_pool is what `kv_cache.new_pool` makes for the layout: one
+    tensor, or a list of per-layer tensors for a policy with per-layer page formats.
     """
 
     def __init__(self, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
@@ -142,54 +143,68 @@ class CausalLM(torch.nn.Module):
             self.layers.append(layer)
         self.rope = Rope(d, spec.rope_theta, max_positions or spec.max_position, device)
         self.device = self.embed.device
-        # the fused write+attend kernel when the library serves this device/dtype/layout. Its
-        # decode path serves bf16 and int4 caches only (int8: SawKernelError 10001 on the H200,
-        # 2026-11-29); int8 goes through write_kv + paged_attention, whose decode falls back to
-        # the prefill kernel.
-        self.fused = (layout.policy.kind != "int8"
-                      and ops.kernel_config(layout, spec.num_heads, dtype, self.device) is not None)
+        # one uniform layout per layer: a policy with per-layer page formats (int8=...) gives its
+        # named layers plain int8/bf16 pages, no rotation and no K transform
+        self.layer_layouts = layout.layers(spec.num_layers)
+        # the fused write+attend kernel where the library serves the layer's device/dtype/layout.
+        # Its decode path serves bf16 and int4 caches only (int8: SawKernelError 10001 on the
+        # H200, 2026-11-29); int8 goes through write_kv + paged_attention, whose decode falls
+        # back to the prefill kernel.
+        self.layer_fused = [lay.policy.kind != "int8"
+                            and ops.kernel_config(lay, spec.num_heads, dtype, self.device)
+                            is not None for lay in self.layer_layouts]
+        self.fused = any(self.layer_fused)
         if layout.policy.transforms_k and kv_transform is None:
             raise ValueError(f"KV policy {layout.policy} needs its K transform (kv_transform.py)")
         self.kv_transform = kv_transform      # (layer, q, k) -> (q', k'), or None
+        self.plain_layers = frozenset(layout.policy.wide_layers)   # no K transform there
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_pool: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_pool) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        for i in range(len(self.layers)):
+            x = self.layer(i, x, meta, kv_pool[i])
+        return self.logits(x, meta)
+
+    def layer(self, i: int, x: torch.Tensor, meta: AttentionMetadata,
+              pool: torch.Tensor) -> torch.Tensor:
+        """Decoder layer i on the step's hidden states x [T, hidden]; writes the step's K/V into
+        `pool` (this layer's [pages, Hkv, bytes]) and attends over it."""
+        spec, L, layout = self.spec, self.layers[i], self.layer_layouts[i]
         d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
         eps = spec.rms_norm_eps
-        x = F.embedding(input_ids, self.embed)
-        for i, L in enumerate(self.layers):
-            h = rms_norm(x, L["in_norm"], eps)
-            qkv = F.linear(h, L["qkv"], L["qkv_bias"])
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.reshape(-1, hq, d)
-            k = k.reshape(-1, hkv, d)
-            v = v.reshape(-1, hkv, d)
-            if spec.qk_norm:
-                q = rms_norm(q, L["q_norm"], eps)
-                k = rms_norm(k, L["k_norm"], eps)
-            q = self.rope(q, meta.positions)
-            k = self.rope(k, meta.positions)
-            if self.kv_transform is not None:
-                q, k = self.kv_transform(i, q, k)
-            pool = kv_pool[i]
-            if self.fused:
-                t = q.shape[0]
-                qkv_r = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), -1)
-                o = ops.attention_step(qkv_r, pool, self.layout, hq, meta.block_tables,
-                                       meta.seq_lens, meta.cu_q_lens, meta.max_q_len,
-                                       meta.max_seq_len, self.sm_scale)
-            else:
-                ops.write_kv(pool, self.layout, k, v, meta.slot_mapping)
-                bounds = {"max_q_len": meta.max_q_len, "max_seq_len": meta.max_seq_len} \
-                    if meta.max_seq_len else {}     # host-side bounds: no device reads
-                o = ops.paged_attention(q, pool, self.layout, meta.block_tables, meta.seq_lens,
-                                        None if meta.is_decode else meta.q_lens, self.sm_scale,
-                                        **bounds)
-            x = x + F.linear(o.reshape(-1, self.q_size).to(x.dtype), L["o"])
-            h = rms_norm(x, L["post_norm"], eps)
-            gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, L["down"])
-        x = rms_norm(x[meta.logits_indices], self.final_norm, eps)
+        h = rms_norm(x, L["in_norm"], eps)
+        qkv = F.linear(h, L["qkv"], L["qkv_bias"])
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.reshape(-1, hq, d)
+        k = k.reshape(-1, hkv, d)
+        v = v.reshape(-1, hkv, d)
+        if spec.qk_norm:
+            q = rms_norm(q, L["q_norm"], eps)
+            k = rms_norm(k, L["k_norm"], eps)
+        q = self.rope(q, meta.positions)
+        k = self.rope(k, meta.positions)
+        if self.kv_transform is not None and i not in self.plain_layers:
+            q, k = self.kv_transform(i, q, k)
+        if self.layer_fused[i]:
+            t = q.shape[0]
+            qkv_r = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), -1)
+            o = ops.attention_step(qkv_r, pool, layout, hq, meta.block_tables,
+                                   meta.seq_lens, meta.cu_q_lens, meta.max_q_len,
+                                   meta.max_seq_len, self.sm_scale)
+        else:
+            ops.write_kv(pool, layout, k, v, meta.slot_mapping)
+            bounds = {"max_q_len": meta.max_q_len, "max_seq_len": meta.max_seq_len} \
+                if meta.max_seq_len else {}     # host-side bounds: no device reads
+            o = ops.paged_attention(q, pool, layout, meta.block_tables, meta.seq_lens,
+                                    None if meta.is_decode else meta.q_lens, self.sm_scale,
+                                    **bounds)
+        x = x + F.linear(o.reshape(-1, self.q_size).to(x.dtype), L["o"])
+        h = rms_norm(x, L["post_norm"], eps)
+        gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, L["down"])
+
+    def logits(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """fp32 next-token logits of the rows meta.logits_indices of the last hidden states."""
+        x = rms_norm(x[meta.logits_indices], self.final_norm, self.spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..models.specs import ModelSpec
-from ..spec import PageLayout
+from ..spec import PageLayout, PolicyError
 from .params import AttentionParams
 
 INPUT_NAMES = ("input_ids", "positions", "block_tables", "seq_lens", "cu_q_lens",
@@ -107,6 +107,10 @@ class DecoderNetwork:
         if dtype not in (torch.bfloat16, torch.float16):
             raise NetworkBuildError(f"build dtype must be bf16 or fp16, not {dtype}")
         self.trt, self.net, self.spec, self.layout = trt, network, spec, layout
+        try:    # one uniform layout per layer (per-layer page formats: KVPolicy.layer_pages)
+            self.layer_layouts = layout.layers(spec.num_layers)
+        except PolicyError as e:
+            raise NetworkBuildError(str(e)) from None
         self.weights, self.dtype, self.limits = weights, dtype, limits
         self.tdt = trt_dtype(trt, dtype)
         self._keep: list = []          # host buffers behind the constants
@@ -235,7 +239,7 @@ class DecoderNetwork:
     # -- attention ----------------------------------------------------------------------------
     def attention_params(self, layer: int) -> AttentionParams:
         return AttentionParams.from_layout(
-            self.spec.num_heads, self.layout, layer_index=layer,
+            self.spec.num_heads, self.layer_layouts[layer], layer_index=layer,
             max_seq_len=self.limits.max_seq_len, max_batch=self.limits.max_batch,
             dtype=plugin_dtype(self.dtype), sm_scale=self.spec.head_dim ** -0.5)
 
@@ -252,7 +256,7 @@ class DecoderNetwork:
 
     # -- the network --------------------------------------------------------------------------
     def add_inputs(self):
-        trt, lay, lim = self.trt, self.layout, self.limits
+        trt = self.trt
         i32 = trt.DataType.INT32
         self.inputs = {
             "input_ids": self.net.add_input("input_ids", i32, (-1,)),
@@ -264,7 +268,7 @@ class DecoderNetwork:
         }
         self.pools = [self.net.add_input(pool_name(i), trt.DataType.UINT8,
                                          (-1, lay.num_kv_heads, lay.head_block_bytes))
-                      for i in range(self.spec.num_layers)]
+                      for i, lay in enumerate(self.layer_layouts)]
 
     def profile_shapes(self) -> dict[str, tuple[tuple, tuple, tuple]]:
         """name -> (min, opt, max) for the one optimization profile."""
@@ -279,11 +283,10 @@ class DecoderNetwork:
             "cu_q_lens": ((2,), (B + 1,), (B + 1,)),
             "logits_indices": ((1,), (B,), (B,)),
         }
-        pool = ((1, lay.num_kv_heads, lay.head_block_bytes),
-                (lim.max_pool_pages, lay.num_kv_heads, lay.head_block_bytes),
-                (lim.max_pool_pages, lay.num_kv_heads, lay.head_block_bytes))
-        for i in range(self.spec.num_layers):
-            shapes[pool_name(i)] = pool
+        for i, ll in enumerate(self.layer_layouts):
+            row = (ll.num_kv_heads, ll.head_block_bytes)
+            shapes[pool_name(i)] = ((1, *row), (lim.max_pool_pages, *row),
+                                    (lim.max_pool_pages, *row))
         return shapes
 
     def build(self):
@@ -318,7 +321,7 @@ class DecoderNetwork:
                 k = self.rms_norm(k, a + "k_norm.weight", 3, f"layers.{i}.k_norm")
             q = self.rope(q, cos, sin, f"layers.{i}.q_rope")
             k = self.rope(k, cos, sin, f"layers.{i}.k_rope")
-            if self.kv_transform is not None:
+            if self.kv_transform is not None and i not in self.layout.policy.wide_layers:
                 q, k = self.transform_qk(q, k, i)
             cat = self.net.add_concatenation([q, k, v])
             cat.axis = 1

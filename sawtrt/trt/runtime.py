@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..kv_cache import pool_pages
 from . import compat
 from .build_engine import PLAN_FILE, PLAN_META
 from .network import INPUT_NAMES, OUTPUT_NAME, Limits, pool_name
@@ -78,15 +79,15 @@ class TrtCausalLM:
         self.context.set_tensor_address(name, t.data_ptr())
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, meta, kv_pool: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, meta, kv_pool) -> torch.Tensor:
         dev, lim = self.device, self.limits
         T, B = input_ids.numel(), meta.seq_lens.numel()
         S = meta.logits_indices.numel()
         if T > lim.max_tokens or B > lim.max_batch:
             raise PlanError(f"step of {T} tokens / {B} sequences exceeds the plan's profile "
                             f"({lim.max_tokens} tokens, {lim.max_batch} sequences)")
-        if kv_pool.shape[1] > lim.max_pool_pages:
-            raise PlanError(f"pool of {kv_pool.shape[1]} pages exceeds the plan's profile "
+        if pool_pages(kv_pool) > lim.max_pool_pages:
+            raise PlanError(f"pool of {pool_pages(kv_pool)} pages exceeds the plan's profile "
                             f"({lim.max_pool_pages})")
         if meta.block_tables.shape[1] > lim.max_pages_per_seq(self.layout.page_size):
             raise PlanError("block tables wider than the plan's max_seq_len allows")
