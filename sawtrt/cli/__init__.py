@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": "serve:serve",
     "client": "client:client",
     "eval": "eval:eval_cmd",
+    "rank-layers": "rank_layers:rank_layers_cmd",
 }
 
 

@@ -33,8 +33,13 @@ from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
 @click.option("--no-kernels", is_flag=True, help="Do not compile the kernel library.")
 @click.option("--output", default=None, type=click.Path(),
               help="Engine directory [default: engines/<model>-<kv kind>].")
+@click.option("--rank-layers", type=int, default=None, metavar="N",
+              help="Rank the layers by how much their KV pages in the --kv-cache policy cost "
+                   "(KL vs bf16 on the calibration text; `sawtrt rank-layers`) and store the "
+                   "top N in int8 (bf16 for an int8 cache). Needs real weights; the ranking is "
+                   "recorded in config.json.")
 def build(model, checkpoint, random_weights, seed, kv_cache, rotation_block, rotate, sign_seed,
-          page_size, max_batch, max_seq_len, gpu_arch, no_kernels, output):
+          page_size, max_batch, max_seq_len, gpu_arch, no_kernels, output, rank_layers):
     """Validate inputs, convert weights, compile kernels, write an engine directory."""
     from ..engine.build import BuildError, BuildOptions, build_engine
     opts = BuildOptions(model=model, checkpoint=checkpoint, random_weights=random_weights,
@@ -42,7 +47,7 @@ def build(model, checkpoint, random_weights, seed, kv_cache, rotation_block, rot
                         rotate=rotate, sign_seed=sign_seed, page_size=int(page_size),
                         max_batch=max_batch, max_seq_len=max_seq_len,
                         gpu_arch=tuple(gpu_arch) or None, output=output,
-                        compile_kernels=not no_kernels)
+                        compile_kernels=not no_kernels, rank_layers=rank_layers)
     try:
         out = build_engine(opts)
     except BuildError as e:

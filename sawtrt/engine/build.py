@@ -5,7 +5,8 @@
 Steps (each skipped when its output is already there and up to date, so re-running with the
 same inputs rewrites nothing): weights (safetensors, bf16), tokenizer, K calibration (policies
 with `center` / `balance` / `whiten`: sawtrt.models.kv_transform), kernel library
-(build_scripts/build.py when nvcc exists), config.json, Triton model repository
+(build_scripts/build.py when nvcc exists), per-layer sensitivity ranking (`rank_layers`:
+sawtrt.eval.layer_rank, only when asked), config.json, Triton model repository
 (sawtrt.serving.triton_repo), TensorRT plan (sawtrt.trt.build_engine). Steps whose provider is
 not importable / not installed are skipped with a message naming why.
 """
@@ -63,6 +64,8 @@ class BuildOptions:
     output: str | None = None
     compile_kernels: bool = True
     spec: ModelSpec | None = None        # Python API only: a custom spec for --random-weights
+    rank_layers: int | None = None       # rank the layers on the calibration text and give the
+                                         # top N wider pages (int8; bf16 for an int8 cache)
 
 
 @dataclass
@@ -202,6 +205,8 @@ def plan_build(o: BuildOptions) -> BuildPlan:
         pol.check_layers(spec.num_layers)          # per-layer pages name existing layers
     except PolicyError as e:
         raise BuildError(f"{name} (head_dim={spec.head_dim}): {e}") from None
+    if o.rank_layers is not None:
+        _check_rank_layers(o, pol, spec, source)
     if not 1 <= o.max_batch <= MAX_BATCH_LIMIT:
         raise BuildError(f"--max-batch must be in [1, {MAX_BATCH_LIMIT}], got {o.max_batch}")
     max_seq_len = o.max_seq_len if o.max_seq_len is not None else min(4096, spec.max_position)
@@ -236,6 +241,24 @@ def plan_build(o: BuildOptions) -> BuildPlan:
                 archs = _script_default_archs()
                 note = f"no local GPU: build_scripts/build.py's default archs {','.join(archs)}"
     return BuildPlan(spec, layout, o.max_batch, max_seq_len, source, output, archs, note)
+
+
+def _check_rank_layers(o: BuildOptions, pol: KVPolicy, spec: ModelSpec, source: dict) -> None:
+    n = o.rank_layers
+    if source["kind"] == "random":
+        raise BuildError("--rank-layers ranks the layers by running the model over the "
+                         "calibration text: random weights have no text to rank on (pass a "
+                         "packaged model or --checkpoint)")
+    if pol.mixed:
+        raise BuildError(f"--rank-layers chooses the per-layer pages itself, but --kv-cache {pol} "
+                         f"already names layers {list(pol.wide_layers)}: give the base policy "
+                         f"{pol.base}")
+    if not pol.quantized:
+        raise BuildError(f"--rank-layers: a {pol.kind} cache stores every layer exactly; "
+                         "nothing to rank")
+    if not 0 <= n < spec.num_layers:
+        raise BuildError(f"--rank-layers {n} must be in [0, {spec.num_layers - 1}] "
+                         f"({spec.name} has {spec.num_layers} layers)")
 
 
 def _log(msg: str) -> None:
@@ -291,6 +314,11 @@ def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path
         else:
             weights_info, tok_info = _convert(plan, out, log, progress)
     kv_calibration = _kv_calibration(plan, out, old, weights_info, log)
+    layout, extra = plan.layout, {}
+    if options.rank_layers is not None:
+        policy, extra["layer_rank"] = _layer_rank(plan, out, old, weights_info, kv_calibration,
+                                                  options.rank_layers, log, progress)
+        layout = PageLayout(policy, spec.head_dim, spec.num_kv_heads, plan.layout.page_size)
     # -- kernels ------------------------------------------------------------------------------
     kernels = {"library": None, "archs": None, "note": plan.kernel_note}
     if plan.gpu_archs:
@@ -298,15 +326,16 @@ def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path
     else:
         log(plan.kernel_note)
     # -- config -------------------------------------------------------------------------------
-    cfg = EngineConfig(model=spec, layout=plan.layout, max_batch=plan.max_batch,
+    cfg = EngineConfig(model=spec, layout=layout, max_batch=plan.max_batch,
                        max_seq_len=plan.max_seq_len, weights=weights_info, tokenizer=tok_info,
-                       kernels=kernels, source=source, kv_calibration=kv_calibration)
+                       kernels=kernels, source=source, kv_calibration=kv_calibration,
+                       extra=extra)
     text = cfg.to_json()
     if (out / "config.json").is_file() and (out / "config.json").read_text() == text:
         log("config.json: unchanged")
     else:
         (out / "config.json").write_text(text)
-        log(f"config.json: written ({spec.name}, kv {cfg.policy}, page {plan.layout.page_size}, "
+        log(f"config.json: written ({spec.name}, kv {cfg.policy}, page {layout.page_size}, "
             f"max_batch {plan.max_batch}, max_seq_len {plan.max_seq_len})")
     # -- Triton repository and TensorRT plan (other packages' steps) ---------------------------
     fn = _optional("sawtrt.serving.triton_repo", "write_model_repository", log,
@@ -344,13 +373,9 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
         cal = kvt.KVCalibration.identity(plan.spec, "random weights: mu = 0, s = 1, A = I")
     else:
         from safetensors.torch import load_file
-        tok = tokenizers.load(out)
-        ids, meta = kvt.calibration_ids(tok.encode)
-        bos = plan.spec.bos_token_id if plan.spec.bos_token_id is not None else tok.bos_token_id
-        if getattr(tok, "add_bos", False) and ids[:1] == [bos]:
-            ids = ids[1:]
+        windows, meta = calibration_text_windows(plan.spec, out)
         weights = load_file(str(out / weights_info["file"]))
-        cal = kvt.calibrate(plan.spec, weights, kvt.calibration_windows(ids, bos), meta)
+        cal = kvt.calibrate(plan.spec, weights, windows, meta)
     digest = cal.save(path, moments=moments)
     log(f"K calibration: wrote {path} ({cal.meta.get('source')}, "
         f"{cal.meta.get('tokens', 0)} tokens)")
@@ -359,6 +384,71 @@ def _kv_calibration(plan: BuildPlan, out: Path, old: dict, weights_info: dict, l
             **({"moments": True} if moments else {}),
             **{k: v for k, v in cal.meta.items() if k in ("source", "origin", "text_sha256",
                                                              "tokens", "note")}}
+
+
+def calibration_text_windows(spec: ModelSpec, out: Path) -> tuple[list[list[int]], dict]:
+    """The calibration text ('calib') in the engine tokenizer's ids, cut into the K
+    calibration's windows (BOS in front of each), and its description."""
+    tok = tokenizers.load(out)
+    ids, meta = kvt.calibration_ids(tok.encode)
+    bos = spec.bos_token_id if spec.bos_token_id is not None else tok.bos_token_id
+    if getattr(tok, "add_bos", False) and ids[:1] == [bos]:
+        ids = ids[1:]
+    return kvt.calibration_windows(ids, bos), meta
+
+
+LAYER_RANK_VERSION = 1     # bump when layer_rank's measurement changes: engines re-rank
+
+
+def _layer_rank(plan: BuildPlan, out: Path, old: dict, weights_info: dict,
+                kv_calibration: dict, n: int, log, progress: bool) -> tuple[KVPolicy, dict]:
+    """Rank the layers (sawtrt.eval.layer_rank) on the calibration text with the engine's own
+    weights, tokenizer and K calibration, and widen the top n. Returns (the policy with the top n
+    wide, the config record). The per-layer KL is reused while its inputs (weights,
+    base policy, K calibration, text, recipe) are unchanged, so a new n costs nothing."""
+    from ..eval import layer_rank
+    base = plan.layout.policy
+    windows, meta = calibration_text_windows(plan.spec, out)
+    key = {"version": LAYER_RANK_VERSION, "base_policy": str(base),
+           "weights_sha256": weights_info.get("sha256"),
+           "kv_calibration_sha256": kv_calibration.get("sha256"),
+           "source": meta["source"], "text_sha256": meta["text_sha256"],
+           "tokens": sum(len(w) - 1 for w in windows), "windows": len(windows)}
+    prev = old.get("extra", {}).get("layer_rank", {})
+    if {k: prev.get(k) for k in key} == key and len(prev.get("kl", ())) == plan.spec.num_layers:
+        ranking = [{"layer": i, "kl": kl, "dnll": dn, "share": sh, "rank": r}
+                   for i, (kl, dn, sh, r) in enumerate(zip(prev["kl"], prev["dnll"],
+                                                           prev["share"], prev["rank"]))]
+        log("layer rank: up to date")
+    else:
+        from safetensors.torch import load_file
+        weights = load_file(str(out / weights_info["file"]))
+        cal = kvt.KVCalibration.load(out / kvt.CALIBRATION_FILE, plan.spec,
+                                     kv_calibration["sha256"]) if base.transforms_k else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=layer_rank.layer_passes(plan.spec.num_layers, len(windows)),
+                       desc="rank layers", unit="layer")
+        try:
+            ranking = layer_rank.rank_layers(
+                plan.spec, weights, windows, base, cal,
+                progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        log(f"layer rank: {plan.spec.num_layers} layers on {key['tokens']} tokens of the "
+            f"{meta['source']} text; most sensitive first: "
+            + ", ".join(str(i) for i in layer_rank.top_layers(ranking, 5)))
+    kind = layer_rank.wide_kind(base)
+    policy = layer_rank.suggest_policy(base, ranking, n, kind)
+    top = layer_rank.top_layers(ranking, n)
+    if top:
+        log(f"layer rank: {kind} pages for layers {', '.join(map(str, top))} "
+            f"({100 * sum(ranking[i]['share'] for i in top):.0f} % of the summed KL)")
+    return policy, {**key, "top": n, "kind": kind, "layers": top,
+                    "kl": [r["kl"] for r in ranking], "dnll": [r["dnll"] for r in ranking],
+                    "share": [r["share"] for r in ranking], "rank": [r["rank"] for r in ranking]}
 
 
 def _optional(module: str, attr: str, log, what: str):
