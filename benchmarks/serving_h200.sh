@@ -9,6 +9,7 @@
 #         short (256-token prompts, 1 024 outputs, all three policies) | smoke |
 #         pair (int4 then int4-bdr in ONE process at $PAIR_CONC: the bdr / int4 ratio without
 #               the call-to-call spread of host time) | prefill (python -m sawtrt.bench.prefill) |
+#         mixed (int4-bdr, + the served K transform, + int8 pages for 3 layers; $MIXED_CONC) |
 #         triton-POLICY (the same long requests through a real tritonserver and gRPC streaming:
 #                        `sawtrt bench serve --engine`, concurrency $TRITON_CONC, one wave each;
 #                        needs the bundle: carry .carry/triton, see benchmarks/make_triton_bundle.sh)
@@ -66,6 +67,12 @@ for stage in "$@"; do
       sawtrt bench throughput --engine "$ENG" --policies int4,int4-bdr \
         --concurrency "${PAIR_CONC:-16,32,64}" --prompt-len 8192 --output-len 1024 \
         --kv-memory-gib "$KV_GIB" --json "$OUT/pair.json" ;;
+    mixed)   # what the accuracy variant costs: the K transform (random weights calibrate to
+             # the identity, so it runs at full cost) and int8 pages for 3 of the 36 layers
+      sawtrt bench throughput --engine "$ENG" \
+        --policies "int4-bdr,int4-bdr:kv,center,whiten,int4-bdr:kv,center,whiten,int8=1+10+19" \
+        --concurrency "${MIXED_CONC:-16,64}" --prompt-len 8192 --output-len 1024 \
+        --kv-memory-gib "$KV_GIB" --json "$OUT/mixed.json" ;;
     prefill)
       python3 -m sawtrt.bench.prefill --json "$OUT/prefill.json" ;;
     smoke)

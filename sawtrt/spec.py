@@ -43,6 +43,7 @@ no rotation and no K transform (their pages are wide enough not to need them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 
@@ -141,9 +142,10 @@ class KVPolicy:
         """True when some layers store other pages than the base policy (`layer_pages`)."""
         return bool(self.layer_pages)
 
-    @property
+    @functools.cached_property
     def base(self) -> "KVPolicy":
-        """This policy without its per-layer exceptions: what the unnamed layers store."""
+        """This policy without its per-layer exceptions: what the unnamed layers store (one
+        object per policy, so `for_layer(i) is policy.base` tells the unnamed layers apart)."""
         return dataclasses.replace(self, layer_pages=()) if self.layer_pages else self
 
     @property

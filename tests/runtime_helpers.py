@@ -105,9 +105,13 @@ def attn_impl_for(policy: KVPolicy, head_dim: int, kv_dtype=None) -> str:
     name = f"sawtrt_{str(policy).replace(':', '_').replace(',', '_').replace('=', '')}_{head_dim}"
     name += f"_{str(kv_dtype).split('.')[-1]}" if kv_dtype is not None else ""
     if name not in _REGISTERED:
-        fk, fv = kv_storage_fn(policy, head_dim, kv_dtype)
+        fns: dict = {}      # layer policy -> (fk, fv): per-layer page formats (int8=...)
 
         def attention(module, query, key, value, attention_mask, **kw):
+            pol = policy.for_layer(module.layer_idx)
+            if pol not in fns:
+                fns[pol] = kv_storage_fn(pol, head_dim, kv_dtype)
+            fk, fv = fns[pol]
             return eager_attention_forward(module, query, fk(key), fv(value), attention_mask, **kw)
 
         AttentionInterface.register(name, attention)

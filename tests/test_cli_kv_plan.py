@@ -28,3 +28,20 @@ def test_kv_plan_table_and_errors():
     assert res.exit_code != 0 and "memory size" in res.output
     res = runner.invoke(main, ["kv-plan", "--model", "gpt-5"])
     assert res.exit_code != 0
+
+
+def test_kv_plan_counts_per_layer_pages():
+    """SmolLM2 (30 layers, 3 KV heads, D = 64): int8 pages for layers 1, 10, 19 of the int4-bdr
+    cache: 27 x 216 + 3 x 408 = 7 056 B/token (docs/accuracy.md)."""
+    res = CliRunner().invoke(main, ["kv-plan", "--model", "smollm2-135m", "--memory", "1GiB",
+                                    "--policies", "int4-bdr:h=64,int4-bdr:h=64,int8=1+10+19",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["policies"]
+    assert [r["bytes_per_token"] for r in rows] == [6480, 7056]
+    assert rows[0]["bytes_per_token_per_kv_head"] == 72
+    assert rows[1]["bytes_per_token_per_kv_head"] == 78.4
+    assert rows[1]["tokens"] < rows[0]["tokens"]
+    res = CliRunner().invoke(main, ["kv-plan", "--model", "smollm2-135m",
+                                    "--policies", "int4:int8=30"])
+    assert res.exit_code != 0 and "the model has 30 layers" in res.output

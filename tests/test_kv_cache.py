@@ -157,6 +157,29 @@ def test_paged_cache_object():
         cache.allocator.allocate(11)
 
 
+def test_mixed_pool_is_per_layer_and_each_layer_stores_like_its_own_policy():
+    """A policy with per-layer pages gets one tensor per layer, each as wide as its layer's
+    format; writing through layer i's layout is exactly a uniform pool of that layer's policy."""
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=32,kv,seed=2,int8=2,bf16=0"), 64, 3, 16)
+    cache = PagedKVCache(layout, 4, 12)
+    widths = [t.shape for t in cache.pool]
+    assert widths == [(12, 3, 16 * 2 * (2 * 64)), (12, 3, 16 * 2 * (32 + 4)),
+                      (12, 3, 16 * 2 * (64 + 4)), (12, 3, 16 * 2 * (32 + 4))]
+    assert kv_cache.pool_pages(cache.pool) == 12
+    assert kv_cache.pool_nbytes(cache.pool) == 12 * layout.pool_page_bytes(4)
+    assert kv_cache.pool_pages(new_pool(layout.for_layer(1), 4, 7)) == 7
+    gen = torch.Generator().manual_seed(4)
+    k, v = torch.randn(21, 3, 64, generator=gen), torch.randn(21, 3, 64, generator=gen)
+    slots = torch.randperm(12 * 16, generator=gen)[:21]
+    for i in range(4):
+        lay = cache.layer_layout(i)
+        assert lay.policy == KVPolicy.parse({0: "bf16", 2: "int8"}.get(i, "int4-bdr:h=32,kv,seed=2"))
+        write_kv(cache.layer(i), lay, k, v, slots)
+        alone = new_pool(lay, 1, 12)[0]
+        write_kv(alone, lay, k, v, slots)
+        assert torch.equal(cache.layer(i), alone)
+
+
 def test_query_operand_models_the_prefill_kernel_rounding():
     """query_operand=fp16 rounds the rotated query once (clamped to fp16's range, so a huge
     query gives finite scores), and moves the output far less than INT4 itself does."""

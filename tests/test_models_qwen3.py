@@ -52,7 +52,9 @@ def run_recording(engine: LLMEngine, prompts, max_tokens):
     return rec, outs, steps
 
 
-POLICIES = ["bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=32,kv,seed=7"]
+POLICIES = ["bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=32,kv,seed=7",
+            # per-layer pages: the oracle stores each layer like policy.for_layer(i)
+            "int4:int8=1", "int4-bdr:h=32,kv,seed=7,bf16=0"]
 
 
 @pytest.mark.parametrize("arch,policy", [("qwen3", p) for p in POLICIES]

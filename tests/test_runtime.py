@@ -182,6 +182,8 @@ def test_llm_generate_and_stream(tiny_dir):
      "power of two"),
     (dict(model="qwen3-4b", random_weights=True, kv_cache="bf16", rotate="kv"), "int4-bdr only"),
     (dict(model="qwen3-4b", random_weights=True, kv_cache="fp8"), "unknown KV policy"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4:int8=3+36"),
+     r"layer\(s\) \[36\]; the model has 36 layers"),
     (dict(model="qwen3-4b", random_weights=True, page_size=48), "page-size"),
     (dict(model="qwen3-4b", random_weights=True, max_seq_len=10 ** 6), "max-seq-len"),
     (dict(model="qwen3-4b", random_weights=True, max_batch=0), "max-batch"),

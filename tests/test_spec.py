@@ -7,7 +7,9 @@ from sawtrt.spec import KVPolicy, PageLayout, PolicyError, split_policy_list
 @pytest.mark.parametrize("text", ["bf16", "int8", "int4", "int4-bdr", "int4-bdr:h=64",
                                   "int4-bdr:h=16,kv,seed=3", "int4-bdr:kv", "int4-bdr:h=64,center",
                                   "int4-bdr:h=64,seed=2,center,balance=0.5", "int4:center",
-                                  "int8:balance=0.25", "int4-bdr:h=64,kv,seed=1,center,whiten"])
+                                  "int8:balance=0.25", "int4-bdr:h=64,kv,seed=1,center,whiten",
+                                  "int4-bdr:h=64,kv,center,whiten,int8=19+1+10", "int4:bf16=0,int8=3+2",
+                                  "int8:bf16=1"])
 def test_policy_text_and_dict_round_trip(text):
     p = KVPolicy.parse(text)
     assert KVPolicy.parse(str(p)) == p
@@ -22,7 +24,11 @@ def test_policy_text_and_dict_round_trip(text):
     ("int4-bdr:balance=0", r"\(0, 1\]"), ("int4-bdr:balance=1.5", r"\(0, 1\]"),
     ("int4-bdr:balance", "unknown option"), ("int4-bdr:center=1", "unknown option"),
     ("int4-bdr:balance=x", "bad KV policy"), ("bf16:whiten", "nothing a bf16 cache"),
-    ("int4-bdr:whiten,balance=0.5", "full-matrix form"), ("int4-bdr:whiten=1", "unknown option")])
+    ("int4-bdr:whiten,balance=0.5", "full-matrix form"), ("int4-bdr:whiten=1", "unknown option"),
+    ("int4:int8=1,bf16=1", "named twice"), ("int4:int8=1+1", "named twice"),
+    ("bf16:int8=1", "nothing more precisely"), ("int8:int8=1", "nothing more precisely"),
+    ("int4:int8=", "bad KV policy"), ("int4:int8=-2", ">= 0"), ("int4:int4=1", "unknown option"),
+    ("int4:int8=1,int8=2", "given twice"), ("int4:int8", "unknown option")])
 def test_bad_policies_are_clear_errors(text, msg):
     with pytest.raises(PolicyError, match=msg):
         KVPolicy.parse(text)
@@ -76,3 +82,34 @@ def test_policy_lists_keep_options_with_their_policy():
         "int4-bdr:h=64,kv", "int8"]
     assert split_policy_list("int4-bdr:h=64,center,balance=0.5,int4:center,bf16") == [
         "int4-bdr:h=64,center,balance=0.5", "int4:center", "bf16"]
+
+
+def test_per_layer_pages_layout():
+    """SmolLM2 shape (30 layers, 3 KV heads, D = 64): int8 pages for three layers cost
+    3 x 192 B/token more than uniform int4 (docs/accuracy.md: 7 056 vs 6 480 B/token)."""
+    pol = KVPolicy.parse("int4-bdr:h=64,kv,center,whiten,int8=1+10+19")
+    assert pol.mixed and pol.wide_layers == (1, 10, 19) and str(pol).endswith(",int8=1+10+19")
+    assert pol.for_layer(10) == KVPolicy("int8") and pol.for_layer(2) == pol.base
+    assert not pol.base.mixed and pol.base.k_whiten and pol.base.rotate_v
+    lay = PageLayout(pol, 64, 3)
+    uniform = PageLayout(pol.base, 64, 3)
+    assert lay.bytes_per_token(30) == 7056 and uniform.bytes_per_token(30) == 6480
+    assert lay.for_layer(1) == PageLayout(KVPolicy("int8"), 64, 3)
+    assert lay.for_layer(0) == uniform and uniform.for_layer(1) is uniform
+    assert lay.pool_page_bytes(30) == 27 * uniform.page_bytes + 3 * lay.for_layer(1).page_bytes
+    with pytest.raises(PolicyError, match="per layer"):
+        lay.token_bytes                                      # noqa: B018 (a mixed layout has none)
+    with pytest.raises(PolicyError, match=r"layer\(s\) \[19\]; the model has 12"):
+        lay.layers(12)
+    d = lay.to_dict()
+    assert d["head_block_bytes"] == uniform.head_block_bytes
+    assert d["layer_head_block_bytes"] == {"int8": lay.for_layer(1).head_block_bytes}
+    assert PageLayout.from_dict(d) == lay
+    assert "layer_head_block_bytes" not in uniform.to_dict()
+    with pytest.raises(PolicyError, match="layer_head_block_bytes disagrees"):
+        PageLayout.from_dict(dict(d, layer_head_block_bytes={"int8": 1}))
+    with pytest.raises(PolicyError, match="mapping"):
+        KVPolicy.from_dict(dict(pol.to_dict(), layer_pages=[1, 10]))
+    # a policy list splits around the per-layer option, "int8" alone is a policy
+    assert split_policy_list("int4-bdr:h=64,int8=1+2,int8,bf16,int4:bf16=0") == [
+        "int4-bdr:h=64,int8=1+2", "int8", "bf16", "int4:bf16=0"]

@@ -159,6 +159,31 @@ def test_profile_covers_limits():
     assert tuple(profile.get_shape("input_ids")[2]) == (64,)
 
 
+def test_per_layer_pages_give_each_layer_its_pool_and_plugin_layout():
+    """int8 pages for layer 1: its pool input and profile are int8-wide, its plugin gets the
+    int8 layout, and it takes no K transform (layer 0 keeps it)."""
+    from sawtrt.models.kv_transform import KVCalibration, KVTransform
+    spec = tiny_spec()
+    policy = "int4-bdr:center,int8=1"
+    t = KVTransform(KVPolicy.parse(policy), KVCalibration.identity(spec, "test"), spec.num_heads,
+                    torch.bfloat16)
+    log = Collect()
+    _, net, dn, _ = define(spec, tiny_weights(spec), logger=log, policy=policy, kv_transform=t)
+    assert log.errors == []
+    lay0, lay1 = dn.layout.for_layer(0), dn.layout.for_layer(1)
+    assert lay1.policy == KVPolicy("int8") and lay0.head_block_bytes < lay1.head_block_bytes
+    for i, lay in enumerate((lay0, lay1)):
+        assert tuple(dn.pools[i].shape) == (-1, spec.num_kv_heads, lay.head_block_bytes)
+        assert dn.profile_shapes()[N.pool_name(i)][2][2] == lay.head_block_bytes
+        plugin_lay = dn.attention_params(i).layout      # (the K transform is model-side)
+        assert (plugin_lay.policy.kind, plugin_lay.head_block_bytes) == (lay.policy.kind,
+                                                                         lay.head_block_bytes)
+    names = {net.get_layer(i).name for i in range(net.num_layers)}
+    assert "layers.0.k_center" in names and "layers.1.k_center" not in names
+    with pytest.raises(N.NetworkBuildError, match="the model has 2 layers"):
+        define(spec, tiny_weights(spec), policy="int4-bdr:int8=2")
+
+
 def test_attention_params_per_layer():
     spec = tiny_spec()
     _, _, dn, _ = define(spec, tiny_weights(spec))

@@ -227,13 +227,14 @@ def _relative(rows) -> None:
 
 
 def format_table(result: dict) -> str:
+    w = max([30] + [len(r["scheme"]) + 2 for r in result["results"]])
     lines = [f"model {result['model']}  ({result['tokens']} tokens per source, windows of "
              f"{result['window']})",
-             f"{'scheme':<30}{'path':<10}{'ppl':>9}{'vs bf16':>9}{'vs fp32':>9}"
+             f"{'scheme':<{w}}{'path':<10}{'ppl':>9}{'vs bf16':>9}{'vs fp32':>9}"
              f"{'B/token':>9}  per source"]
     for r in result["results"]:
         b = r["bytes_per_token"]
-        lines.append(f"{r['scheme']:<30}{r['path']:<10}{r['ppl']:>9.3f}"
+        lines.append(f"{r['scheme']:<{w}}{r['path']:<10}{r['ppl']:>9.3f}"
                      f"{r.get('vs_bf16_pct', float('nan')):>+8.2f}%"
                      f"{r.get('vs_fp32_pct', float('nan')):>+8.2f}%{(b or 0):>9}  "
                      + " ".join(f"{k}={v:.3f}" for k, v in r["per_source"].items()))

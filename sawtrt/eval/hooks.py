@@ -204,11 +204,12 @@ class KVHook:
                 kmat = (torch.diag_embed(t.k_scale[layer]), torch.diag_embed(1 / t.k_scale[layer]))
             if t.k_mat is not None:
                 kmat = (t.k_mat[layer], t.q_mat[layer].transpose(-1, -2))    # A, A^-1
-        kq = fake_quant(k, kpol, "k", self.scheme if kpol is self.scheme.policy else None,
+        base = self.scheme.policy.base          # the scheme's variants apply to its own layers
+        kq = fake_quant(k, kpol, "k", self.scheme if kpol is base else None,
                         mean=mean, levels=self.levels, kmat=kmat)
         vt = self._vt.get(layer)
         vq = fake_quant(v / vt if isinstance(vt, torch.Tensor) else v, vpol, "v",
-                        self.scheme if vpol is self.scheme.policy else None,
+                        self.scheme if vpol is base else None,
                         mean=self.vmeans.get(layer) if self.scheme.vcenter else None,
                         levels=self.levels, kmat=vt if isinstance(vt, tuple) else None)
         if isinstance(vt, torch.Tensor):
