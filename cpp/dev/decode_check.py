@@ -76,6 +76,21 @@ CASES = [
     ("int4-bdr", 32, 8, 128, 64, [20000, 12345], torch.float16),            # many splits
     ("int4", 2, 2, 128, 64, [1], torch.float16),                            # group 1
 ]
+GRAPH_CASES = [CASES[0], CASES[-2]]
+# INT8 pages (never rotated): every head dim, both n-tile counts (groups <= 8 and 9..16)
+INT8_CASES = [
+    ("int8", 32, 8, 128, 64, [1, 54, 97, 1000, 3001], torch.float16),
+    ("int8", 32, 8, 128, 16, [17, 300, 2049], torch.bfloat16),
+    ("int8", 9, 3, 64, 16, [1, 31, 517], torch.bfloat16),
+    ("int8", 8, 1, 256, 32, [3, 77, 1200], torch.float16),
+    ("int8", 16, 1, 128, 64, [7, 450], torch.bfloat16),                     # group 16
+    ("int8", 12, 1, 64, 128, [130, 1000], torch.float16),                   # group 12
+    ("int8", 16, 1, 256, 16, [40, 300], torch.bfloat16),                    # group 16, D 256
+    ("int8", 40, 8, 128, 32, [16, 64], torch.float16),                      # group 5
+    ("int8", 32, 8, 128, 64, [20000, 12345], torch.bfloat16),               # many splits
+]
+CASES += INT8_CASES
+GRAPH_CASES.append(INT8_CASES[0])
 
 
 def run_case(lib, gen, case, graph: bool = False) -> tuple[bool, str]:
@@ -125,14 +140,15 @@ def main(argv=None) -> int:
             ok, line = False, f"FAIL {case[:5]} raised {type(e).__name__}: {e}"
         bad += not ok
         print(line, flush=True)
-    for case in (CASES[0], CASES[-2]):  # CUDA graph capture + replay
+    for case in GRAPH_CASES:  # CUDA graph capture + replay
         try:
             ok, line = run_case(lib, gen, case, graph=True)
         except Exception as e:
             ok, line = False, f"FAIL (graph) {case[:5]} raised {type(e).__name__}: {e}"
         bad += not ok
         print(line, flush=True)
-    print(f"{len(CASES) + 2 - bad}/{len(CASES) + 2} cases passed")
+    total = len(CASES) + len(GRAPH_CASES)
+    print(f"{total - bad}/{total} cases passed")
     return 1 if bad else 0
 
 

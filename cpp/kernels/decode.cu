@@ -9,6 +9,7 @@
 #include "saw/decode.cuh"
 #include "saw/dispatch.cuh"
 #include "saw/launchers.h"
+#include "saw/layout.cuh"
 
 namespace saw {
 namespace {
@@ -75,9 +76,18 @@ size_t PartialBytes(int num_seqs, int num_q_heads, int head_dim, const SplitPlan
   return rows * head_dim * sizeof(float) + rows * sizeof(float);
 }
 
-template <int D, bool kInt4, int NT, typename T>
+template <int D, int KIND, int NT>
+struct TraitsOf {
+  using type = DecodeTraits<D, KIND == SAW_KIND_INT4, NT>;
+};
+template <int D, int NT>
+struct TraitsOf<D, SAW_KIND_INT8, NT> {
+  using type = DecodeTraitsInt8<D, NT>;
+};
+
+template <int D, int KIND, int NT, typename T>
 struct Instance {
-  using TR = DecodeTraits<D, kInt4, NT>;
+  using TR = typename TraitsOf<D, KIND, NT>::type;
   static constexpr auto kernel = DecodeKernel<TR, T>;
 
   static cudaError_t Configure() {  // once per instantiation (not a stream operation)
@@ -121,7 +131,7 @@ struct Instance {
   }
 };
 
-// Calls f.template operator()<D, kInt4, NT, T>() for the configuration, or sets an error.
+// Calls f.template operator()<D, KIND, NT, T>() for the configuration, or sets an error.
 template <class F>
 cudaError_t Dispatch(const SawConfig& cfg, F&& f) {
   if (cfg.num_kv_heads <= 0 || cfg.num_q_heads % cfg.num_kv_heads)
@@ -130,19 +140,12 @@ cudaError_t Dispatch(const SawConfig& cfg, F&& f) {
   const int group = cfg.num_q_heads / cfg.num_kv_heads;
   if (group < 1 || group > 16)
     return SetError(SAW_ERR_UNSUPPORTED, "decode: GQA group %d not supported (1..16)", group);
-  if (cfg.kind != SAW_KIND_BF16 && cfg.kind != SAW_KIND_INT4)
-    return SetError(SAW_ERR_UNSUPPORTED, "decode: cache kind %d not supported (bf16, int4)",
-                    int(cfg.kind));
-  const bool int4 = cfg.kind == SAW_KIND_INT4;
   SAW_DISPATCH_DTYPE(cfg.act_dtype, T, {
     SAW_DISPATCH_HEAD_DIM(cfg.head_dim, D, {
-      if (int4) {
-        return group <= 8 ? f.template operator()<D, true, 1, T>()
-                          : f.template operator()<D, true, 2, T>();
-      } else {
-        return group <= 8 ? f.template operator()<D, false, 1, T>()
-                          : f.template operator()<D, false, 2, T>();
-      }
+      SAW_DISPATCH_KIND(cfg.kind, KIND, {
+        return group <= 8 ? f.template operator()<D, KIND, 1, T>()
+                          : f.template operator()<D, KIND, 2, T>();
+      });
     });
   });
   return cudaSuccess;
@@ -150,9 +153,9 @@ cudaError_t Dispatch(const SawConfig& cfg, F&& f) {
 
 struct GetOccupancy {
   int* out;
-  template <int D, bool kInt4, int NT, typename T>
+  template <int D, int KIND, int NT, typename T>
   cudaError_t operator()() const {
-    *out = Instance<D, kInt4, NT, T>::CtasPerSm();
+    *out = Instance<D, KIND, NT, T>::CtasPerSm();
     return cudaSuccess;
   }
 };
@@ -161,9 +164,9 @@ struct DoLaunch {
   const DecodeParams* p;
   int num_seqs;
   cudaStream_t stream;
-  template <int D, bool kInt4, int NT, typename T>
+  template <int D, int KIND, int NT, typename T>
   cudaError_t operator()() const {
-    return Instance<D, kInt4, NT, T>::Launch(*p, num_seqs, stream);
+    return Instance<D, KIND, NT, T>::Launch(*p, num_seqs, stream);
   }
 };
 
@@ -194,14 +197,12 @@ cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,
       workspace == nullptr)
     plan = {1, plan.splits * plan.chunk};  // no room for partials: one split per sequence
   const int D = cfg.head_dim;
-  const int code_bytes = cfg.kind == SAW_KIND_INT4 ? D / 2 : 2 * D;
-  const int param_bytes = cfg.kind == SAW_KIND_BF16 ? 0 : 4;
 
   DecodeParams p{};
   p.q = q;
   p.q_stride = q_stride;
   p.pool = static_cast<const uint8_t*>(pool_layer);
-  p.head_block_bytes = int64_t(P) * 2 * (code_bytes + param_bytes);
+  p.head_block_bytes = PageLayout(cfg.kind, D, P).head_block_bytes;
   p.block_tables = block_tables;
   p.max_pages = max_pages_per_seq;
   p.seq_lens = seq_lens;
@@ -216,7 +217,7 @@ cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,
   while ((1 << p.page_shift) < P) ++p.page_shift;
   p.num_splits = plan.splits;
   p.chunk = plan.chunk;
-  p.rot_block = cfg.kind == SAW_KIND_INT4 ? cfg.rotation_block : 0;
+  p.rot_block = cfg.kind == SAW_KIND_INT4 ? cfg.rotation_block : 0;  // int8 is never rotated
   p.rotate_v = cfg.rotate_v;
   p.signs = cfg.signs;
   p.q_scale = cfg.sm_scale * 1.4426950408889634f;  // log2(e): softmax runs on exp2

@@ -1,7 +1,7 @@
-"""Kernel benchmark: our paged decode (bf16 / int4 / int4-bdr caches) against PyTorch's best BF16
-path (scaled_dot_product_attention on a contiguous cache, enable_gqa=True; cuDNN and flash
-backends, the faster is the baseline), with bytes moved, effective bandwidth and the fraction of
-the device-to-device copy bandwidth measured in the same run.
+"""Kernel benchmark: our paged decode (bf16 / int8 / int4 / int4-bdr caches) against PyTorch's
+best BF16 path (scaled_dot_product_attention on a contiguous cache, enable_gqa=True; cuDNN and
+flash backends, the faster is the baseline), with bytes moved, effective bandwidth and the
+fraction of the device-to-device copy bandwidth measured in the same run.
 
 Timing: CUDA events around each launch, a 256 MB buffer written between launches so nothing sits
 in the 60 MB L2, median over `reps`. Pools hold random bytes with valid fp16 (scale, offset)
@@ -20,7 +20,9 @@ SHAPES = {  # name -> (Hq, Hkv, D)
 }
 BATCHES = (1, 8, 32, 128)
 CONTEXTS = (1024, 4096, 16384, 32768)
-POLICIES = ("bf16", "int4", "int4-bdr")
+POLICIES = ("bf16", "int4", "int4-bdr")                  # prefill benchmark (bench.prefill)
+DECODE_POLICIES = ("bf16", "int8", "int4", "int4-bdr")   # decode benchmark default (int8: the
+                                                         # plain 8-bit pages of mixed policies)
 
 
 @dataclass
@@ -107,7 +109,8 @@ def sdpa_best(torch, q4, k, v, reps, flush):
 
 
 def bench_point(torch, lib, shape: str, batch: int, ctx: int, page_size: int, reps: int,
-                flush, copy_tbps: float, gen, with_write: bool = True) -> Row:
+                flush, copy_tbps: float, gen, with_write: bool = True,
+                policies=DECODE_POLICIES) -> Row:
     from ..spec import KVPolicy, PageLayout
     from .decode_runner import DecodeCall
     hq, hkv, d = SHAPES[shape]
@@ -119,7 +122,7 @@ def bench_point(torch, lib, shape: str, batch: int, ctx: int, page_size: int, re
     num_pages = batch * pages_per
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     bt = torch.randperm(num_pages, device=dev, generator=gen).to(torch.int32).view(batch, pages_per)
-    for policy in POLICIES:
+    for policy in policies:
         layout = PageLayout(KVPolicy.parse(policy), d, hkv, page_size)
         pool = random_pool(torch, layout, num_pages, gen)
         call = DecodeCall(lib, layout, q, pool, bt, lens, ctx)
@@ -172,8 +175,12 @@ def write_step_ms(torch, lib, layout, hq, batch, pool, bt, ctx, reps, flush, gen
 
 def run(shapes=("qwen3-4b",), batches=BATCHES, contexts=CONTEXTS, page_size: int = 64,
         reps: int = 20, max_tokens: int = 128 * 32768, lib_path: str | None = None,
-        log=print) -> dict:
+        log=print, policies=DECODE_POLICIES) -> dict:
+    """Time every (shape, batch, context) point for each KV policy in `policies` (policy strings
+    as in kv-plan, e.g. "int8", "int4-bdr:h=64") and BF16 SDPA; returns the JSON-able result."""
     import torch
+    from ..spec import KVPolicy
+    policies = tuple(str(KVPolicy.parse(p)) for p in policies)
     from .decode_runner import DecodeLib
     if not torch.cuda.is_available():
         raise RuntimeError("sawtrt bench kernels needs a CUDA GPU")
@@ -191,25 +198,30 @@ def run(shapes=("qwen3-4b",), batches=BATCHES, contexts=CONTEXTS, page_size: int
                 if batch * ctx > max_tokens:
                     continue
                 row = bench_point(torch, lib, shape, batch, ctx, page_size, reps, flush,
-                                  copy_tbps, gen)
+                                  copy_tbps, gen, policies=policies)
                 rows.append(row)
                 log(format_row(row))
                 torch.cuda.empty_cache()
     return {"device": props.name, "sms": props.multi_processor_count, "library": lib.name,
             "torch": torch.__version__, "copy_tbps": copy_tbps, "page_size": page_size,
-            "reps": reps, "rows": [asdict(r) for r in rows]}
+            "reps": reps, "policies": list(policies), "rows": [asdict(r) for r in rows]}
 
 
-HEADER = (f"{'shape':9s} {'B':>4s} {'ctx':>6s} | {'bf16':>8s} {'int4':>8s} {'bdr':>8s} "
-          f"{'sdpa':>8s} ms | {'bdr TB/s':>8s} {'%copy':>6s} | {'sdpa/bdr':>8s} "
-          f"{'bdr/int4':>8s} {'write%':>7s}")
+HEADER = (f"{'shape':9s} {'B':>4s} {'ctx':>6s} | {'bf16':>8s} {'int8':>8s} {'int4':>8s} "
+          f"{'bdr':>8s} {'sdpa':>8s} ms | {'bdr TB/s':>8s} {'%copy':>6s} | {'int8 TB/s':>9s} "
+          f"{'%copy':>6s} | {'sdpa/bdr':>8s} {'bdr/int4':>8s} {'write%':>7s}")
 
 
 def format_row(r: Row) -> str:
+    """One table line; a policy that was not timed prints '-' (its ratios nan)."""
     ms = r.ms
+    nan = float("nan")
     f = lambda k: f"{ms[k]:8.4f}" if k in ms else f"{'-':>8s}"  # noqa: E731
-    ratio = ms["sdpa"] / ms["int4-bdr"] if "sdpa" in ms else float("nan")
-    wpct = 100 * r.write_ms / ms["int4-bdr"] if r.write_ms else float("nan")
-    return (f"{r.shape:9s} {r.batch:4d} {r.context:6d} | {f('bf16')} {f('int4')} {f('int4-bdr')} "
-            f"{f('sdpa')} ms | {r.tbps['int4-bdr']:8.2f} {100 * r.frac_copy['int4-bdr']:5.1f}% | "
-            f"{ratio:8.2f} {ms['int4-bdr'] / ms['int4']:8.3f} {wpct:6.2f}%")
+    ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else nan  # noqa: E731
+    tb = lambda k: r.tbps.get(k, nan)  # noqa: E731
+    pc = lambda k: 100 * r.frac_copy.get(k, nan)  # noqa: E731
+    wpct = 100 * r.write_ms / ms["int4-bdr"] if r.write_ms and "int4-bdr" in ms else nan
+    return (f"{r.shape:9s} {r.batch:4d} {r.context:6d} | {f('bf16')} {f('int8')} {f('int4')} "
+            f"{f('int4-bdr')} {f('sdpa')} ms | {tb('int4-bdr'):8.2f} {pc('int4-bdr'):5.1f}% | "
+            f"{tb('int8'):9.2f} {pc('int8'):5.1f}% | {ratio('sdpa', 'int4-bdr'):8.2f} "
+            f"{ratio('int4-bdr', 'int4'):8.3f} {wpct:6.2f}%")

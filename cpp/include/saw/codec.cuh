@@ -1,4 +1,4 @@
-// INT4 codes -> 16-bit floats in registers, without a per-element int->float conversion.
+// INT4 and INT8 codes -> 16-bit floats in registers, without a per-element int->float conversion.
 //
 // \note Nibble order (sawtrt/spec.py): byte j of a token's code row holds element 2j (low
 // nibble) and 2j+1 (high nibble), so one 32-bit word holds elements e0..e7 at bits 0,4,..,28.
@@ -44,6 +44,34 @@ __device__ __forceinline__ void Int4PairsToBf162Biased(uint32_t x, uint32_t (&h)
   h[1] = Lop3AndOr(x >> 4, 0x000F000F, kMagic);
   h[2] = Lop3AndOr(x >> 8, 0x000F000F, kMagic);
   h[3] = Lop3AndOr(x >> 12, 0x000F000F, kMagic);
+}
+
+// INT8 codes (one uint8 per element, element d at byte d; sawtrt/spec.py).
+//
+// K: one word of 4 codes -> two fp16x2 with the bias left in, h0 = 1024 + (e0, e1),
+// h1 = 1024 + (e2, e3): fp16 has 10 mantissa bits, so 0x6400 | n is exactly 1024 + n for
+// n < 1024, and one byte permute per pair builds it (the bias is removed once per head, as for
+// INT4).
+__device__ __forceinline__ void Int8x4ToHalf2Biased(uint32_t w, uint32_t& h0, uint32_t& h1) {
+  constexpr uint32_t kMagic = 0x64646464;
+  h0 = __byte_perm(w, kMagic, 0x4140);
+  h1 = __byte_perm(w, kMagic, 0x4342);
+}
+
+// V: bf16 has 7 mantissa bits, so 0..255 has no single magic-exponent form; a code is split into
+// nibbles, code = lo + 16 hi, and each nibble becomes one exact bf16: 128 + lo (exponent of 128,
+// lo at mantissa bits 0..3) and 256 + 16 hi (exponent of 256, whose mantissa step is 2: hi at
+// bits 3..6). The low 16 bits of `x` hold bytes e, e+1 of one token, the high 16 bits the same
+// bytes of another (built with __byte_perm from two tokens' words). Out, as (token a, token b)
+// pairs: h[0] = 128 + lo(e), h[1] = 256 + 16 hi(e), h[2] = 128 + lo(e+1), h[3] = 256 + 16 hi(e+1).
+// The two MMAs over (h[0], h[2]) and (h[1], h[3]) sum to 384 + code per element; the kernel
+// removes the bias once per head (same instruction count per word as Int4PairsToBf162Biased).
+__device__ __forceinline__ void Int8PairsToBf162Split(uint32_t x, uint32_t (&h)[4]) {
+  constexpr uint32_t kMagicLo = 0x43004300, kMagicHi = 0x43804380;
+  h[0] = Lop3AndOr(x, 0x000F000F, kMagicLo);
+  h[1] = Lop3AndOr(x >> 1, 0x00780078, kMagicHi);
+  h[2] = Lop3AndOr(x >> 8, 0x000F000F, kMagicLo);
+  h[3] = Lop3AndOr(x >> 9, 0x00780078, kMagicHi);
 }
 
 // The two bf16 halves of a packed pair as floats (exact).

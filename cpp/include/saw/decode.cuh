@@ -1,9 +1,9 @@
-// Paged decode attention over the SAW-INT4 (or BF16) cache: traits and kernel bodies.
+// Paged decode attention over the SAW-INT4 (or INT8, or BF16) cache: traits and kernel bodies.
 //
 // One CTA = (split of the context, KV head, sequence); its 4 warps each stream their own
 // 16-token tiles of the split (tile i goes to warp i % 4) through a private cp.async ring of
 // shared-memory stages, and all query heads of the KV group ride on one load of each tile.
-// Page ids come lane-parallel, a 32-tile window ahead (INT4), so no tile's copies wait on a
+// Page ids come lane-parallel, a 32-tile window ahead (INT4, INT8), so no tile's copies wait on a
 // block-table load (docs/performance.md, decode v2: that wait was the one memory-side stall).
 //
 // Per 16-token tile a warp runs two tensor-core products (mma.sync m16n8k16, fp32 accumulate):
@@ -15,6 +15,10 @@
 // so a group of 4 wastes half of N but no load. P^T moves from the S^T accumulator layout to the
 // B-operand layout with one movmatrix.trans per 8x8 block (no shared-memory round trip). P' is
 // bf16 (not fp16) because p*s can be far below fp16's normal range.
+//
+// INT8 (never rotated) runs the INT4 algorithm with 8-bit codes: K codes enter the fp16 MMA as
+// 1024 + n (one byte permute per pair), V codes as two bf16 MMAs over the nibbles (128 + lo and
+// 256 + 16 hi: bf16 has no exact single-register form of 0..255), see codec.cuh.
 //
 // Query: q' = FWHT_h(q * signs) / sqrt(h) * sm_scale * log2(e) in shared memory (fp32), then
 // rounded to fp16 for the INT4 cache; for a BF16 cache q enters as bf16 hi + lo and the scale
@@ -31,6 +35,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#include "saw/c_api.h"
 #include "saw/codec.cuh"
 #include "saw/softmax_state.cuh"
 #include "saw/vec.cuh"
@@ -65,19 +70,24 @@ constexpr int kDecodeMaxSplits = 128;
 #define SAW_DECODE_MIN_BLOCKS 4
 #endif
 
-template <int D_, bool kInt4_, int NT_>
-struct DecodeTraits {
+// Tile constants of one instantiation. KIND_: SAW_KIND_BF16 / INT8 / INT4 (c_api.h).
+template <int D_, int KIND_, int NT_>
+struct DecodeTraitsT {
   static constexpr int D = D_;
-  static constexpr bool kInt4 = kInt4_;
+  static constexpr int kKind = KIND_;
+  static constexpr bool kInt4 = KIND_ == SAW_KIND_INT4;
+  static constexpr bool kInt8 = KIND_ == SAW_KIND_INT8;
+  static constexpr bool kQuant = kInt4 || kInt8;  // codes + (scale, offset) per token
   static constexpr int NT = NT_;  // n-tiles of 8 query heads
   static_assert(D == 64 || D == 128 || D == 256, "head_dim");
   static_assert(NT == 1 || NT == 2, "group <= 16");
+  static_assert(KIND_ == SAW_KIND_BF16 || kQuant, "cache kind");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kTile = 16;  // tokens per warp step = MMA M
   static constexpr int kHeads = 8 * NT;
-  static constexpr int kCodeBytes = kInt4 ? D / 2 : 2 * D;  // per token
-  static constexpr int kParamBytes = kInt4 ? 4 : 0;
+  static constexpr int kCodeBytes = kInt4 ? D / 2 : (kInt8 ? D : 2 * D);  // per token
+  static constexpr int kParamBytes = kQuant ? 4 : 0;
   static constexpr int kRowChunks = kCodeBytes / 16;       // 16-byte chunks per token row
   // stage = one warp's 16-token tile: [K codes | K params | V codes | V params]
   static constexpr int kKc = 0;
@@ -86,30 +96,53 @@ struct DecodeTraits {
   static constexpr int kVp = kVc + kTile * kCodeBytes;
   static constexpr int kStageBytes = kVp + kTile * kParamBytes;
   // ~12 KB in flight per warp (48 KB per CTA); Little's law at 4.2 TB/s and ~1.5 us loaded
-  // latency wants ~50 KB per SM.
+  // latency wants ~50 KB per SM. INT8 at D <= 128 keeps at least 3 stages (its 4.2 KB tile at
+  // D = 128 would get 2, i.e. one tile in flight behind the one being computed; an untimed
+  // choice: INT4's 2.2 KB tile runs 5).
   static constexpr int kStagesRaw = SAW_DECODE_INFLIGHT_BYTES / kStageBytes;
-  static constexpr int kStages = kStagesRaw < 2 ? 2 : (kStagesRaw > 8 ? 8 : kStagesRaw);
+  static constexpr int kStagesMin = kInt8 && D <= 128 ? 3 : 2;
+  static constexpr int kStages = kStagesRaw < kStagesMin ? kStagesMin
+                                                         : (kStagesRaw > 8 ? 8 : kStagesRaw);
   static constexpr int kPipeBytes = kWarps * kStages * kStageBytes;
   static constexpr int kMergeBytes = kWarps * kHeads * (D + 2) * 4;
   static constexpr int kQBytes = kHeads * D * 4;
   static constexpr int kSmemBytes = (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes) + kQBytes;
   static constexpr int kKPairs = D / 32;                   // pairs of 16-wide k-tiles in Q.K
-  static constexpr int kKWords = kInt4 ? D / 32 : D / 8;   // K words per thread per token row
+  // K words per thread per token row (INT8: two words per k-tile pair)
+  static constexpr int kKWords = kInt4 ? D / 32 : (kInt8 ? D / 16 : D / 8);
   static constexpr int kMT = D / 16;                       // 16-dim m-tiles of O^T
-  static constexpr int kVWords = kInt4 ? D / 64 : D / 16;  // V words per thread per token row
+  // V words per thread per token row (D / 8 dims each)
+  static constexpr int kVWords = kInt4 ? D / 64 : (kInt8 ? D / 32 : D / 16);
   static constexpr int kMinBlocks = D * NT <= 128 ? SAW_DECODE_MIN_BLOCKS : (D * NT <= 256 ? 3 : 2);
 };
 
+// The BF16 / INT4 instantiations keep their historical names (profiling scripts match on them).
+template <int D_, bool kInt4_, int NT_>
+struct DecodeTraits : DecodeTraitsT<D_, kInt4_ ? SAW_KIND_INT4 : SAW_KIND_BF16, NT_> {};
+template <int D_, int NT_>
+struct DecodeTraitsInt8 : DecodeTraitsT<D_, SAW_KIND_INT8, NT_> {};
+
 // Shared-memory chunk swizzles (16-byte granularity, a bijection inside a row), chosen so the
 // fragment reads below are bank-conflict free where rows are a multiple of 128 bytes.
+//   INT8 K: thread c reads chunks c + 4u of rows r, r + 8 (D = 64: one 64-byte row, no swizzle);
+//   INT8 V: thread r reads logical chunk r (D = 128), chunks 2r, 2r + 1 (D = 256) or half of
+//   chunk r / 2 (D = 64, 2-way conflicts: 16 threads read 128 bytes of 64-byte rows that all
+//   start at the same bank) of rows 2c, 2c + 1, 2c + 8, 2c + 9.
 template <class TR>
 __device__ __forceinline__ int SwzK(int row, int col) {
-  if constexpr (!TR::kInt4 || TR::D == 256) return col ^ ((row & 1) << 2);
+  if constexpr (TR::kInt8) {
+    if constexpr (TR::D == 64) return col;
+    else return col ^ ((row & 1) << 2);
+  } else if constexpr (!TR::kInt4 || TR::D == 256) return col ^ ((row & 1) << 2);
   else return col;
 }
 template <class TR>
 __device__ __forceinline__ int SwzV(int row, int col) {
-  if constexpr (!TR::kInt4) return col ^ (((row >> 1) & 1) | (((row >> 2) & 1) << 2));
+  if constexpr (TR::kInt8) {
+    if constexpr (TR::D == 64) return col ^ (((row >> 1) & 1) << 1);
+    else if constexpr (TR::D == 128) return col ^ (((row >> 1) & 3) << 1);
+    else return col ^ (((row >> 1) & 1) | (((row >> 2) & 1) << 2));
+  } else if constexpr (!TR::kInt4) return col ^ (((row >> 1) & 1) | (((row >> 2) & 1) << 2));
   else if constexpr (TR::D == 256) return col ^ (((row >> 1) & 3) << 1);
   else return col;
 }
@@ -165,9 +198,11 @@ __device__ __forceinline__ float RawToFloat<__nv_bfloat16>(uint16_t x) {
 }
 
 // Physical head dimension of the first element of a thread's K word group `u` (lane % 4 = c).
+// INT8: the 8 bytes of pair u (two words of the row load): half u & 1 of chunk c + 4 (u >> 1).
 template <class TR>
 __device__ __forceinline__ int KWordBase(int c, int u) {
-  if constexpr (!TR::kInt4) return 8 * (c + 4 * u);              // bf16: one 16-byte chunk
+  if constexpr (TR::kInt8) return 16 * (c + 4 * (u >> 1)) + 8 * (u & 1);
+  else if constexpr (!TR::kInt4) return 8 * (c + 4 * u);              // bf16: one 16-byte chunk
   else if constexpr (TR::D <= 128) return c * (TR::D / 4) + 8 * u;  // int4: one 32-bit word
   else return 32 * (c + 4 * (u >> 2)) + 8 * (u & 3);
 }
@@ -207,9 +242,9 @@ DecodeKernel(const DecodeParams p) {
   // lane-parallel one 32-tile window ahead (`pg_nxt`) and read with one shuffle per tile. (The
   // first version loaded each tile's block-table entry right before its copies: one dependent
   // global round trip per tile, 0.26 long-scoreboard stall cycles per issued instruction.)
-  // INT4 only: the BF16 path runs at the copy bandwidth already, and its D = 128 kernel, at its
-  // 128-register cap, spills with the extra registers.
-  constexpr bool kWindow = TR::kInt4;
+  // INT4 and INT8 only: the BF16 path runs at the copy bandwidth already, and its D = 128 kernel,
+  // at its 128-register cap, spills with the extra registers.
+  constexpr bool kWindow = TR::kQuant;
   const int t_warp0 = t_begin + TR::kTile * warp;
   auto load_pages = [&](int j0) -> int {
     const int j = j0 + lane;
@@ -293,7 +328,7 @@ DecodeKernel(const DecodeParams p) {
   };
 
   SoftmaxState st[NT][2];
-  float pm[NT][2];  // sum_t p_t m_t - 128 sum_t p'_t (INT4 V offsets and code bias), own tokens
+  float pm[NT][2];  // sum_t p_t m_t - bias sum_t p'_t (INT4/INT8 V offsets, code bias), own tokens
   float o[NT][TR::kMT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -349,9 +384,9 @@ DecodeKernel(const DecodeParams p) {
   // to the fp32 scores afterwards. Folding sm_scale * log2(e) into q and rounding it to bf16
   // moved scores by 2^-9 of their size: with K outlier channels 20-100x (logits of tens of
   // log2 units) that was up to 16 u of the output's row max (tests/test_kernels_gpu.py, H200).
-  uint32_t qflo[TR::kInt4 ? 1 : NT][TR::kInt4 ? 1 : TR::kKPairs][4];
-  // INT4: sum of the effective q' (offset term m * sum q) and the code bias 1024 * sum of the
-  // stored fp16 q' (codes enter the MMA as 1024 + n or 1024 + 16 n), for heads 2c, 2c+1
+  uint32_t qflo[TR::kQuant ? 1 : NT][TR::kQuant ? 1 : TR::kKPairs][4];
+  // INT4/INT8: sum of the effective q' (offset term m * sum q) and the code bias 1024 * sum of
+  // the stored fp16 q' (codes enter the MMA as 1024 + n, or 1024 + 16 n), for heads 2c, 2c+1
   float qsum[NT][2], qbias[NT][2];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -362,10 +397,16 @@ DecodeKernel(const DecodeParams p) {
       const int base = KWordBase<TR>(c, u);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        // int4: (e_i, e_{i+4}) of the word; bf16: (d_2i, d_2i+1) of the chunk
+        // int4: (e_i, e_{i+4}) of the word; bf16: (d_2i, d_2i+1) of the chunk; int8: bytes
+        // (2i, 2i+1) of the pair's 8 bytes
         const int d0 = TR::kInt4 ? base + i : base + 2 * i;
         const int d1 = TR::kInt4 ? base + i + 4 : base + 2 * i + 1;
-        if constexpr (TR::kInt4) {
+        if constexpr (TR::kInt8) {  // every slot faces 1024 + n (Int8x4ToHalf2Biased)
+          qf[nt][u][i] = PackFloat2<__half>(qh[d0] * qscale, qh[d1] * qscale);
+          const float2 f = Half2ToFloat2(qf[nt][u][i]);
+          part += f.x + f.y;
+          bias += f.x + f.y;
+        } else if constexpr (TR::kInt4) {
           // slots 1, 3 face 1024 + 16 n (Int4x8ToHalf2Biased): q' / 16 there (exact scaling)
           const float f16 = (i & 1) ? 0.0625f : 1.f;
           qf[nt][u][i] = PackFloat2<__half>(qh[d0] * qscale * f16, qh[d1] * qscale * f16);
@@ -407,40 +448,66 @@ DecodeKernel(const DecodeParams p) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) sacc[nt][i] = sacc2[nt][i] = 0.f;
     {
-      uint32_t kw0[TR::kKWords], kw1[TR::kKWords];
-      if constexpr (TR::kInt4 && D <= 128) {
-        LdsWords(stg + TR::kKc + r * TR::kCodeBytes + c * (D / 8), kw0);
-        LdsWords(stg + TR::kKc + (r + 8) * TR::kCodeBytes + c * (D / 8), kw1);
-      } else {
+      if constexpr (TR::kInt8) {
+        // one 16-byte chunk (c + 4t) of rows r, r + 8 per two k-tile pairs, loaded where it is
+        // used (all D bytes up front cost 88 bytes of spills at D = 256, group > 8)
 #pragma unroll
-        for (int u = 0; u < TR::kKWords / 4; ++u) {
-          const uint4 a = Lds128(stg + TR::kKc + r * TR::kCodeBytes + SwzK<TR>(r, c + 4 * u) * 16);
+        for (int t = 0; t < TR::kKWords / 4; ++t) {
+          const uint4 a = Lds128(stg + TR::kKc + r * TR::kCodeBytes + SwzK<TR>(r, c + 4 * t) * 16);
           const uint4 e = Lds128(stg + TR::kKc + (r + 8) * TR::kCodeBytes +
-                                 SwzK<TR>(r + 8, c + 4 * u) * 16);
-          kw0[4 * u] = a.x; kw0[4 * u + 1] = a.y; kw0[4 * u + 2] = a.z; kw0[4 * u + 3] = a.w;
-          kw1[4 * u] = e.x; kw1[4 * u + 1] = e.y; kw1[4 * u + 2] = e.z; kw1[4 * u + 3] = e.w;
-        }
-      }
+                                 SwzK<TR>(r + 8, c + 4 * t) * 16);
 #pragma unroll
-      for (int u = 0; u < TR::kKPairs; ++u) {
-        uint32_t a0[4], a1[4];
-        if constexpr (TR::kInt4) {
-          Int4x8ToHalf2Biased(kw0[u], a0);
-          Int4x8ToHalf2Biased(kw1[u], a1);
+          for (int h = 0; h < 2; ++h) {
+            const int u = 2 * t + h;  // a[i] = bytes (2i, 2i+1) of the pair's 8 bytes
+            uint32_t a0[4], a1[4];
+            Int8x4ToHalf2Biased(h ? a.z : a.x, a0[0], a0[1]);
+            Int8x4ToHalf2Biased(h ? a.w : a.y, a0[2], a0[3]);
+            Int8x4ToHalf2Biased(h ? e.z : e.x, a1[0], a1[1]);
+            Int8x4ToHalf2Biased(h ? e.w : e.y, a1[2], a1[3]);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              MmaF16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qf[nt][u][0], qf[nt][u][1]);
+              MmaF16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qf[nt][u][2], qf[nt][u][3]);
+            }
+          }
+        }
+      } else {
+        uint32_t kw0[TR::kKWords], kw1[TR::kKWords];
+        if constexpr (TR::kInt4 && D <= 128) {
+          LdsWords(stg + TR::kKc + r * TR::kCodeBytes + c * (D / 8), kw0);
+          LdsWords(stg + TR::kKc + (r + 8) * TR::kCodeBytes + c * (D / 8), kw1);
         } else {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) { a0[i] = kw0[4 * u + i]; a1[i] = kw1[4 * u + i]; }
+          for (int u = 0; u < TR::kKWords / 4; ++u) {
+            const uint4 a =
+                Lds128(stg + TR::kKc + r * TR::kCodeBytes + SwzK<TR>(r, c + 4 * u) * 16);
+            const uint4 e = Lds128(stg + TR::kKc + (r + 8) * TR::kCodeBytes +
+                                   SwzK<TR>(r + 8, c + 4 * u) * 16);
+            kw0[4 * u] = a.x; kw0[4 * u + 1] = a.y; kw0[4 * u + 2] = a.z; kw0[4 * u + 3] = a.w;
+            kw1[4 * u] = e.x; kw1[4 * u + 1] = e.y; kw1[4 * u + 2] = e.z; kw1[4 * u + 3] = e.w;
+          }
         }
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
+        for (int u = 0; u < TR::kKPairs; ++u) {
+          uint32_t a0[4], a1[4];
           if constexpr (TR::kInt4) {
-            MmaF16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qf[nt][u][0], qf[nt][u][1]);
-            MmaF16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qf[nt][u][2], qf[nt][u][3]);
+            Int4x8ToHalf2Biased(kw0[u], a0);
+            Int4x8ToHalf2Biased(kw1[u], a1);
           } else {
-            MmaBf16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qf[nt][u][0], qf[nt][u][1]);
-            MmaBf16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qf[nt][u][2], qf[nt][u][3]);
-            MmaBf16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qflo[nt][u][0], qflo[nt][u][1]);
-            MmaBf16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qflo[nt][u][2], qflo[nt][u][3]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { a0[i] = kw0[4 * u + i]; a1[i] = kw1[4 * u + i]; }
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if constexpr (TR::kQuant) {
+              MmaF16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qf[nt][u][0], qf[nt][u][1]);
+              MmaF16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qf[nt][u][2], qf[nt][u][3]);
+            } else {
+              MmaBf16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qf[nt][u][0], qf[nt][u][1]);
+              MmaBf16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qf[nt][u][2], qf[nt][u][3]);
+              MmaBf16(sacc[nt], a0[0], a1[0], a0[1], a1[1], qflo[nt][u][0], qflo[nt][u][1]);
+              MmaBf16(sacc2[nt], a0[2], a1[2], a0[3], a1[3], qflo[nt][u][2], qflo[nt][u][3]);
+            }
           }
         }
       }
@@ -448,12 +515,17 @@ DecodeKernel(const DecodeParams p) {
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          sacc[nt][i] = TR::kInt4 ? sacc[nt][i] + sacc2[nt][i] : (sacc[nt][i] + sacc2[nt][i]) * qscale;
+          sacc[nt][i] = TR::kQuant ? sacc[nt][i] + sacc2[nt][i]
+                                   : (sacc[nt][i] + sacc2[nt][i]) * qscale;
     }
 
     // ---- scores, online softmax, P' = p * s_v ----
     float vs0 = 1.f, vm0 = 0.f, vs1 = 1.f, vm1 = 0.f;
-    if constexpr (TR::kInt4) {
+    // V codes are centred on kVCentre (INT4 8, INT8 128); kVBias = kVCentre + the bias the
+    // codes carry into the V MMA (INT4 128 + n; INT8 (128 + lo) + (256 + 16 hi) = 384 + n)
+    constexpr float kVCentre = TR::kInt8 ? 128.f : 8.f;
+    constexpr float kVBias = TR::kInt8 ? 512.f : 136.f;
+    if constexpr (TR::kQuant) {
       const float2 k0 = Half2ToFloat2(Lds32(stg + TR::kKp + r * 4));
       const float2 k1 = Half2ToFloat2(Lds32(stg + TR::kKp + (r + 8) * 4));
       const float2 v0 = Half2ToFloat2(Lds32(stg + TR::kVp + r * 4));
@@ -462,8 +534,8 @@ DecodeKernel(const DecodeParams p) {
       // P' then multiplies a zero-mean (code - 8) instead of a positive code, so it is no
       // common-mode vector — which an inverse rotation of V would fold into one channel per
       // block, sqrt(h) times larger (16 u of the row max at h = 256 before this, H200 tests).
-      vs0 = valid0 ? v0.x : 0.f; vm0 = valid0 ? fmaf(8.f, v0.x, v0.y) : 0.f;
-      vs1 = valid1 ? v1.x : 0.f; vm1 = valid1 ? fmaf(8.f, v1.x, v1.y) : 0.f;
+      vs0 = valid0 ? v0.x : 0.f; vm0 = valid0 ? fmaf(kVCentre, v0.x, v0.y) : 0.f;
+      vs1 = valid1 ? v1.x : 0.f; vm1 = valid1 ? fmaf(kVCentre, v1.x, v1.y) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -523,9 +595,10 @@ DecodeKernel(const DecodeParams p) {
       }
       const uint32_t P0 = PackFloat2<__nv_bfloat16>(pp[0], pp[1]);  // token r; heads 2c, 2c+1
       const uint32_t P1 = PackFloat2<__nv_bfloat16>(pp[2], pp[3]);  // token r+8
-      if constexpr (TR::kInt4) {  // V codes enter as 128 + n: remove (128 + 8) * sum of rounded p'
-        pm[nt][0] -= 136.f * (Bf16Lo(P0) + Bf16Lo(P1));
-        pm[nt][1] -= 136.f * (Bf16Hi(P0) + Bf16Hi(P1));
+      if constexpr (TR::kQuant) {  // INT4 V codes enter as 128 + n: remove (128 + 8) * sum of
+        // rounded p' (INT8: (384 + 128) * sum)
+        pm[nt][0] -= kVBias * (Bf16Lo(P0) + Bf16Lo(P1));
+        pm[nt][1] -= kVBias * (Bf16Hi(P0) + Bf16Hi(P1));
       }
       pb0[nt] = MovTrans(P0);  // tokens 2c,2c+1; head r
       pb1[nt] = MovTrans(P1);  // tokens 2c+8,2c+9
@@ -540,6 +613,9 @@ DecodeKernel(const DecodeParams p) {
         const uint32_t rb = stg + TR::kVc + row * TR::kCodeBytes;
         if constexpr (TR::kInt4 && D <= 128) {
           LdsWords(rb + r * (D / 16), w[k]);
+        } else if constexpr (TR::kInt8 && D == 64) {  // 8 bytes: half r & 1 of chunk r / 2
+          const uint2 a = Lds64(rb + SwzV<TR>(row, r >> 1) * 16 + (r & 1) * 8);
+          w[k][0] = a.x; w[k][1] = a.y;
         } else {
 #pragma unroll
           for (int u = 0; u < TR::kVWords / 4; ++u) {
@@ -551,7 +627,22 @@ DecodeKernel(const DecodeParams p) {
       }
 #pragma unroll
       for (int jw = 0; jw < TR::kVWords; ++jw) {
-        if constexpr (TR::kInt4) {
+        if constexpr (TR::kInt8) {
+#pragma unroll
+          for (int qq = 0; qq < 2; ++qq) {  // bytes (0, 1), then (2, 3) of the word
+            const uint32_t sel = qq ? 0x7632 : 0x5410;
+            uint32_t lo[4], hi[4];
+            Int8PairsToBf162Split(__byte_perm(w[0][jw], w[1][jw], sel), lo);  // tokens 2c, 2c+1
+            Int8PairsToBf162Split(__byte_perm(w[2][jw], w[3][jw], sel), hi);  // tokens 2c+8, 2c+9
+            // m-tile rows r, r + 8 = bytes 2 qq, 2 qq + 1: dims r D/8 + 2 mt (+1), as INT4/BF16
+            const int mt = 2 * jw + qq;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              MmaBf16(o[nt][mt], lo[0], lo[2], hi[0], hi[2], pb0[nt], pb1[nt]);  // 128 + lo
+              MmaBf16(o[nt][mt], lo[1], lo[3], hi[1], hi[3], pb0[nt], pb1[nt]);  // 256 + 16 hi
+            }
+          }
+        } else if constexpr (TR::kInt4) {
 #pragma unroll
           for (int half = 0; half < 2; ++half) {  // nibbles 0..3, then 4..7 of the word
             const uint32_t sel = half ? 0x7632 : 0x5410;
