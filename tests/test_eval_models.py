@@ -62,7 +62,9 @@ def _runtime_ppl(rt, policy, ws):
     return math.exp(nll / n)
 
 
-@pytest.mark.parametrize("policy", ["int4-bdr:h=32,kv,seed=1", "int4-bdr:h=32,kv,seed=1,int8=1"])
+# int8=0: per-layer pages in both paths. The int8 layer goes first: on a later layer the 1e-7
+# differences of the int4 layers before it flip an int8 code now and then (1e-4 relative)
+@pytest.mark.parametrize("policy", ["int4-bdr:h=32,kv,seed=1", "int4-bdr:h=32,kv,seed=1,int8=0"])
 def test_paged_hook_equals_fake_quant_before_rounding_diverges(smol, policy):
     """Layer by layer, the transformers model attending over sawtrt's paged cache gives the
     attention output that fake quantization gives, to fp32 rounding (checked in the first

@@ -146,13 +146,10 @@ class CausalLM(torch.nn.Module):
         # one uniform layout per layer: a policy with per-layer page formats (int8=...) gives its
         # named layers plain int8/bf16 pages, no rotation and no K transform
         self.layer_layouts = layout.layers(spec.num_layers)
-        # the fused write+attend kernel where the library serves the layer's device/dtype/layout.
-        # Its decode path serves bf16 and int4 caches only (int8: SawKernelError 10001 on the
-        # H200, 2026-11-29); int8 goes through write_kv + paged_attention, whose decode falls
-        # back to the prefill kernel.
-        self.layer_fused = [lay.policy.kind != "int8"
-                            and ops.kernel_config(lay, spec.num_heads, dtype, self.device)
-                            is not None for lay in self.layer_layouts]
+        # the fused write+attend kernel where the library serves the layer's device/dtype/layout
+        # (bf16, int8, int4 pages; decode and prefill)
+        self.layer_fused = [ops.kernel_config(lay, spec.num_heads, dtype, self.device) is not None
+                            for lay in self.layer_layouts]
         self.fused = any(self.layer_fused)
         if layout.policy.transforms_k and kv_transform is None:
             raise ValueError(f"KV policy {layout.policy} needs its K transform (kv_transform.py)")
