@@ -149,18 +149,8 @@ def run_case(policy, dtype, prefix, new, dev, launch):
     assert_within(got, ops_out.float().cpu(), eps, k_max=1, k_fro=0.25)
 
 
-def _gpu_cases():
-    from sawtrt.kernels.library import SawKernelError
-    # Measured on the H200 with the library of commit 5c522b0: decode-only steps of an int8 cache
-    # return SAW_ERR_UNSUPPORTED ("decode: cache kind 1 not supported (bf16, int4)"), which
-    # enqueue raises as SawKernelError. Not strict: passes once the library gains int8 decode.
-    unsupported = pytest.mark.xfail(raises=SawKernelError, strict=False,
-                                    reason="kernel library: no int8 decode instantiation")
-    return [pytest.param(*c, marks=unsupported) if c[0] == "int8" else c for c in CASES]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy, dtype, prefix, new", _gpu_cases())
+@pytest.mark.parametrize("policy, dtype, prefix, new", CASES)
 def test_enqueue_matches_reference_and_ops(policy, dtype, prefix, new):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
