@@ -118,18 +118,23 @@ def test_write_kv_bit_exact(d, policy_i, dtype):
 
 
 # -------------------------------------------------------------------------------- attention
-def build_batch(layout, seq_lens, q_lens, hq, dt, gen, prefill_cache=True):
-    """Pool with every sequence's cache written (reference write), random page order."""
-    page, hkv, d = layout.page_size, layout.num_kv_heads, layout.head_dim
+def scattered_tables(seq_lens, page, gen, spare):
+    """(block tables in random page order, padded with BAD_PAGE; pool size incl. `spare` pages)."""
     npages = [(n + page - 1) // page for n in seq_lens]
-    total = sum(npages) + 2
+    total = sum(npages) + spare
     perm = torch.randperm(total, generator=gen).tolist()
-    max_pages = max(npages) + 1
-    tables = torch.full((len(seq_lens), max_pages), BAD_PAGE, dtype=torch.int32)
+    tables = torch.full((len(seq_lens), max(npages) + 1), BAD_PAGE, dtype=torch.int32)
     at = 0
     for b, n in enumerate(npages):
         tables[b, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
         at += n
+    return tables, total
+
+
+def build_batch(layout, seq_lens, q_lens, hq, dt, gen, prefill_cache=True):
+    """Pool with every sequence's cache written (reference write), random page order."""
+    page, hkv, d = layout.page_size, layout.num_kv_heads, layout.head_dim
+    tables, total = scattered_tables(seq_lens, page, gen, spare=2)
     pool = kv_cache.new_pool(layout, 1, total, DEV, poison=0x5A)[0]
     for b, n in enumerate(seq_lens):
         if not prefill_cache:
@@ -281,14 +286,7 @@ def test_int8_decode_kernel(case, dtype):
     hq = hkv * group
     layout = PageLayout(KVPolicy.parse("int8"), d, hkv, page)
     gen = _gen(7000 + 31 * case + len(dtype))
-    npages = [(n + page - 1) // page for n in seq_lens]
-    total = sum(npages) + 3
-    perm = torch.randperm(total, generator=gen).tolist()
-    tables = torch.full((len(seq_lens), max(npages) + 1), BAD_PAGE, dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(npages):
-        tables[b, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
-        at += n
+    tables, total = scattered_tables(seq_lens, page, gen, spare=3)
     pool = kv_cache.new_pool(layout, 1, total, DEV, poison=0x5A)[0]
     for b, n in enumerate(seq_lens):
         pos = torch.arange(n)
