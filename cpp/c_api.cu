@@ -136,6 +136,11 @@ int saw_page_layout(const SawConfig* cfg, SawPageLayout* out) {
   return 0;
 }
 
+int saw_decode_supported(const SawConfig* cfg) {
+  if (CheckConfig(cfg)) return 0;
+  return saw::DecodeSupported(*cfg) ? 1 : 0;
+}
+
 const char* saw_error_string(int code) {
   switch (code) {
     case 0: return "success";

@@ -265,7 +265,7 @@ class KVPolicy:
             lp = d["layer_pages"]
             if not isinstance(lp, dict):
                 raise PolicyError("layer_pages must be a mapping {kind: [layers]}")
-            d["layer_pages"] = tuple((k, tuple(v)) for k, v in lp.items())
+            d["layer_pages"] = tuple(lp.items())        # validated by _normalise_layer_pages
         return cls(**d)
 
 

@@ -315,6 +315,20 @@ def test_int8_decode_kernel(case, dtype):
                 unit=torch.bfloat16)
 
 
+def test_decode_supported_reports_the_instantiations():
+    """saw_decode_supported: yes for every kind at the served shapes, no where saw_decode
+    answers SAW_ERR_UNSUPPORTED (GQA group 17; page size 8)."""
+    for kind in ("bf16", "int8", "int4", "int4-bdr"):
+        for d, group in ((64, 4), (128, 4), (128, 12), (256, 8)):
+            cfg = library.make_config(PageLayout(KVPolicy.parse(kind), d, 2), 2 * group,
+                                      torch.bfloat16)
+            assert library.decode_supported(cfg), (kind, d, group)
+    cfg = library.make_config(PageLayout(KVPolicy("int8"), 128, 1), 17, torch.float16)
+    assert not library.decode_supported(cfg)
+    cfg = library.make_config(PageLayout(KVPolicy("int8"), 128, 2, page_size=8), 8, torch.float16)
+    assert not library.decode_supported(cfg)
+
+
 def test_int8_decode_is_the_decode_kernel():
     """ops.paged_attention (decode form) on an int8 cache runs saw_decode: its output equals
     the direct C ABI call bit for bit; the prefill fallback's rounding would differ. Also

@@ -39,3 +39,19 @@ def test_attention_step_cpu_fallback_matches_reference():
     ref = reference.paged_attention(qkv[:, :hq * d].reshape(n, hq, d), ref_pool, layout, tables,
                                     lens, torch.tensor(q_lens), 0.125)
     torch.testing.assert_close(out, ref.reshape(n, hq * d), rtol=0, atol=0)
+
+
+def test_libraries_without_the_decode_probe_get_no_int8_fused_step():
+    """A library built before int8 decode has no saw_decode_supported and returned
+    SAW_ERR_UNSUPPORTED for int8 decode: the runtime must then keep int8 layers off the fused
+    step (it has no fallback) and take write_kv + paged_attention instead."""
+    from types import SimpleNamespace
+
+    from sawtrt.kernels import library
+    old = SimpleNamespace()                                   # no saw_decode_supported
+    for kind, served in (("int8", False), ("int4-bdr", True), ("bf16", True)):
+        cfg = library.make_config(PageLayout(KVPolicy.parse(kind), 128, 8), 32, torch.bfloat16)
+        assert library.decode_supported(cfg, old) is served
+    probe = SimpleNamespace(saw_decode_supported=lambda cfg: 1)
+    cfg = library.make_config(PageLayout(KVPolicy("int8"), 128, 8), 32, torch.bfloat16)
+    assert library.decode_supported(cfg, probe) is True

@@ -305,3 +305,30 @@ def test_incremental_detokenization_equals_full_decode(engine, text):
         deltas.append(out.new_text)
     assert "".join(deltas) == engine.tokenizer.decode(ids) == text
     assert sum(1 for d in deltas if d) == len(text)       # one delta per completed character
+
+
+def test_per_layer_pages_engine_budget_pools_and_bad_layers(tmp_path, tiny_dir):
+    """int8 pages for one layer: the KV budget counts every layer's width, the pools are one
+    tensor per layer of that width, a request runs; layers the model lacks are refused before
+    any weight is loaded (override) or when the config is read (edited config)."""
+    from sawtrt.engine.config import EngineConfigError
+    from sawtrt.spec import PolicyError
+    spec = tiny_spec("qwen3")
+    d = build_tiny(tmp_path, spec, kv_cache="int4-bdr:int8=1", max_seq_len=64, max_batch=8)
+    budget = 40_000
+    eng = LLMEngine.from_engine_dir(d, device="cpu", kv_memory_bytes=budget)
+    lay = eng.config.layout
+    assert eng.block_manager.num_pages == budget // lay.pool_page_bytes(spec.num_layers)
+    assert [t.shape[-1] for t in eng.kv_pool] == [
+        lay.for_layer(i).head_block_bytes for i in range(spec.num_layers)]
+    assert eng.kv_pool[1].shape[-1] > eng.kv_pool[0].shape[-1]          # layer 1 is int8
+    eng.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert sum(len(o.new_token_ids) for o in drain(eng)["a"]) == 3
+    with pytest.raises(PolicyError, match="the model has"):
+        LLMEngine.from_engine_dir(tiny_dir, device="cpu",
+                                  kv_policy=f"int4-bdr:int8={spec.num_layers}")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["kv_policy"]["layer_pages"] = cfg["page_layout"]["policy"]["layer_pages"] = {"int8": [9]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EngineConfigError, match=r"layer\(s\) \[9\]"):
+        LLMEngine.from_engine_dir(d, device="cpu")

@@ -43,6 +43,7 @@ class _ReferenceOps:
     paged_attention = staticmethod(lambda *a, max_q_len=None, max_seq_len=None, **k:
                                    _ReferenceOps._ref.paged_attention(*a, **k))
     kernel_config = staticmethod(lambda *a, **k: None)
+    fused_step_config = staticmethod(lambda *a, **k: None)
     available = staticmethod(lambda: False)
 
 

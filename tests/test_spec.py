@@ -113,3 +113,9 @@ def test_per_layer_pages_layout():
     # a policy list splits around the per-layer option, "int8" alone is a policy
     assert split_policy_list("int4-bdr:h=64,int8=1+2,int8,bf16,int4:bf16=0") == [
         "int4-bdr:h=64,int8=1+2", "int8", "bf16", "int4:bf16=0"]
+
+
+def test_per_layer_pages_bad_config_values_are_policy_errors():
+    for bad in ({"int8": 3}, {"int8": ["x"]}, {"fp8": [1]}, {"int8": []}):
+        with pytest.raises(PolicyError):
+            KVPolicy.from_dict({"kind": "int4", "layer_pages": bad})

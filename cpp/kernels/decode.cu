@@ -170,6 +170,11 @@ struct DoLaunch {
   }
 };
 
+struct Probe {  // Dispatch reaches an instantiation: nothing to launch
+  template <int D, int KIND, int NT, typename T>
+  cudaError_t operator()() const { return cudaSuccess; }
+};
+
 SplitPlan Plan(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len) {
   int occ = 4;
   if (Dispatch(cfg, GetOccupancy{&occ}) != cudaSuccess) occ = 4;
@@ -177,6 +182,11 @@ SplitPlan Plan(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len) {
 }
 
 }  // namespace
+
+bool DecodeSupported(const SawConfig& cfg) {
+  const int P = cfg.page_size;
+  return P >= 16 && !(P & (P - 1)) && Dispatch(cfg, Probe{}) == cudaSuccess;
+}
 
 size_t DecodeWorkspaceBytes(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len) {
   if (num_seqs <= 0 || cfg.num_kv_heads <= 0) return 0;

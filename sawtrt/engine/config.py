@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.specs import ModelSpec
-from ..spec import KVPolicy, PageLayout
+from ..spec import KVPolicy, PageLayout, PolicyError
 
 ENGINE_FORMAT = "sawtrt-engine"
 ENGINE_FORMAT_VERSION = 1
@@ -68,7 +68,12 @@ class EngineConfig:
         layout = PageLayout.from_dict(d["page_layout"])
         if layout.policy != KVPolicy.from_dict(d["kv_policy"]).resolve(layout.head_dim):
             raise EngineConfigError("kv_policy and page_layout.policy disagree")
-        return cls(model=ModelSpec.from_dict(d["model"]), layout=layout,
+        model = ModelSpec.from_dict(d["model"])
+        try:                       # per-layer pages name layers the model has
+            layout.policy.check_layers(model.num_layers)
+        except PolicyError as e:
+            raise EngineConfigError(str(e)) from None
+        return cls(model=model, layout=layout,
                    max_batch=int(d["limits"]["max_batch"]),
                    max_seq_len=int(d["limits"]["max_seq_len"]), weights=d.get("weights", {}),
                    tokenizer=d.get("tokenizer", {}), kernels=d.get("kernels", {}),

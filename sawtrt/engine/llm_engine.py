@@ -145,6 +145,7 @@ class LLMEngine:
             pol = KVPolicy.parse(kv_policy) if isinstance(kv_policy, str) else kv_policy
             cfg.layout = PageLayout(pol, cfg.layout.head_dim, cfg.layout.num_kv_heads,
                                     cfg.layout.page_size)
+            pol.check_layers(cfg.model.num_layers)     # before the weights are loaded
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -108,6 +108,10 @@ _PROTOTYPES = {
                                     ctypes.c_size_t, _ptr]),
 }
 EXPORTS = tuple(_PROTOTYPES)
+# newer than some libraries in the field: set when present, asked through the functions below
+_OPTIONAL = {
+    "saw_decode_supported": (_c_int, [ctypes.POINTER(SawConfig)]),
+}
 
 _LIB: ctypes.CDLL | None = None
 
@@ -126,6 +130,10 @@ def load(path: str | os.PathLike | None = None, engine_dir=None) -> ctypes.CDLL:
     for name, (res, args) in _PROTOTYPES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
+    for name, (res, args) in _OPTIONAL.items():
+        if hasattr(lib, name):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
     if path is None or _LIB is None:
         _LIB = lib
     return lib
@@ -145,6 +153,16 @@ def check(code: int, lib: ctypes.CDLL | None = None) -> None:
         msg = (lib.saw_last_error_message() or b"").decode() or \
             (lib.saw_error_string(code) or b"").decode()
         raise SawKernelError(code, msg)
+
+
+def decode_supported(cfg: SawConfig, lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the library's decode kernel (saw_decode, the decode path of saw_attention_step)
+    serves cfg. A library without saw_decode_supported predates int8 decode: bf16 and int4 only
+    (its saw_decode returned SAW_ERR_UNSUPPORTED for int8)."""
+    lib = lib or load()
+    if not hasattr(lib, "saw_decode_supported"):
+        return cfg.kind != KIND_INT8
+    return bool(lib.saw_decode_supported(ctypes.byref(cfg)))
 
 
 def page_layout(cfg: SawConfig, lib: ctypes.CDLL | None = None) -> SawPageLayout:

@@ -57,6 +57,14 @@ def kernel_config(layout: PageLayout, num_q_heads: int, dtype, device,
     return cfg
 
 
+def fused_step_config(layout: PageLayout, num_q_heads: int, dtype, device,
+                      sm_scale: float | None = None) -> library.SawConfig | None:
+    """kernel_config, when the library also serves this layout's decode (attention_step has no
+    fallback: a library built before int8 decode must not get int8 layers)."""
+    cfg = kernel_config(layout, num_q_heads, dtype, device, sm_scale)
+    return cfg if cfg is not None and library.decode_supported(cfg) else None
+
+
 def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     buf = _workspaces.get(idx)

@@ -147,10 +147,11 @@ class CausalLM(torch.nn.Module):
         # named layers plain int8/bf16 pages, no rotation and no K transform
         self.layer_layouts = layout.layers(spec.num_layers)
         # the fused write+attend kernel where the library serves the layer's device/dtype/layout
-        # (bf16, int8, int4 pages; decode and prefill)
-        self.layer_fused = [ops.kernel_config(lay, spec.num_heads, dtype, self.device) is not None
-                            for lay in self.layer_layouts]
-        self.fused = any(self.layer_fused)
+        # for prefill and decode (bf16, int8, int4 pages; int8 decode only in libraries with
+        # saw_decode_supported); other layers: write_kv + paged_attention, which fall back
+        self.layer_fused = [ops.fused_step_config(lay, spec.num_heads, dtype, self.device)
+                            is not None for lay in self.layer_layouts]
+        self.fused = all(self.layer_fused)
         if layout.policy.transforms_k and kv_transform is None:
             raise ValueError(f"KV policy {layout.policy} needs its K transform (kv_transform.py)")
         self.kv_transform = kv_transform      # (layer, q, k) -> (q', k'), or None

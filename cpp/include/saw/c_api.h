@@ -41,6 +41,9 @@ typedef struct SawPageLayout {  // byte offsets inside one (page, KV head) block
 } SawPageLayout;
 
 int saw_page_layout(const SawConfig* cfg, SawPageLayout* out);
+// 1 when saw_decode (and the decode path of saw_attention_step) serves cfg, else 0; no CUDA
+// call. Libraries before it served bf16 and int4 only (the runtime assumes so when it is absent).
+int saw_decode_supported(const SawConfig* cfg);
 const char* saw_error_string(int code);
 // Last launcher error message (thread-local), more specific than saw_error_string.
 const char* saw_last_error_message(void);

@@ -19,6 +19,8 @@ cudaError_t LaunchStepSlots(const int32_t* block_tables, int32_t max_pages_per_s
 
 // cpp/kernels/decode.cu — split-KV paged decode attention.
 size_t DecodeWorkspaceBytes(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len);
+// True when the decode kernel has an instantiation for cfg (kind, head_dim, group, dtype, page).
+bool DecodeSupported(const SawConfig& cfg);
 cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,
                          const void* pool_layer, const int32_t* block_tables,
                          int32_t max_pages_per_seq, const int32_t* seq_lens, int32_t num_seqs,
