@@ -112,6 +112,7 @@ EXPORTS = tuple(_PROTOTYPES)
 _OPTIONAL = {
     "saw_decode_supported": (_c_int, [ctypes.POINTER(SawConfig)]),
 }
+EXPORTS += tuple(_OPTIONAL)     # what this checkout's library exports
 
 _LIB: ctypes.CDLL | None = None
 
