@@ -32,7 +32,8 @@ def kv_plan(model, memory, seq_len, policies, page_size, as_json):
         return
     click.echo(f"{spec.name}: {spec.num_layers} layers x {spec.num_kv_heads} KV heads x "
                f"D={spec.head_dim}; budget {budget / 2**30:.1f} GiB; seq_len {seq_len}")
-    click.echo(f"{'policy':<22}{'B/token':>10}{'B/tok/head':>12}{'tokens':>14}{'seqs':>8}{'vs bf16':>9}")
+    w = max([22] + [len(r["policy"]) + 2 for r in rows])
+    click.echo(f"{'policy':<{w}}{'B/token':>10}{'B/tok/head':>12}{'tokens':>14}{'seqs':>8}{'vs bf16':>9}")
     for r in rows:
-        click.echo(f"{r['policy']:<22}{r['bytes_per_token']:>10}{r['bytes_per_token_per_kv_head']:>12}"
+        click.echo(f"{r['policy']:<{w}}{r['bytes_per_token']:>10}{r['bytes_per_token_per_kv_head']:>12}"
                    f"{r['tokens']:>14,}{r['sequences']:>8}{r['tokens_vs_bf16']:>8.2f}x")
