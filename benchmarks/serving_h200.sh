@@ -26,10 +26,14 @@ TRITON_CONC=${TRITON_CONC:-1,16,64}   # short: a device call has 10 minutes, ser
 TRITON_RPU=${TRITON_RPU:-1}           # requests per user and level
 TRITON_BUNDLE=${TRITON_BUNDLE:-.carry/triton}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee -a "$OUT/gpu.txt"
-if [ ! -f "$ENG/config.json" ]; then
+qwen3_engine() {     # DIR NAME [build options]: the random-weight qwen3-4b engine, built once
+  local dir=$1 name=$2; shift 2
+  [ -f "$dir/config.json" ] && return 0
   sawtrt build --model qwen3-4b --random-weights --no-kernels --max-batch 256 \
-    --max-seq-len 9344 --output "$ENG" > "$OUT/build.log" 2>&1 || { tail "$OUT/build.log"; exit 1; }
-fi
+    --max-seq-len 9344 "$@" --output "$dir" > "$OUT/$name.log" 2>&1 \
+    || { tail "$OUT/$name.log"; exit 1; }
+}
+qwen3_engine "$ENG" build
 triton_stage() {     # POLICY: selfcheck (10 s), then sawtrt bench serve through tritonserver
   local pol=$1 rc
   [ -f "$TRITON_BUNDLE/env.sh" ] || { echo "no $TRITON_BUNDLE (bash benchmarks/make_triton_bundle.sh)"; return 1; }
@@ -70,9 +74,7 @@ for stage in "$@"; do
     mixed)   # what the accuracy variant costs: the K transform (random weights calibrate to
              # the identity, so it runs at full cost) and int8 pages for 3 of the 36 layers;
              # an engine built with the transform policy holds the (identity) calibration
-      [ -f "$ENG-whiten/config.json" ] || sawtrt build --model qwen3-4b --random-weights \
-        --no-kernels --kv-cache int4-bdr:kv,center,whiten --max-batch 256 --max-seq-len 9344 \
-        --output "$ENG-whiten" > "$OUT/build-whiten.log" 2>&1 || { tail "$OUT/build-whiten.log"; exit 1; }
+      qwen3_engine "$ENG-whiten" build-whiten --kv-cache int4-bdr:kv,center,whiten
       sawtrt bench throughput --engine "$ENG-whiten" \
         --policies "int4-bdr,int4-bdr:kv,center,whiten,int4-bdr:kv,center,whiten,int8=1+10+19" \
         --concurrency "${MIXED_CONC:-16,64}" --prompt-len 8192 --output-len 1024 \
