@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from sawtrt.eval import corpus, hf_models, runner  # noqa: E402
+from sawtrt.data import corpus
+from sawtrt.eval import hf_models, runner  # noqa: E402
 from sawtrt.eval.calibrate import calibrate, kv_calibration  # noqa: E402
 from sawtrt.eval.hooks import KVHook  # noqa: E402
 from sawtrt.eval.kvquant import KVScheme  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sawtrt import hadamard, kv_cache
-from sawtrt.eval import corpus
+from sawtrt.data import corpus
 from sawtrt.eval.calibrate import lloyd_levels
 from sawtrt.eval.kvquant import KVScheme, fake_quant, quantize_dequant, split_schemes
 from sawtrt.eval.runner import agreement

@@ -1,4 +1,4 @@
-"""The per-layer sensitivity ranking (sawtrt.eval.layer_rank), the policy it suggests, and
+"""The per-layer sensitivity ranking (sawtrt.calibration.layer_rank), the policy it suggests, and
 `sawtrt build --rank-layers N`."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sawtrt import kv_cache
 from sawtrt.cli import main as cli
 from sawtrt.engine.build import BuildError, BuildOptions, build_engine, plan_build
 from sawtrt.engine.llm_engine import LLMEngine
-from sawtrt.eval import layer_rank
+from sawtrt.calibration import layer_rank
 from sawtrt.models import kv_transform as kvt
 from sawtrt.models.model import AttentionMetadata, CausalLM
 from sawtrt.models.weights import random_weights

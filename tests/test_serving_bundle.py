@@ -148,7 +148,7 @@ def test_serve_commands_share_the_engine_options(tmp_path, monkeypatch):
 
 def test_prompts_sized_in_tokens():
     from sawtrt.models.tokenizer import ByteTokenizer
-    from sawtrt.serving.bench import make_prompt
+    from sawtrt.bench.serve import make_prompt
     tok = ByteTokenizer(512)
     for n in (1, 9, 300):
         assert len(tok.encode(make_prompt(n, seed=n, tokenizer=tok))) == n

@@ -1,4 +1,4 @@
-"""`sawtrt bench serve`: load-test a sawtrt Triton server (see sawtrt/serving/bench.py)."""
+"""`sawtrt bench serve`: load-test a sawtrt Triton server (see sawtrt/bench/serve.py)."""
 import json
 import sys
 import threading
@@ -67,7 +67,7 @@ def bench_serve(url, engine_dir, model, concurrency, num_requests, requests_per_
                 output_len, num_gpus, timeout, warmup, device, server_log, json_path,
                 engine_options):
     """Closed-loop load test: TTFT, inter-token latency, output tok/s per user and per GPU."""
-    from ..serving.bench import LevelConfig, format_table, make_prompt, run_level
+    from ..bench.serve import LevelConfig, format_table, make_prompt, run_level
     from ..serving.client import generate
 
     levels = positive_ints(concurrency, "concurrency levels")

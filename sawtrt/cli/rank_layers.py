@@ -1,5 +1,5 @@
 """`sawtrt rank-layers`: which layers' KV pages cost the most under a policy, and the policy with
-the top N kept wider (sawtrt.eval.layer_rank)."""
+the top N kept wider (sawtrt.calibration.layer_rank)."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,7 @@ def rank_layers_cmd(model, policy, top, json_path, threads):
     """
     import torch
 
-    from ..eval import layer_rank
+    from ..calibration import layer_rank
     from ..eval.runtime_path import RUNTIME_MODELS, RuntimeModel
     from ..models import kv_transform as kvt
     from ..spec import KVPolicy, PolicyError

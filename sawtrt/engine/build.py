@@ -6,7 +6,7 @@ Steps (each skipped when its output is already there and up to date, so re-runni
 same inputs rewrites nothing): weights (safetensors, bf16), tokenizer, K calibration (policies
 with `center` / `balance` / `whiten`: sawtrt.models.kv_transform), kernel library
 (build_scripts/build.py when nvcc exists), per-layer sensitivity ranking (`rank_layers`:
-sawtrt.eval.layer_rank, only when asked), config.json, Triton model repository
+sawtrt.calibration.layer_rank, only when asked), config.json, Triton model repository
 (sawtrt.serving.triton_repo), TensorRT plan (sawtrt.trt.build_engine). Steps whose provider is
 not importable / not installed are skipped with a message naming why.
 """
@@ -402,11 +402,11 @@ LAYER_RANK_VERSION = 1     # bump when layer_rank's measurement changes: engines
 
 def _layer_rank(plan: BuildPlan, out: Path, old: dict, weights_info: dict,
                 kv_calibration: dict, n: int, log, progress: bool) -> tuple[KVPolicy, dict]:
-    """Rank the layers (sawtrt.eval.layer_rank) on the calibration text with the engine's own
+    """Rank the layers (sawtrt.calibration.layer_rank) on the calibration text with the engine's own
     weights, tokenizer and K calibration, and widen the top n. Returns (the policy with the top n
     wide, the config record). The per-layer KL is reused while its inputs (weights,
     base policy, K calibration, text, recipe) are unchanged, so a new n costs nothing."""
-    from ..eval import layer_rank
+    from ..calibration import layer_rank
     base = plan.layout.policy
     windows, meta = calibration_text_windows(plan.spec, out)
     key = {"version": LAYER_RANK_VERSION, "base_policy": str(base),

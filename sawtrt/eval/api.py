@@ -22,7 +22,7 @@ import time
 import torch
 
 from .calibrate import calibrate, kv_calibration
-from .corpus import SOURCES, windows
+from ..data.corpus import SOURCES, windows
 from .hf_models import load
 from .kvquant import KVScheme
 from .runner import FP32, OutlierStats, agreement, greedy, perplexity, window_nll

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import hadamard
-from .corpus import windows
+from ..data.corpus import windows
 from .hf_models import cache_root
 from .hooks import KVHook
 from .runner import window_nll

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import hadamard
-from .corpus import Window
+from ..data.corpus import Window
 from .hooks import KVHook
 from .kvquant import KVScheme
 

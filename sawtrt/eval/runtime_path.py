@@ -14,7 +14,7 @@ import torch
 
 from .. import kv_cache
 from ..spec import KVPolicy, PageLayout
-from .corpus import Window
+from ..data.corpus import Window
 
 RUNTIME_MODELS = ("smollm2-135m",)
 

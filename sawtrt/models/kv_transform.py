@@ -221,9 +221,9 @@ def calibration_windows(ids: list[int], bos: int | None, tokens: int = CALIBRATI
 
 
 def calibration_ids(encode) -> tuple[list[int], dict]:
-    """Token ids of the calibration text (sawtrt.eval.corpus 'calib': CPython's pydoc_data
+    """Token ids of the calibration text (sawtrt.data.corpus 'calib': CPython's pydoc_data
     topics, disjoint from the eval text) and its description. encode: str -> ids, no BOS."""
-    from ..eval.corpus import calib_text       # a leaf module: text sources only
+    from ..data.corpus import calib_text       # a leaf module: text sources only
     t = calib_text()
     return encode(t.text), {"source": "calib", "origin": t.origin, "text_sha256": t.sha256}
 

@@ -1,6 +1,6 @@
 """Decode-step time of the runtime: B sequences of `context` tokens, all decoding.
 
-    python -m sawtrt.engine.bench_decode --engine engines/qwen3-4b-int4-bdr --batch 1,32,128 \
+    python -m sawtrt.bench.decode_step --engine engines/qwen3-4b-int4-bdr --batch 1,32,128 \
         --context 1024 --steps 20 --json out.json
 
 Prints, per batch size, the median wall time of one `LLMEngine.step()` (schedule + metadata +
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from ..bench.step_timer import ForwardTimer
-from ..bench.throughput import start_decoding
-from .llm_engine import LLMEngine
+from .step_timer import ForwardTimer
+from .throughput import start_decoding
+from ..engine.llm_engine import LLMEngine
 
 
 def bench(engine: LLMEngine, batch: int, context: int, steps: int, warmup: int = 3) -> dict:

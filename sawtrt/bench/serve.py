@@ -18,8 +18,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..bench.stats import dist as _dist
-from .client import StreamResult, generate
+from .stats import dist as _dist
+from ..serving.client import StreamResult, generate
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars watch "
           "quiet rivers carry old stories to distant hills and every small town keeps "

@@ -1,0 +1,1 @@
+"""Calibration that an engine build runs on its own weights (per-layer KV sensitivity ranking)."""

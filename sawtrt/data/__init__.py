@@ -1,0 +1,1 @@
+"""Text sources shared by calibration and evaluation (pinned by hash)."""
