@@ -10,7 +10,7 @@ import torch
 
 from runtime_helpers import build_tiny, digests, hf_checkpoint, tiny_spec
 from sawtrt import kv_cache
-from sawtrt.engine.build import BuildOptions, build_engine
+from sawtrt.build import BuildOptions, build_engine
 from sawtrt.engine.config import EngineConfigError
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.models import kv_transform as kvt

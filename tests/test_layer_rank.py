@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from runtime_helpers import build_tiny, digests, hf_checkpoint, tiny_spec
 from sawtrt import kv_cache
 from sawtrt.cli import main as cli
-from sawtrt.engine.build import BuildError, BuildOptions, build_engine, plan_build
+from sawtrt.build import BuildError, BuildOptions, build_engine, plan_build
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.calibration import layer_rank
 from sawtrt.models import kv_transform as kvt
@@ -198,7 +198,7 @@ def test_build_rank_layers_writes_the_policy_and_the_ranking(tmp_path):
     assert cfg["kv_calibration"]["moments"] is True
     # the ranking is the library's, on the engine's weights, calibration and calibration text
     from safetensors.torch import load_file
-    from sawtrt.engine.build import calibration_text_windows
+    from sawtrt.build import calibration_text_windows
     ws, _ = calibration_text_windows(spec, out)
     again = layer_rank.rank_layers(spec, load_file(str(out / "model.safetensors")), ws,
                                    KVPolicy.parse("int4-bdr:h=16,center,whiten"),
