@@ -246,7 +246,8 @@ class KVPolicy:
             opts.append("center")
         if self.k_balance is not None:     # shortest text that parses back to the same float
             short = f"{self.k_balance:g}"
-            opts.append(f"balance={short if float(short) == self.k_balance else self.k_balance!r}")
+            opts.append("balance=" + (short if float(short) == self.k_balance
+                                      else repr(self.k_balance)))
         if self.k_whiten:
             opts.append("whiten")
         opts += [f"{kind}=" + "+".join(map(str, layers)) for kind, layers in self.layer_pages]
