@@ -208,20 +208,11 @@ class KVPolicy:
                         raise PolicyError(f"{key}= given twice")
                     wide[key] = tuple(int(x) for x in val.split("+"))
                     continue
-                if key == "h":
-                    field, value = "rotation_block", int(val)
-                elif key == "seed":
-                    field, value = "sign_seed", int(val)
-                elif key in ("kv", "k") and not eq:
-                    field, value = "rotate_v", key == "kv"
-                elif key == "rotate" and val in ("k", "kv"):
-                    field, value = "rotate_v", val == "kv"
-                elif key == "center" and not eq:
-                    field, value = "k_center", True
-                elif key == "balance" and eq:
-                    field, value = "k_balance", float(val)
-                elif key == "whiten" and not eq:
-                    field, value = "k_whiten", True
+                if key in _FLAGS and not eq:
+                    field, value = _FLAGS[key]
+                elif key in _VALUED and eq:
+                    field, convert = _VALUED[key]
+                    value = convert(val)
                 else:
                     raise PolicyError(f"unknown option {opt!r}")
             except ValueError as e:
@@ -307,7 +298,19 @@ def _normalise_layer_pages(base_kind: str, layer_pages) -> tuple:
     return tuple(out)
 
 
-POLICY_OPTIONS = ("h", "seed", "kv", "k", "rotate", "center", "balance", "whiten")
+def _rotate(val: str) -> bool:
+    if val not in ("k", "kv"):
+        raise ValueError(f"rotate={val}: k or kv")
+    return val == "kv"
+
+
+# the policy options KVPolicy.parse reads: flags (key -> field, value) and key=value options
+# (key -> field, conversion); split_policy_list uses the same names
+_FLAGS = {"kv": ("rotate_v", True), "k": ("rotate_v", False), "center": ("k_center", True),
+          "whiten": ("k_whiten", True)}
+_VALUED = {"h": ("rotation_block", int), "seed": ("sign_seed", int), "rotate": ("rotate_v", _rotate),
+           "balance": ("k_balance", float)}
+POLICY_OPTIONS = tuple(_FLAGS) + tuple(_VALUED)
 VALUED_OPTIONS = WIDE_KINDS    # options only when followed by "=": "int8" alone is a policy
 
 
