@@ -207,11 +207,20 @@ def test_build_refuses_foreign_directory(tmp_path):
                                 output=str(tmp_path / "mine")))
 
 
-def test_build_cli_errors_are_clean(tmp_path):
-    r = CliRunner().invoke(cli, ["build", "--model", "qwen3-4b", "--kv-cache", "int4-bdr",
-                                 "--rotation-block", "256", "--random-weights", "--output",
-                                 str(tmp_path / "e")])
-    assert r.exit_code == 2 and "Traceback" not in r.output and "divide" in r.output
+@pytest.mark.parametrize("flags,msg", [
+    (["--kv-cache", "int4-bdr", "--rotation-block", "256"], "divide"),
+    (["--kv-cache", "int4-bdr:h=64", "--rotation-block", "32"], "'h' given twice"),
+    (["--kv-cache", "int4-bdr:kv", "--rotate", "k"], "given twice"),
+    (["--kv-cache", "int4-bdr:seed=1", "--sign-seed", "2"], "'seed' given twice"),
+    (["--kv-cache", "bf16", "--rotate", "kv"], "takes no rotation options"),
+    (["--kv-cache", "int8", "--sign-seed", "3"], "takes no rotation options"),
+])
+def test_build_cli_errors_are_clean(tmp_path, flags, msg):
+    """The rotation flags are aliases of the policy's options: one parser judges both."""
+    r = CliRunner().invoke(cli, ["build", "--model", "qwen3-4b", *flags, "--random-weights",
+                                 "--output", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and msg in r.output, r.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_version_1_config_still_loads(tmp_path):

@@ -1,7 +1,8 @@
 """The engine directory's config.json: one versioned record of what `sawtrt build` made.
 
 Layout of an engine directory:
-    config.json            this record (format "sawtrt-engine", version ENGINE_FORMAT_VERSION)
+    config.json            this record (format "sawtrt-engine", version ENGINE_FORMAT_VERSION;
+                           the KV policy stored once, as its text)
     model.safetensors      weights under HF names, in `weights.dtype` (absent for random weights,
                            which are regenerated from `weights.seed` at load)
     tokenizer.json         byte-level BPE (tokenizers format), when the model has a vocabulary
@@ -10,6 +11,8 @@ Layout of an engine directory:
                            (sawtrt.models.kv_transform), only for such policies
     lib/                   the compiled kernel library, when nvcc was there at build time
     triton_model_repo/     Triton model repository (written by sawtrt.serving), when available
+    .sawtrt-build.json     what each build step was made from (sawtrt.build.state); the build's,
+                           not read at load
 """
 from __future__ import annotations
 
