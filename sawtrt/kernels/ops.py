@@ -58,27 +58,28 @@ def plan(layout: PageLayout, num_q_heads: int, dtype, device,
     """The library's plan for this configuration, or None when the kernels don't serve it (no
     library, CPU tensors, fp32 activations, a head_dim/group without an instantiation). The
     probe (saw_page_layout validates the config against the instantiations) runs once per
-    configuration and library."""
-    device = torch.device(device)
-    if device.type != "cuda" or library.act_dtype_code(dtype) is None:
-        return None
-    lib = library.try_load()
-    if lib is None:
-        return None
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (layout, num_q_heads, dtype, device.index, sm_scale, lib)
+    configuration and library; later calls are one dictionary lookup (~2 us)."""
+    key = (layout, num_q_heads, dtype, device, sm_scale, library._LIB)
     try:
         return _plans[key]
     except KeyError:
         pass
+    device = torch.device(device)
+    if device.type != "cuda" or library.act_dtype_code(dtype) is None:
+        _plans[key] = None
+        return None
+    lib = library.try_load()
+    if lib is None:
+        return None     # not remembered: a library built later in this process is found
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     cfg = library.make_config(layout, num_q_heads, dtype, sm_scale, _signs_ptr(layout, device))
     probe = library.SawPageLayout()
     if lib.saw_page_layout(ctypes.byref(cfg), ctypes.byref(probe)):
         result = None   # validation says no instantiation: the reference serves it
     else:
         result = KernelPlan(cfg, library.decode_supported(cfg, lib))
-    _plans[key] = result
+    _plans[key] = _plans[key[:-1] + (lib,)] = result
     return result
 
 
