@@ -113,10 +113,11 @@ class KVPolicy:
             raise PolicyError("whiten is the full-matrix form of balance: give one of them")
         if self.k_balance is not None and not 0.0 < self.k_balance <= 1.0:
             raise PolicyError(f"balance={self.k_balance} must be in (0, 1]")
-        if self.rotation_block is not None:
-            b = self.rotation_block
-            if b < 16 or b > 256 or b & (b - 1):
-                raise PolicyError(f"rotation block h={b} must be a power of two in [16, 256]")
+        if self.rotation_block is not None:     # h alone (its fit to D: block_for)
+            try:
+                check_block(self.rotation_block, self.rotation_block)
+            except RotationError as e:
+                raise PolicyError(str(e)) from None
 
     # -- properties the kernels dispatch on -------------------------------------------------
     @property
