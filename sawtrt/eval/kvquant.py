@@ -12,9 +12,11 @@ cache format. Written "POLICY[@OPTION...]" (`parse_scheme`), e.g.
 
 The write-side prototypes that were measured (docs/accuracy.md) either became
 policy options (`@center` -> `center`, `@bal=A` / `@balraw=A` -> `balance=A`, `@whiten` /
-`@whitenraw` -> `whiten`, `@k8=L+L` -> `int8=L+L`) or did not help and left the tree (`clip`,
-`lut`, `vcenter`, `balmax`, `balrot`, `vbal`, `vwhiten`; git history keeps them); the parser
-names the replacement of each.
+`@whitenraw` -> `whiten`, `@k8=L+L` -> `int8=L+L`) or did not help (`clip`, `lut`, `vcenter`,
+`balmax`, `balrot`, `vbal`, `vwhiten`); the parser refuses both kinds and names the replacement.
+The code behind the refused prototypes (clip / levels in `quantize_dequant`, the balmax / balrot
+branches of `balance_matrices`, `v_balance`, `v_whitening`, and their branches in hooks.py and
+calibrate.py) is unreachable from any scheme now and is to be deleted with those branches.
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
 fp32 tensor of the same shape, in the *original* basis: x_hat = R^T Q(R x). For the served policy
