@@ -309,8 +309,8 @@ def _rotate(val: str) -> bool:
 # (key -> field, conversion); split_policy_list uses the same names
 _FLAGS = {"kv": ("rotate_v", True), "k": ("rotate_v", False), "center": ("k_center", True),
           "whiten": ("k_whiten", True)}
-_VALUED = {"h": ("rotation_block", int), "seed": ("sign_seed", int), "rotate": ("rotate_v", _rotate),
-           "balance": ("k_balance", float)}
+_VALUED = {"h": ("rotation_block", int), "seed": ("sign_seed", int),
+           "rotate": ("rotate_v", _rotate), "balance": ("k_balance", float)}
 POLICY_OPTIONS = tuple(_FLAGS) + tuple(_VALUED)
 VALUED_OPTIONS = WIDE_KINDS    # options only when followed by "=": "int8" alone is a policy
 
