@@ -1,7 +1,8 @@
 """The build's one up-to-date rule (sawtrt.build.state) and its use by the steps."""
 import json
 
-from runtime_helpers import build_tiny, digests, tiny_spec
+from runtime_helpers import build_tiny, digests, hf_checkpoint, tiny_spec
+from sawtrt.build import BuildOptions, build_engine
 from sawtrt.build.state import STATE_FILE, BuildState
 
 
@@ -40,4 +41,26 @@ def test_a_changed_file_is_rebuilt_and_the_rest_kept(tmp_path):
     (out / "tokenizer_config.json").write_text("{}")
     (out / "config.json").write_text("{}")
     build_tiny(tmp_path, tiny_spec("llama"), kv_cache="int4-bdr")
+    assert digests(out) == first
+
+
+def test_converted_weights_of_a_directory_without_a_record_are_kept(tmp_path):
+    """An engine built before the build kept its record: config.json vouches for the weights
+    (same source, same sha256), so they are not converted again; damaged weights are."""
+    hf_checkpoint(tmp_path / "ckpt", tiny_spec("qwen3"))
+    opts = BuildOptions(model="my-qwen", checkpoint=str(tmp_path / "ckpt"), kv_cache="int8",
+                        page_size=16, max_seq_len=128, compile_kernels=False,
+                        output=str(tmp_path / "eng"))
+    out = build_engine(opts, log=lambda m: None, progress=False)
+    first = digests(out)
+    (out / STATE_FILE).unlink()
+    logs = []
+    build_engine(opts, log=logs.append, progress=False)
+    assert any(m.startswith("weights: up to date") for m in logs), logs
+    assert digests(out) == first
+    (out / STATE_FILE).unlink()
+    (out / "model.safetensors").write_bytes(b"damaged")
+    logs.clear()
+    build_engine(opts, log=logs.append, progress=False)
+    assert any(m.startswith("weights: reading") for m in logs), logs
     assert digests(out) == first

@@ -1,6 +1,7 @@
 """Build step: weights (model.safetensors, bf16 under HF names) and the tokenizer files."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def run(plan: BuildPlan, source: dict, out: Path, state: BuildState, log,
     """(config "weights" entry, config "tokenizer" entry)."""
     spec = plan.spec
     inputs = {"version": FORMAT_VERSION, "source": source, "model": spec.to_dict()}
-    done = state.current("weights", inputs)
+    done = state.current("weights", inputs) or _from_config(out, source, state, inputs)
     if done is not None:
         log("weights: up to date" + ("" if source["kind"] == "random"
                                       else f" ({out / WEIGHTS_FILE})"))
@@ -53,6 +54,27 @@ def run(plan: BuildPlan, source: dict, out: Path, state: BuildState, log,
         outputs = [WEIGHTS_FILE, *tok_info["sha256"]]
     state.record("weights", inputs, outputs, {"weights": weights_info, "tokenizer": tok_info})
     return weights_info, tok_info
+
+
+def _from_config(out: Path, source: dict, state: BuildState, inputs: dict) -> dict | None:
+    """A directory built before the build kept its record (no STATE_FILE): its config.json
+    vouches for converted weights when it names the same source and every file still has the
+    recorded sha256 (a large model is not converted again)."""
+    if state.steps:
+        return None
+    try:
+        old = json.loads((out / "config.json").read_text())
+        weights, tok = old["weights"], old["tokenizer"]
+        files = {WEIGHTS_FILE: weights["sha256"], **tok["sha256"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if old.get("source") != source or weights.get("format") != "safetensors":
+        return None
+    if any(not (out / f).is_file() or sha256_file(out / f) != h for f, h in files.items()):
+        return None
+    result = {"weights": weights, "tokenizer": tok}
+    state.record("weights", inputs, list(files), result)
+    return result
 
 
 def _write_tokenizer(out: Path, tok, spec: ModelSpec) -> dict:
