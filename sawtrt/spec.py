@@ -113,10 +113,11 @@ class KVPolicy:
             raise PolicyError("whiten is the full-matrix form of balance: give one of them")
         if self.k_balance is not None and not 0.0 < self.k_balance <= 1.0:
             raise PolicyError(f"balance={self.k_balance} must be in (0, 1]")
-        if self.rotation_block is not None:
-            b = self.rotation_block
-            if b < 16 or b > 256 or b & (b - 1):
-                raise PolicyError(f"rotation block h={b} must be a power of two in [16, 256]")
+        if self.rotation_block is not None:     # h alone (its fit to D: block_for)
+            try:
+                check_block(self.rotation_block, self.rotation_block)
+            except RotationError as e:
+                raise PolicyError(str(e)) from None
 
     # -- properties the kernels dispatch on -------------------------------------------------
     @property
@@ -203,28 +204,24 @@ class KVPolicy:
         for opt in filter(None, (o.strip() for o in opts.split(","))):
             key, eq, val = opt.partition("=")
             try:
-                if key == "h":
-                    kw["rotation_block"] = int(val)
-                elif key == "seed":
-                    kw["sign_seed"] = int(val)
-                elif key in ("kv", "k") and not eq:
-                    kw["rotate_v"] = key == "kv"
-                elif key == "rotate" and val in ("k", "kv"):
-                    kw["rotate_v"] = val == "kv"
-                elif key == "center" and not eq:
-                    kw["k_center"] = True
-                elif key == "balance" and eq:
-                    kw["k_balance"] = float(val)
-                elif key == "whiten" and not eq:
-                    kw["k_whiten"] = True
-                elif key in WIDE_KINDS and eq:
+                if key in WIDE_KINDS and eq:
                     if key in wide:
                         raise PolicyError(f"{key}= given twice")
                     wide[key] = tuple(int(x) for x in val.split("+"))
+                    continue
+                if key in _FLAGS and not eq:
+                    field, value = _FLAGS[key]
+                elif key in _VALUED and eq:
+                    field, convert = _VALUED[key]
+                    value = convert(val)
                 else:
                     raise PolicyError(f"unknown option {opt!r}")
             except ValueError as e:
                 raise PolicyError(f"bad KV policy {text!r}: {e}") from None
+            if field in kw:
+                raise PolicyError(f"bad KV policy {text!r}: option {key!r} given twice (or "
+                                  "contradicted)")
+            kw[field] = value
         if wide:
             kw["layer_pages"] = tuple(wide.items())
         return cls(kind=name.strip().lower(), **kw)
@@ -239,16 +236,19 @@ class KVPolicy:
             opts.append(f"seed={self.sign_seed}")
         if self.k_center:
             opts.append("center")
-        if self.k_balance is not None:
-            opts.append(f"balance={self.k_balance:g}")
+        if self.k_balance is not None:     # shortest text that parses back to the same float
+            short = f"{self.k_balance:g}"
+            opts.append("balance=" + (short if float(short) == self.k_balance
+                                      else repr(self.k_balance)))
         if self.k_whiten:
             opts.append("whiten")
         opts += [f"{kind}=" + "+".join(map(str, layers)) for kind, layers in self.layer_pages]
         return self.kind + (":" + ",".join(opts) if opts else "")
 
     def to_dict(self) -> dict:
-        """All fields, except the K-transform and per-layer ones at their defaults (configs
-        written before they existed stay byte-identical). layer_pages: {kind: [layers]}."""
+        """The field form engine configs of format version 1 stored (from_dict reads it); the
+        text form (str / parse) is the one written now. All fields, except the K-transform and
+        per-layer ones at their defaults. layer_pages: {kind: [layers]}."""
         omit = {"k_center": False, "k_balance": None, "k_whiten": False, "layer_pages": ()}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in omit or v != omit[k]}
         if self.layer_pages:
@@ -299,7 +299,19 @@ def _normalise_layer_pages(base_kind: str, layer_pages) -> tuple:
     return tuple(out)
 
 
-POLICY_OPTIONS = ("h", "seed", "kv", "k", "rotate", "center", "balance", "whiten")
+def _rotate(val: str) -> bool:
+    if val not in ("k", "kv"):
+        raise ValueError(f"rotate={val}: k or kv")
+    return val == "kv"
+
+
+# the policy options KVPolicy.parse reads: flags (key -> field, value) and key=value options
+# (key -> field, conversion); split_policy_list uses the same names
+_FLAGS = {"kv": ("rotate_v", True), "k": ("rotate_v", False), "center": ("k_center", True),
+          "whiten": ("k_whiten", True)}
+_VALUED = {"h": ("rotation_block", int), "seed": ("sign_seed", int),
+           "rotate": ("rotate_v", _rotate), "balance": ("k_balance", float)}
+POLICY_OPTIONS = tuple(_FLAGS) + tuple(_VALUED)
 VALUED_OPTIONS = WIDE_KINDS    # options only when followed by "=": "int8" alone is a policy
 
 
@@ -339,8 +351,9 @@ class PageLayout:
     def __post_init__(self):
         if self.head_dim % 16 or not 16 <= self.head_dim <= 512:
             raise PolicyError(f"head_dim D={self.head_dim} must be a multiple of 16 in [16, 512]")
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            raise PolicyError(f"page_size={self.page_size} must be a power of two")
+        if self.page_size not in PAGE_SIZES:
+            raise PolicyError(f"page size {self.page_size} must be one of "
+                              f"{', '.join(map(str, PAGE_SIZES))}")
         if self.num_kv_heads < 1:
             raise PolicyError("num_kv_heads must be >= 1")
         object.__setattr__(self, "policy", self.policy.resolve(self.head_dim))
@@ -422,10 +435,11 @@ class PageLayout:
                                    self.page_size).head_block_bytes for p in kinds}
 
     def to_dict(self) -> dict:
-        """head_block_bytes is the base policy's; a mixed layout adds the per-layer kinds'
-        (layer_head_block_bytes) so a reader can check both against its own layout."""
+        """The policy as its text (KVPolicy.parse reads it back); head_block_bytes is the base
+        policy's; a mixed layout adds the per-layer kinds' (layer_head_block_bytes) so a reader
+        can check both against its own layout."""
         by_kind = self._head_block_bytes_by_kind()
-        d = {"policy": self.policy.to_dict(), "head_dim": self.head_dim,
+        d = {"policy": str(self.policy), "head_dim": self.head_dim,
              "num_kv_heads": self.num_kv_heads, "page_size": self.page_size,
              "head_block_bytes": by_kind.pop(self.policy.kind)}
         if by_kind:
@@ -434,13 +448,19 @@ class PageLayout:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PageLayout":
-        layout = cls(KVPolicy.from_dict(d["policy"]), int(d["head_dim"]),
-                     int(d["num_kv_heads"]), int(d["page_size"]))
-        want = layout.to_dict()
+        """Inverse of to_dict; "policy" may also be the field dict older configs hold."""
+        pol = d["policy"]
+        pol = KVPolicy.parse(pol) if isinstance(pol, str) else KVPolicy.from_dict(pol)
+        layout = cls(pol, int(d["head_dim"]), int(d["num_kv_heads"]), int(d["page_size"]))
+        layout.check_bytes(d)
+        return layout
+
+    def check_bytes(self, d: dict) -> None:
+        """Raise PolicyError when a record's head_block_bytes disagree with this layout."""
+        want = self.to_dict()
         for key in ("head_block_bytes", "layer_head_block_bytes"):
             if key in d and d[key] != want.get(key):
                 raise PolicyError(f"config's {key} disagrees with this sawtrt's layout")
-        return layout
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -16,7 +16,7 @@ import json
 import torch
 
 from sawtrt import hadamard, quant
-from sawtrt.engine.build import BuildOptions, build_engine
+from sawtrt.build import BuildOptions, build_engine
 from sawtrt.models.specs import ModelSpec
 from sawtrt.models.weights import random_weights
 from sawtrt.spec import KVPolicy, PageLayout

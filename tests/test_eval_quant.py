@@ -1,5 +1,6 @@
 """sawtrt.eval without a model: fake quantization == the cache codec, variants, text, parsing."""
 import hashlib
+import re
 
 import pytest
 import torch
@@ -74,21 +75,48 @@ def test_lloyd_levels():
 
 
 def test_scheme_parsing_and_bytes():
-    assert split_schemes("fp32,bf16,int4-bdr:h=32,kv,seed=1@clip,int4,int4-bdr:h=64@k8=0+1") == [
-        "fp32", "bf16", "int4-bdr:h=32,kv,seed=1@clip", "int4", "int4-bdr:h=64@k8=0+1"]
-    s = KVScheme.parse("int4-bdr:h=64@k8=0+1@center@lut")
-    assert s.int8_layers == (0, 1) and s.center and s.lut and not s.is_plain
+    assert split_schemes("fp32,bf16,int4-bdr:h=32,kv,seed=1@konly,int4,int4-bdr:h=64,int8=0+1"
+                         ) == ["fp32", "bf16", "int4-bdr:h=32,kv,seed=1@konly", "int4",
+                               "int4-bdr:h=64,int8=0+1"]
+    s = KVScheme.parse("int4-bdr:h=64,center,int8=0+1@v8")
+    assert s.policy == KVPolicy.parse("int4-bdr:h=64,center,int8=0+1") and s.v8
+    assert not s.is_plain and s.calibrated
     assert KVScheme.parse("int4-bdr:h=64").is_plain
     assert s.policy_for_layer(1).kind == "int8" and s.policy_for_layer(2).kind == "int4-bdr"
+    assert s.policy_for(2, "v").kind == "int8" and s.policy_for(2, "k").kind == "int4-bdr"
     # SmolLM2-135M: 30 layers, 3 KV heads, D = 64
     assert KVScheme.parse("bf16").cache_bytes_per_token(30, 3, 64) == 30 * 3 * 2 * 128
     assert KVScheme.parse("int4").cache_bytes_per_token(30, 3, 64) == 30 * 3 * 2 * (32 + 4)
     assert KVScheme.parse("int4@vonly").cache_bytes_per_token(30, 3, 64) == 30 * 3 * (128 + 36)
-    assert s.cache_bytes_per_token(30, 3, 64) == 3 * (2 * 2 * 68 + 28 * 2 * 36)
-    with pytest.raises(PolicyError):
+    assert KVScheme.parse("int4-bdr:h=64,int8=0+1").cache_bytes_per_token(30, 3, 64) == \
+        3 * (2 * 2 * 68 + 28 * 2 * 36)
+    with pytest.raises(PolicyError, match="unknown eval option"):
         KVScheme.parse("int4@bogus")
-    with pytest.raises(PolicyError):
-        KVScheme.parse("bf16@clip")
+    with pytest.raises(PolicyError, match="one of konly, vonly"):
+        KVScheme.parse("int4@konly@vonly")
+    with pytest.raises(PolicyError, match="unknown option"):     # the policy's own parser
+        KVScheme.parse("int4:bogus@konly")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("int4-bdr:h=64@center", "int4-bdr:h=64,center"),
+    ("int4-bdr:h=64,kv@center@whitenraw@v8", "int4-bdr:h=64,kv,center,whiten@v8"),
+    ("int4-bdr:h=64@center@balraw=0.5", "int4-bdr:h=64,center,balance=0.5"),
+    ("int4-bdr@bal=0.5", "int4-bdr:balance=0.5"), ("int4@k8=13+14", "int4:int8=13+14"),
+])
+def test_served_variants_name_their_policy_option(old, new):
+    with pytest.raises(PolicyError, match="policy options now: write " + re.escape(new) + "$"):
+        KVScheme.parse(old)
+    KVScheme.parse(new)                         # and what it names parses
+
+
+@pytest.mark.parametrize("variant", ["clip", "lut", "vcenter", "balmax=0.5", "balrot=0.5",
+                                     "vbal=0.5", "vwhiten"])
+def test_prototypes_that_did_not_help_are_refused(variant):
+    with pytest.raises(PolicyError, match="measured not to help"):
+        KVScheme.parse(f"int4-bdr:h=64,center@{variant}")
+    with pytest.raises(TypeError):                # nor reachable from Python
+        KVScheme(KVPolicy.parse("int4"), **{variant.split("=")[0]: True})
 
 
 def test_agreement():
@@ -123,36 +151,15 @@ def test_centering_keys_leaves_attention_unchanged():
     assert not torch.allclose(a, KVHook._attend(q, k * 1.5, v, 0.125), rtol=1e-4, atol=1e-5)
 
 
-def test_center_variant_shrinks_the_error_of_offset_keys():
-    """Keys with a common channel offset (like real K): centring before BDR lowers the error."""
+def test_centring_shrinks_the_error_of_offset_keys():
+    """Keys with a common channel offset (like real K): centring before BDR lowers the error
+    (what the served `center` option does)."""
     g = torch.Generator().manual_seed(4)
     offset = torch.randn(64, generator=g) * 4
     k = torch.randn(400, 64, generator=g) + offset
     pol = KVPolicy.parse("int4-bdr:h=64")
-    s = KVScheme.parse("int4-bdr:h=64@center")
     plain = (fake_quant(k, pol, "k") - k).pow(2).mean()
-    centred = (fake_quant(k, pol, "k", s, mean=offset) - k).pow(2).mean()
+    centred = (fake_quant(k, pol, "k", mean=offset) - k).pow(2).mean()
     assert centred < 0.5 * plain
 
 
-@pytest.mark.parametrize("variant", ["bal=0.5", "balmax=0.25", "balrot=0.5", "balraw=0.5",
-                                     "whiten", "whitenraw"])
-def test_balance_variants_keep_the_scores_and_are_plain_policies_when_served(variant):
-    """Every balance prototype is a pair (A, A^-1): the cache sees A (k - mu), the query A^-T q,
-    so the scores are q.k up to rounding; served policies parse as plain (runtime path)."""
-    from sawtrt.eval.kvquant import balance_matrices
-    g = torch.Generator().manual_seed(5)
-    hkv, d = 2, 32
-    x = torch.randn(hkv, 4 * d, d, generator=g)
-    y = torch.randn(hkv, 4 * d, d, generator=g) * torch.linspace(0.2, 3, d)
-    calib = {"means": {0: torch.randn(hkv, 1, d, generator=g)},
-             "kcov": {0: x.transpose(1, 2) @ x / x.shape[1]},
-             "qcov": {0: y.transpose(1, 2) @ y / y.shape[1]},
-             "kmax": {0: x.abs().amax(1)}, "qmax": {0: y.abs().amax(1)}}
-    scheme = KVScheme.parse(f"int4-bdr:h=32,seed=2@center@{variant}")
-    assert scheme.calibrated and not scheme.is_plain
-    a, ai = balance_matrices(scheme, calib, 0, d)
-    assert torch.allclose(a @ ai, torch.eye(d).expand(hkv, d, d), atol=1e-4)
-    assert not torch.allclose(a, torch.eye(d).expand(hkv, d, d), atol=1e-2)
-    served = KVScheme.parse("int4-bdr:h=64,kv,center,whiten")
-    assert served.is_plain and served.calibrated

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from runtime_helpers import build_tiny, digests, hf_checkpoint, tiny_spec
 from sawtrt import kv_cache
 from sawtrt.cli import main as cli
-from sawtrt.engine.build import BuildError, BuildOptions, build_engine, plan_build
+from sawtrt.build import BuildError, BuildOptions, build_engine, plan_build
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.calibration import layer_rank
 from sawtrt.models import kv_transform as kvt
@@ -194,11 +194,11 @@ def test_build_rank_layers_writes_the_policy_and_the_ranking(tmp_path):
     assert len(rank["kl"]) == spec.num_layers and rank["tokens"] == 2 * (kvt.CALIBRATION_WINDOW - 1)
     top = max(range(spec.num_layers), key=lambda i: rank["kl"][i])
     assert rank["layers"] == [top] and rank["kind"] == "int8"
-    assert cfg["kv_policy_str"] == f"int4-bdr:h=16,center,whiten,int8={top}"
+    assert cfg["kv_policy"] == f"int4-bdr:h=16,center,whiten,int8={top}"
     assert cfg["kv_calibration"]["moments"] is True
     # the ranking is the library's, on the engine's weights, calibration and calibration text
     from safetensors.torch import load_file
-    from sawtrt.engine.build import calibration_text_windows
+    from sawtrt.build import calibration_text_windows
     ws, _ = calibration_text_windows(spec, out)
     again = layer_rank.rank_layers(spec, load_file(str(out / "model.safetensors")), ws,
                                    KVPolicy.parse("int4-bdr:h=16,center,whiten"),
@@ -215,7 +215,7 @@ def test_build_rank_layers_writes_the_policy_and_the_ranking(tmp_path):
     opts.rank_layers = 0
     build_engine(opts, log=lambda m: None, progress=False)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["kv_policy_str"] == "int4-bdr:h=16,center,whiten"
+    assert cfg["kv_policy"] == "int4-bdr:h=16,center,whiten"
     kept = cfg["extra"]["layer_rank"]
     assert kept["kl"] == rank["kl"] and kept["layers"] == []
     opts.rank_layers = None
@@ -227,7 +227,7 @@ def test_build_without_the_flag_is_unchanged(tmp_path):
     spec = tiny_spec("llama")
     out = build_tiny(tmp_path, spec, kv_cache="int4-bdr")
     cfg = json.loads((out / "config.json").read_text())
-    assert "extra" not in cfg and cfg["kv_policy_str"] == "int4-bdr:h=16"
+    assert "extra" not in cfg and cfg["kv_policy"] == "int4-bdr:h=16"
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runtime_helpers import tiny_spec
-from sawtrt.engine.build import BuildOptions, build_engine
+from sawtrt.build import BuildOptions, build_engine
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.models import tokenizer as tokenizers
 from sawtrt.models.weights import load_gguf, random_weights

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from runtime_helpers import attn_impl_for, first_divergence, hf_greedy
-from sawtrt.engine.build import BuildOptions, build_engine
+from sawtrt.build import BuildOptions, build_engine
 from sawtrt.engine.llm import LLM
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.sampling import SamplingParams

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from runtime_helpers import build_tiny, digests, hf_checkpoint, tiny_spec
 from sawtrt.cli import main as cli
-from sawtrt.engine.build import BuildError, BuildOptions, build_engine, plan_build
+from sawtrt.build import BuildError, BuildOptions, build_engine, plan_build
 from sawtrt.engine.llm import LLM
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.sampling import SamplingParams
@@ -174,17 +174,15 @@ def test_llm_generate_and_stream(tiny_dir):
     (dict(model="qwen3-4b"), "--checkpoint PATH"),
     (dict(model="qwen3-4b", checkpoint="/does/not/exist"), "does not exist"),
     (dict(model="qwen3-4b", checkpoint="/tmp", random_weights=True), "not both"),
-    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr", rotation_block=256),
-     "divide"),
-    (dict(model="smollm2-135m", random_weights=True, kv_cache="int4-bdr", rotation_block=128),
-     "head_dim=64"),
-    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr", rotation_block=24),
-     "power of two"),
-    (dict(model="qwen3-4b", random_weights=True, kv_cache="bf16", rotate="kv"), "int4-bdr only"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr:h=256"), "divide"),
+    (dict(model="smollm2-135m", random_weights=True, kv_cache="int4-bdr:h=128"), "head_dim=64"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr:h=24"), "power of two"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="bf16:kv"), "takes no rotation"),
+    (dict(model="qwen3-4b", random_weights=True, kv_cache="int4-bdr:h=64,h=32"), "given twice"),
     (dict(model="qwen3-4b", random_weights=True, kv_cache="fp8"), "unknown KV policy"),
     (dict(model="qwen3-4b", random_weights=True, kv_cache="int4:int8=3+36"),
      r"layer\(s\) \[36\]; the model has 36 layers"),
-    (dict(model="qwen3-4b", random_weights=True, page_size=48), "page-size"),
+    (dict(model="qwen3-4b", random_weights=True, page_size=48), "page size 48"),
     (dict(model="qwen3-4b", random_weights=True, max_seq_len=10 ** 6), "max-seq-len"),
     (dict(model="qwen3-4b", random_weights=True, max_batch=0), "max-batch"),
     (dict(model="qwen3-4b", random_weights=True, gpu_arch=("sm_9x",)), "gpu-arch"),
@@ -194,7 +192,7 @@ def test_build_validates_up_front(tmp_path, opts, msg):
     with pytest.raises(BuildError, match=msg):
         o = BuildOptions(output=str(out), **opts)
         if opts.get("gpu_arch"):
-            import sawtrt.engine.build as b
+            import sawtrt.build.kernels as b
             if b.shutil.which("nvcc") is None or not b.BUILD_SCRIPT.is_file():
                 raise BuildError("gpu-arch not checked without nvcc")   # nothing to validate
         plan_build(o)
@@ -209,11 +207,40 @@ def test_build_refuses_foreign_directory(tmp_path):
                                 output=str(tmp_path / "mine")))
 
 
-def test_build_cli_errors_are_clean(tmp_path):
-    r = CliRunner().invoke(cli, ["build", "--model", "qwen3-4b", "--kv-cache", "int4-bdr",
-                                 "--rotation-block", "256", "--random-weights", "--output",
-                                 str(tmp_path / "e")])
-    assert r.exit_code == 2 and "Traceback" not in r.output and "divide" in r.output
+@pytest.mark.parametrize("flags,msg", [
+    (["--kv-cache", "int4-bdr", "--rotation-block", "256"], "divide"),
+    (["--kv-cache", "int4-bdr:h=64", "--rotation-block", "32"], "'h' given twice"),
+    (["--kv-cache", "int4-bdr:kv", "--rotate", "k"], "given twice"),
+    (["--kv-cache", "int4-bdr:seed=1", "--sign-seed", "2"], "'seed' given twice"),
+    (["--kv-cache", "bf16", "--rotate", "kv"], "takes no rotation options"),
+    (["--kv-cache", "int8", "--sign-seed", "3"], "takes no rotation options"),
+])
+def test_build_cli_errors_are_clean(tmp_path, flags, msg):
+    """The rotation flags are aliases of the policy's options: one parser judges both."""
+    r = CliRunner().invoke(cli, ["build", "--model", "qwen3-4b", *flags, "--random-weights",
+                                 "--output", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and msg in r.output, r.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_version_1_config_still_loads(tmp_path):
+    """An engine written before the policy was stored once (format version 1: the policy as
+    fields, as text and inside page_layout) loads to the same config; a version-1 config whose
+    two policy records disagree is refused."""
+    from sawtrt.engine.config import EngineConfig, EngineConfigError
+    from sawtrt.spec import KVPolicy
+    out = build_tiny(tmp_path, tiny_spec("qwen3"), kv_cache="int4-bdr:h=16,kv,seed=3,int8=1")
+    new = EngineConfig.load(out)
+    v2 = json.loads((out / "config.json").read_text())
+    pol = KVPolicy.parse(v2["kv_policy"])
+    v1 = dict(v2, version=1, kv_policy=pol.to_dict(), kv_policy_str=str(pol),
+              page_layout=dict(v2["page_layout"], policy=pol.to_dict()))
+    assert v1["kv_policy"]["layer_pages"] == {"int8": [1]}
+    old = EngineConfig.from_dict(v1)
+    assert old.layout == new.layout and old.to_json() == new.to_json()
+    v1["kv_policy"] = dict(v1["kv_policy"], rotate_v=False)
+    with pytest.raises(EngineConfigError, match="disagree"):
+        EngineConfig.from_dict(v1)
 
 
 def test_build_from_safetensors_is_idempotent(tmp_path):
@@ -226,7 +253,7 @@ def test_build_from_safetensors_is_idempotent(tmp_path):
     out = build_engine(opts, log=logs.append, progress=False)
     first = digests(out)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["version"] == 1 and cfg["kv_policy"]["kind"] == "int8"
+    assert cfg["version"] == 2 and cfg["kv_policy"] == "int8"
     assert cfg["weights"]["sha256"] == first["model.safetensors"]
     assert cfg["model"]["num_layers"] == 2 and cfg["page_layout"]["page_size"] == 16
     logs.clear()
@@ -256,9 +283,8 @@ def test_random_build_idempotent_and_generate_cli(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["weights"] == {"format": "random", "seed": 0, "dtype": "bfloat16",
                               "note": cfg["weights"]["note"]}
-    assert cfg["kv_policy"] == {"kind": "int4-bdr", "rotation_block": 128, "rotate_v": True,
-                                "sign_seed": 5}
-    assert cfg["page_layout"]["policy"]["rotation_block"] == 128
+    assert cfg["kv_policy"] == "int4-bdr:h=128,kv,seed=5"      # the policy, stored once
+    assert "policy" not in cfg["page_layout"] and "kv_policy_str" not in cfg
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0 and digests(out) == first
 
@@ -328,7 +354,8 @@ def test_per_layer_pages_engine_budget_pools_and_bad_layers(tmp_path, tiny_dir):
         LLMEngine.from_engine_dir(tiny_dir, device="cpu",
                                   kv_policy=f"int4-bdr:int8={spec.num_layers}")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["kv_policy"]["layer_pages"] = cfg["page_layout"]["policy"]["layer_pages"] = {"int8": [9]}
+    base, _, _ = cfg["kv_policy"].partition(",int8=")
+    cfg["kv_policy"] = base + ",int8=9"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EngineConfigError, match=r"layer\(s\) \[9\]"):
         LLMEngine.from_engine_dir(d, device="cpu")

@@ -35,7 +35,7 @@ PROMPTS = [f"Question {i}: what is {i} plus {i + 1}? Answer:" for i in range(32)
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    from sawtrt.engine.build import BuildOptions, build_engine
+    from sawtrt.build import BuildOptions, build_engine
     out = tmp_path_factory.mktemp("serving") / "smollm2-135m-int4-bdr"
     return build_engine(BuildOptions(model="smollm2-135m", kv_cache="int4-bdr",
                                      max_seq_len=MAX_SEQ_LEN, max_batch=32, output=str(out),

@@ -28,7 +28,10 @@ def test_policy_text_and_dict_round_trip(text):
     ("int4:int8=1,bf16=1", "named twice"), ("int4:int8=1+1", "named twice"),
     ("bf16:int8=1", "nothing more precisely"), ("int8:int8=1", "nothing more precisely"),
     ("int4:int8=", "bad KV policy"), ("int4:int8=-2", ">= 0"), ("int4:int4=1", "unknown option"),
-    ("int4:int8=1,int8=2", "given twice"), ("int4:int8", "unknown option")])
+    ("int4:int8=1,int8=2", "given twice"), ("int4:int8", "unknown option"),
+    ("int4-bdr:h=64,h=32", "'h' given twice"), ("int4-bdr:k,kv", "'kv' given twice"),
+    ("int4-bdr:rotate=kv,k", "given twice"), ("int4-bdr:seed=1,seed=1", "given twice"),
+    ("int4:center,center", "given twice"), ("int8:balance=0.5,balance=0.25", "given twice")])
 def test_bad_policies_are_clear_errors(text, msg):
     with pytest.raises(PolicyError, match=msg):
         KVPolicy.parse(text)
@@ -45,6 +48,28 @@ def test_k_transform_options_keep_old_configs_and_layouts():
     a, b = PageLayout(plain, 64, 3), PageLayout(cen, 64, 3)
     assert (a.token_bytes, a.head_block_bytes, a.v_params) == (b.token_bytes, b.head_block_bytes,
                                                                b.v_params)
+
+
+def test_policy_text_is_exact_for_any_balance():
+    """The text form is what config.json stores: it parses back to the same float."""
+    for a in (0.5, 1 / 3, 0.123456789, 1.0):
+        p = KVPolicy(kind="int4", k_balance=a)
+        assert KVPolicy.parse(str(p)).k_balance == a
+    assert str(KVPolicy(kind="int4", k_balance=0.5)) == "int4:balance=0.5"
+
+
+def test_layout_record_holds_the_policy_text_and_reads_the_old_field_form():
+    lay = PageLayout(KVPolicy.parse("int4-bdr:kv,seed=4,int8=2"), 128, 2, 32)
+    d = lay.to_dict()
+    assert d["policy"] == "int4-bdr:h=128,kv,seed=4,int8=2"
+    assert PageLayout.from_dict(d) == lay
+    assert PageLayout.from_dict(dict(d, policy=lay.policy.to_dict())) == lay
+
+
+@pytest.mark.parametrize("page_size", [0, 1, 8, 48, 256])
+def test_page_size_is_the_spec_invariant(page_size):
+    with pytest.raises(PolicyError, match=f"page size {page_size} must be one of 16, 32, 64, 128"):
+        PageLayout(KVPolicy.parse("int4"), 128, 2, page_size)
 
 
 def test_default_block_and_divisibility():

@@ -16,11 +16,14 @@ from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
                    "int4-bdr:h=32,kv,seed=3 or int4-bdr:h=64,kv,center,whiten (K centring and "
                    "Q/K balance/whitening: center, balance=A, whiten; calibrated at build "
                    "time; docs/accuracy.md).")
-@click.option("--rotation-block", type=int, default=None,
-              help="BDR block size h (int4-bdr; default min(128, head_dim)).")
+@click.option("--rotation-block", type=int, default=None, metavar="H",
+              help="Alias of the policy option h=H (int4-bdr BDR block; default min(128, "
+                   "head_dim)).")
 @click.option("--rotate", type=click.Choice(["k", "kv"]), default=None,
-              help="Rotate K only (default) or K and V (int4-bdr).")
-@click.option("--sign-seed", type=int, default=None, help="Seed of random +-1 signs (int4-bdr).")
+              help="Alias of the policy option k / kv (int4-bdr: rotate K only, the default, "
+                   "or K and V).")
+@click.option("--sign-seed", type=int, default=None, metavar="SEED",
+              help="Alias of the policy option seed=SEED (int4-bdr: random +-1 signs).")
 @click.option("--page-size", default=DEFAULT_PAGE_SIZE, show_default=True,
               type=click.Choice([str(p) for p in PAGE_SIZES]))
 @click.option("--max-batch", default=32, show_default=True, type=int,
@@ -29,7 +32,8 @@ from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
               help="Prompt + output tokens per sequence [default: min(4096, model context)].")
 @click.option("--gpu-arch", multiple=True,
               help="Compute capability to compile for (repeatable, e.g. 90 or sm_90). Default: "
-                   "the local GPU's, or 80, 89, 90 when there is none.")
+                   "the local GPU's, or build_scripts/build.py's DEFAULT_ARCHS (sm_80, sm_89, "
+                   "sm_90a, sm_100a, sm_120a) when there is none.")
 @click.option("--no-kernels", is_flag=True, help="Do not compile the kernel library.")
 @click.option("--output", default=None, type=click.Path(),
               help="Engine directory [default: engines/<model>-<kv kind>].")
@@ -41,10 +45,10 @@ from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
 def build(model, checkpoint, random_weights, seed, kv_cache, rotation_block, rotate, sign_seed,
           page_size, max_batch, max_seq_len, gpu_arch, no_kernels, output, rank_layers):
     """Validate inputs, convert weights, compile kernels, write an engine directory."""
-    from ..engine.build import BuildError, BuildOptions, build_engine
+    from ..build import BuildError, BuildOptions, build_engine
+    kv_cache = _with_aliases(kv_cache, rotation_block, rotate, sign_seed)
     opts = BuildOptions(model=model, checkpoint=checkpoint, random_weights=random_weights,
-                        seed=seed, kv_cache=kv_cache, rotation_block=rotation_block,
-                        rotate=rotate, sign_seed=sign_seed, page_size=int(page_size),
+                        seed=seed, kv_cache=kv_cache, page_size=int(page_size),
                         max_batch=max_batch, max_seq_len=max_seq_len,
                         gpu_arch=tuple(gpu_arch) or None, output=output,
                         compile_kernels=not no_kernels, rank_layers=rank_layers)
@@ -53,3 +57,14 @@ def build(model, checkpoint, random_weights, seed, kv_cache, rotation_block, rot
     except BuildError as e:
         raise click.UsageError(str(e)) from None
     click.echo(str(out))
+
+
+def _with_aliases(kv_cache: str, rotation_block, rotate, sign_seed) -> str:
+    """The policy string with the alias flags appended as its own options (h=, k/kv, seed=), so
+    KVPolicy.parse reads one string: an option given both ways is an error there."""
+    opts = ([f"h={rotation_block}"] if rotation_block is not None else []) + \
+           ([rotate] if rotate is not None else []) + \
+           ([f"seed={sign_seed}"] if sign_seed is not None else [])
+    if not opts:
+        return kv_cache
+    return kv_cache + ("," if ":" in kv_cache else ":") + ",".join(opts)

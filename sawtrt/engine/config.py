@@ -1,7 +1,8 @@
 """The engine directory's config.json: one versioned record of what `sawtrt build` made.
 
 Layout of an engine directory:
-    config.json            this record (format "sawtrt-engine", version ENGINE_FORMAT_VERSION)
+    config.json            this record (format "sawtrt-engine", version ENGINE_FORMAT_VERSION;
+                           the KV policy stored once, as its text)
     model.safetensors      weights under HF names, in `weights.dtype` (absent for random weights,
                            which are regenerated from `weights.seed` at load)
     tokenizer.json         byte-level BPE (tokenizers format), when the model has a vocabulary
@@ -10,6 +11,8 @@ Layout of an engine directory:
                            (sawtrt.models.kv_transform), only for such policies
     lib/                   the compiled kernel library, when nvcc was there at build time
     triton_model_repo/     Triton model repository (written by sawtrt.serving), when available
+    .sawtrt-build.json     what each build step was made from (sawtrt.build.state); the build's,
+                           not read at load
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ from ..models.specs import ModelSpec
 from ..spec import KVPolicy, PageLayout, PolicyError
 
 ENGINE_FORMAT = "sawtrt-engine"
-ENGINE_FORMAT_VERSION = 1
+ENGINE_FORMAT_VERSION = 2
+# version 1 stored the policy three times (kv_policy as fields, kv_policy_str, page_layout.policy);
+# version 2 stores it once, as the text KVPolicy.parse reads (kv_policy). Both are read.
+READABLE_VERSIONS = (1, 2)
 
 
 class EngineConfigError(ValueError):
@@ -46,9 +52,11 @@ class EngineConfig:
         return self.layout.policy
 
     def to_dict(self) -> dict:
+        page_layout = self.layout.to_dict()
+        del page_layout["policy"]                  # stored once, as kv_policy
         return {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION,
-                "model": self.model.to_dict(), "kv_policy": self.layout.policy.to_dict(),
-                "kv_policy_str": str(self.layout.policy), "page_layout": self.layout.to_dict(),
+                "model": self.model.to_dict(), "kv_policy": str(self.layout.policy),
+                "page_layout": page_layout,
                 "limits": {"max_batch": self.max_batch, "max_seq_len": self.max_seq_len},
                 "weights": self.weights, "tokenizer": self.tokenizer, "kernels": self.kernels,
                 "source": self.source, **({"extra": self.extra} if self.extra else {}),
@@ -61,16 +69,14 @@ class EngineConfig:
     def from_dict(cls, d: dict) -> "EngineConfig":
         if d.get("format") != ENGINE_FORMAT:
             raise EngineConfigError("not a sawtrt engine config (format field missing/wrong)")
-        if d.get("version") != ENGINE_FORMAT_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise EngineConfigError(f"engine format version {d.get('version')} is not supported "
-                                    f"by this sawtrt (expects {ENGINE_FORMAT_VERSION}); rebuild "
+                                    f"by this sawtrt (reads {READABLE_VERSIONS}); rebuild "
                                     "the engine with `sawtrt build`")
-        layout = PageLayout.from_dict(d["page_layout"])
-        if layout.policy != KVPolicy.from_dict(d["kv_policy"]).resolve(layout.head_dim):
-            raise EngineConfigError("kv_policy and page_layout.policy disagree")
         model = ModelSpec.from_dict(d["model"])
-        try:                       # per-layer pages name layers the model has
-            layout.policy.check_layers(model.num_layers)
+        try:
+            layout = _layout(d)
+            layout.policy.check_layers(model.num_layers)   # per-layer pages name its layers
         except PolicyError as e:
             raise EngineConfigError(str(e)) from None
         return cls(model=model, layout=layout,
@@ -87,3 +93,12 @@ class EngineConfig:
             raise EngineConfigError(f"{str(engine_dir)!r} is not an engine directory (no "
                                     "config.json); build one with `sawtrt build`")
         return cls.from_dict(json.loads(p.read_text()))
+
+
+def _layout(d: dict) -> PageLayout:
+    if d["version"] == 1:
+        layout = PageLayout.from_dict(d["page_layout"])
+        if layout.policy != KVPolicy.from_dict(d["kv_policy"]).resolve(layout.head_dim):
+            raise EngineConfigError("kv_policy and page_layout.policy disagree")
+        return layout
+    return PageLayout.from_dict({**d["page_layout"], "policy": d["kv_policy"]})

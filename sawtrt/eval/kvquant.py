@@ -1,39 +1,22 @@
-"""Fake quantization of K/V by the project's spec, plus prototype variants (eval only).
+"""Fake quantization of K/V by the project's spec, plus eval-only ablations.
 
-`KVScheme` = a `sawtrt.spec.KVPolicy` (the served format: bits, rotation block, V rotation,
-signs) plus optional *variants* that keep the system constraints of the paged cache (same page
-table, per-token (s, m) fp16 parameters, no extra passes over the cache). Written as
-"POLICY[@VARIANT[@VARIANT...]]", e.g.
+`KVScheme` = a `sawtrt.spec.KVPolicy` (the served format, parsed by `KVPolicy.parse`: bits,
+rotation block, V rotation, signs, the K transforms center / balance= / whiten, per-layer
+int8= / bf16= pages) plus eval-only options that measure a part of the error and are not a
+cache format. Written "POLICY[@OPTION...]" (`parse_scheme`), e.g.
 
-    int4-bdr:h=64                 the served policy, exactly as spec.py defines it
-    int4-bdr:h=64@clip            per token, the range [m, m + 15 s] that minimises the MSE among
-                                  a few shrink ratios of [min, max] (tried at write time)
-    int4-bdr:h=64@lut             K only: 16 non-uniform levels between min and max instead of
-                                  16 equidistant ones (a fixed table fitted by calibrate.py)
-    int4-bdr:h=64@center          K minus a fixed per-layer, per-KV-head channel mean before the
-                                  rotation (softmax is invariant to it: q.(k - mu) = q.k - q.mu)
-    int4-bdr:h=64@k8=0+1          layers 0 and 1 store K and V as int8 (pages are per layer)
-    int4-bdr:h=64@vcenter         V minus a fixed per-layer channel mean, added back to the
-                                  attention output once (sum p = 1 makes that exact)
-    int4-bdr:h=64@v8              V as int8 in every layer (more bytes; an upper-bound check)
-    int4-bdr:h=64@center@bal=0.5  Q/K balance: k -> k / s, q -> q * s per channel (exact for the
-                                  scores), s_c = (rms k_c / rms q_c)^alpha over the calibration
-                                  text (K centred when @center), geometric mean 1; before BDR
-    ...@balmax=0.5                the same with max |k_c| / max |q_c|
-    ...@balrot=0.5                the same on the channels of the BDR-rotated K and q
-                                  (k -> R^T S^-1 R k: a block-diagonal matrix, not a scale)
-    ...@whiten                    k -> A k, q -> A^-T q with the A minimising
-                                  E|A^-T q|^2 * E|A k|^2 (A^T A = the geometric mean of Sigma_k^-1
-                                  and Sigma_q): the full-matrix form of bal=0.5
-    ...@center@balraw=0.5         centring, then the balance with s from K's statistics *with*
-    ...@center@whitenraw          its mean (likewise the matrix): the served policies
-                                  int4-bdr:h=64,center,balance=0.5 / int4-bdr:h=64,center,whiten
-    ...@vbal=0.5                  V balance: v -> v / t per channel, the attention output times t
-                                  (foldable into v_proj rows and o_proj columns: free when
-                                  served), t_c = (rms v_c / |o_proj columns of c|)^alpha
-    ...@vwhiten                   its full-matrix form: v -> B v, output -> B^-1 o (also
-                                  foldable), B^2 = Sigma_v^-1 # (o_proj block Gram of the group)
-    int4@vonly, int4-bdr@konly    only V (only K) in the policy, the other one bf16 (ablation)
+    int4-bdr:h=64,kv,center,whiten   the served policy, exactly as spec.py defines it
+    int4-bdr:h=64@konly              only K in the policy, V kept bf16 (ablation)
+    int4@vonly                       only V in the policy, K kept bf16 (ablation)
+    int4-bdr:h=64,center@v8          V stored int8 in every layer (an upper-bound check)
+
+The write-side prototypes that were measured (docs/accuracy.md) either became
+policy options (`@center` -> `center`, `@bal=A` / `@balraw=A` -> `balance=A`, `@whiten` /
+`@whitenraw` -> `whiten`, `@k8=L+L` -> `int8=L+L`) or did not help (`clip`, `lut`, `vcenter`,
+`balmax`, `balrot`, `vbal`, `vwhiten`); the parser refuses both kinds and names the replacement.
+The code behind the refused prototypes (clip / levels in `quantize_dequant`, the balmax / balrot
+branches of `balance_matrices`, `v_balance`, `v_whitening`, and their branches in hooks.py and
+calibrate.py) is unreachable from any scheme now and is to be deleted with those branches.
 
 Shapes: every function takes x [..., D] (the last dimension is the head dimension) and returns a
 fp32 tensor of the same shape, in the *original* basis: x_hat = R^T Q(R x). For the served policy
@@ -43,8 +26,8 @@ paged-cache path differ only in fp32 summation order.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -57,82 +40,83 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def split_schemes(text: str) -> list[str]:
-    """"fp32,bf16,int4-bdr:h=32,kv,seed=1@clip,int4" -> one string per scheme (spec's rule)."""
+    """"fp32,bf16,int4-bdr:h=32,kv,seed=1@konly,int4" -> one string per scheme (spec's rule)."""
     return split_policy_list(text)
+
+
+EVAL_OPTIONS = ("konly", "vonly", "v8")
+# the @variants of earlier measurements: the policy option that serves each, or why it left
+SERVED_AS = {"center": "center", "bal": "balance", "balraw": "balance", "whiten": "whiten",
+             "whitenraw": "whiten", "k8": "int8"}
+LEFT = ("clip", "lut", "vcenter", "balmax", "balrot", "vbal", "vwhiten")
+
+
+def parse_scheme(text: str) -> "KVScheme":
+    """The one parser of eval's schemes: KVPolicy.parse for the policy, then the eval-only
+    options after '@'."""
+    base, *extras = [p.strip() for p in text.strip().split("@")]
+    kw: dict = {}
+    served: list[str] = []
+    for opt in extras:
+        key, eq, val = opt.partition("=")
+        if opt in ("konly", "vonly"):
+            if "only" in kw:
+                raise PolicyError(f"{text!r}: give one of konly, vonly")
+            kw["only"] = opt[0]
+        elif opt == "v8":
+            kw["v8"] = True
+        elif key in SERVED_AS:
+            served.append(SERVED_AS[key] + (f"={val}" if eq else ""))
+        elif key in LEFT:
+            raise PolicyError(f"{text!r}: the @{key} prototype was measured not to help "
+                              "(docs/accuracy.md) and is no longer in sawtrt")
+        else:
+            raise PolicyError(f"unknown eval option {opt!r} in {text!r} (eval-only options: "
+                              f"{', '.join(EVAL_OPTIONS)}; everything else is the policy's)")
+    if served:
+        rest = [o for o in extras if o in EVAL_OPTIONS]
+        raise PolicyError(f"{text!r}: {', '.join(served)} are policy options now: write "
+                          + base + ("," if ":" in base else ":") + ",".join(served)
+                          + "".join("@" + o for o in rest))
+    return KVScheme(KVPolicy.parse(base), text=text.strip(), **kw)
 
 
 @dataclass(frozen=True)
 class KVScheme:
     policy: KVPolicy
-    clip: bool = False
-    lut: bool = False
-    center: bool = False
-    vcenter: bool = False
-    int8_layers: tuple[int, ...] = ()
     only: str | None = None          # "k" or "v": the other tensor stays bf16
     v8: bool = False                 # V stored as int8 in every layer (K as the policy says)
-    balance: str | None = None       # "bal" | "balmax" | "balrot" | "balraw" | "whiten" |
-                                     # "whitenraw" (see module doc)
-    alpha: float = 0.5
-    vbal: float | None = None        # alpha of the V balance (see module doc)
-    vwhiten: bool = False
     text: str = field(default="", compare=False)
+
+    # The prototypes that left: always off (hooks.py still asks for them).
+    clip: ClassVar[bool] = False
+    lut: ClassVar[bool] = False
+    center: ClassVar[bool] = False
+    vcenter: ClassVar[bool] = False
+    int8_layers: ClassVar[tuple] = ()
+    balance: ClassVar[str | None] = None
+    alpha: ClassVar[float] = 0.5
+    vbal: ClassVar[float | None] = None
+    vwhiten: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, text: str) -> "KVScheme":
-        base, *variants = [p.strip() for p in text.strip().split("@")]
-        kw: dict = {}
-        for v in variants:
-            key, eq, val = v.partition("=")
-            if key == "clip" and not eq:
-                kw["clip"] = True
-            elif key == "lut" and not eq:
-                kw["lut"] = True
-            elif key == "center" and not eq:
-                kw["center"] = True
-            elif key == "vcenter" and not eq:
-                kw["vcenter"] = True
-            elif key == "v8" and not eq:
-                kw["v8"] = True
-            elif key in ("konly", "vonly") and not eq:
-                kw["only"] = key[0]
-            elif key in ("bal", "balmax", "balrot", "balraw") and eq:
-                kw["balance"], kw["alpha"] = key, float(val)
-            elif key == "vbal" and eq:
-                kw["vbal"] = float(val)
-            elif key == "vwhiten" and not eq:
-                kw["vwhiten"] = True
-            elif key in ("whiten", "whitenraw") and not eq:
-                kw["balance"] = key
-            elif key == "k8" and eq:
-                kw["int8_layers"] = tuple(sorted(int(x) for x in val.split("+") if x.strip()))
-            else:
-                raise PolicyError(f"unknown variant {v!r} in {text!r} (clip, lut, center, vcenter, "
-                                  "konly, vonly, v8, k8=L+L.., bal=A, balmax=A, balrot=A, balraw=A, "
-                                  "whiten, whitenraw, vbal=A)")
-        scheme = cls(KVPolicy.parse(base), text=text.strip(), **kw)
-        if (scheme.clip or scheme.lut) and not scheme.policy.quantized:
-            raise PolicyError(f"{text!r}: clip/lut need a quantized policy")
-        return scheme
+        return parse_scheme(text)
 
     @property
     def is_plain(self) -> bool:
-        """True when this is exactly a served policy (no prototype variant)."""
-        return not (self.clip or self.lut or self.center or self.vcenter or self.int8_layers
-                    or self.only or self.v8 or self.balance or self.vbal or self.vwhiten)
+        """True when this is exactly a served policy (no eval-only option)."""
+        return not (self.only or self.v8)
 
     @property
     def calibrated(self) -> bool:
-        """True when the scheme needs calibration statistics (calibrate.py)."""
-        return bool(self.center or self.lut or self.vcenter or self.balance or self.vbal
-                    or self.vwhiten                    or self.policy.transforms_k)
+        """True when the scheme needs the model's calibration (the policy's K transform)."""
+        return self.policy.transforms_k
 
     def __str__(self) -> str:
         return self.text or str(self.policy)
 
     def policy_for_layer(self, layer: int) -> KVPolicy:
-        if layer in self.int8_layers:
-            return KVPolicy("int8")
         return self.policy.for_layer(layer)       # the served per-layer pages (int8=...)
 
     def policy_for(self, layer: int, which: str) -> KVPolicy:

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +23,7 @@ from . import library
 
 _workspaces: dict[int, torch.Tensor] = {}       # device index -> uint8 buffer, grown on demand
 _outgrown: list[torch.Tensor] = []              # replaced buffers, kept alive (see _workspace)
-_signs: dict[tuple, torch.Tensor] = {}           # (layout json, device index) -> float32 [D]
+_signs: dict[tuple, torch.Tensor] = {}           # (seed, D, device index) -> float32 [D]
 
 
 def available() -> bool:
@@ -33,36 +34,69 @@ def available() -> bool:
 def _signs_ptr(layout: PageLayout, device: torch.device) -> int:
     if layout.policy.sign_seed is None:
         return 0
-    key = (layout.to_json(), device.index)
+    key = (layout.policy.sign_seed, layout.head_dim, device.index)
     buf = _signs.get(key)
     if buf is None:
         buf = _signs[key] = layout.policy.signs(layout.head_dim).to(device)
     return buf.data_ptr()
 
 
-def kernel_config(layout: PageLayout, num_q_heads: int, dtype, device,
-                  sm_scale: float | None = None) -> library.SawConfig | None:
-    """The library's config for this call, or None when the kernels don't serve it (no
-    library, CPU tensors, fp32 activations, a head_dim/group without an instantiation)."""
-    if torch.device(device).type != "cuda" or library.act_dtype_code(dtype) is None:
+@dataclass(frozen=True)
+class KernelPlan:
+    """What the library said, once, about one configuration (FlashInfer's plan/run split: the
+    probe runs at the first call of a configuration, normally while the model is set up; every
+    later call of every layer is a dictionary lookup)."""
+    cfg: library.SawConfig      # passed by reference to every call (the library only reads it)
+    decode: bool                # the decode kernel serves it too (saw_decode_supported)
+
+
+_plans: dict[tuple, KernelPlan | None] = {}
+
+
+def plan(layout: PageLayout, num_q_heads: int, dtype, device,
+         sm_scale: float | None = None) -> KernelPlan | None:
+    """The library's plan for this configuration, or None when the kernels don't serve it (no
+    library, CPU tensors, fp32 activations, a head_dim/group without an instantiation). The
+    probe (saw_page_layout validates the config against the instantiations) runs once per
+    configuration and library; later calls are one dictionary lookup (~2 us)."""
+    key = (layout, num_q_heads, dtype, device, sm_scale, library._LIB)
+    try:
+        return _plans[key]
+    except KeyError:
+        pass
+    device = torch.device(device)
+    if device.type != "cuda" or library.act_dtype_code(dtype) is None:
+        _plans[key] = None
         return None
     lib = library.try_load()
     if lib is None:
-        return None
-    cfg = library.make_config(layout, num_q_heads, dtype, sm_scale,
-                              _signs_ptr(layout, torch.device(device)))
+        return None     # not remembered: a library built later in this process is found
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cfg = library.make_config(layout, num_q_heads, dtype, sm_scale, _signs_ptr(layout, device))
     probe = library.SawPageLayout()
     if lib.saw_page_layout(ctypes.byref(cfg), ctypes.byref(probe)):
-        return None   # validation says no instantiation: the reference serves it
-    return cfg
+        result = None   # validation says no instantiation: the reference serves it
+    else:
+        result = KernelPlan(cfg, library.decode_supported(cfg, lib))
+    _plans[key] = _plans[key[:-1] + (lib,)] = result
+    return result
+
+
+def kernel_config(layout: PageLayout, num_q_heads: int, dtype, device,
+                  sm_scale: float | None = None) -> library.SawConfig | None:
+    """The library's config for this call (from the cached plan), or None when the kernels
+    don't serve it."""
+    p = plan(layout, num_q_heads, dtype, device, sm_scale)
+    return None if p is None else p.cfg
 
 
 def fused_step_config(layout: PageLayout, num_q_heads: int, dtype, device,
                       sm_scale: float | None = None) -> library.SawConfig | None:
     """kernel_config, when the library also serves this layout's decode (attention_step has no
     fallback: a library built before int8 decode must not get int8 layers)."""
-    cfg = kernel_config(layout, num_q_heads, dtype, device, sm_scale)
-    return cfg if cfg is not None and library.decode_supported(cfg) else None
+    p = plan(layout, num_q_heads, dtype, device, sm_scale)
+    return p.cfg if p is not None and p.decode else None
 
 
 def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
