@@ -12,6 +12,12 @@ kernel_lib() {       # the sm_90a kernel library (H100/H200), built once, cached
   export SAWTRT_KERNEL_LIB=$PWD/build/dev/libsawtrt_kernels.so
 }
 
+qwen3_on_gpu() {     # the kernel library and the shared engine $ENG (default /tmp/qwen3-4b-random)
+  kernel_lib
+  ENG=${ENG:-/tmp/qwen3-4b-random}
+  qwen3_engine "$ENG"
+}
+
 qwen3_engine() {     # DIR [build options]: the random-weight Qwen3-4B engine of the throughput
   local dir=$1; shift  # figures (bf16 weights; 256 sequences of 8 192 + 1 024 + 128 tokens)
   [ -f "$dir/config.json" ] && return 0

@@ -3,9 +3,7 @@
 # (docs/performance.md "End to end"; docs/perf/throughput-256-h200.{json,png}).
 # Machine: one H200. About 6 minutes.
 . "$(dirname "$0")/common.sh"
-kernel_lib
-ENG=${ENG:-/tmp/qwen3-4b-random}
-qwen3_engine "$ENG"
+qwen3_on_gpu
 sawtrt bench throughput --engine "$ENG" --policies bf16,int4,int4-bdr \
   --concurrency "${CONC:-1,8,16,32,64,128,256}" --prompt-len 256 --output-len 1024 \
   --kv-memory-gib 100 --json "$OUT/throughput-256-h200.json" --plot "$OUT/throughput-256-h200.png"

@@ -4,9 +4,7 @@
 # "End to end"; docs/perf/throughput-8k-h200.{json,png}).
 # Machine: one H200 (141 GB). About 20 minutes in all; CONC=1,8,16,32,64 for a shorter run.
 . "$(dirname "$0")/common.sh"
-kernel_lib
-ENG=${ENG:-/tmp/qwen3-4b-random}
-qwen3_engine "$ENG"
+qwen3_on_gpu
 for policy in bf16 int4 int4-bdr; do
   sawtrt bench throughput --engine "$ENG" --policies "$policy" \
     --concurrency "${CONC:-1,8,16,32,64,128,256}" --prompt-len 8192 --output-len 1024 \

@@ -3,8 +3,6 @@
 # spread), 8 192-token prompts (docs/performance.md "End to end";
 # docs/perf/throughput-8k-pair-h200.json). Machine: one H200. About 3 minutes.
 . "$(dirname "$0")/common.sh"
-kernel_lib
-ENG=${ENG:-/tmp/qwen3-4b-random}
-qwen3_engine "$ENG"
+qwen3_on_gpu
 sawtrt bench throughput --engine "$ENG" --policies int4,int4-bdr --concurrency "${CONC:-32,64}" \
   --prompt-len 8192 --output-len 1024 --kv-memory-gib 100 --json "$OUT/throughput-8k-pair-h200.json"

@@ -5,9 +5,7 @@
 # wheel; on a machine without a package registry: make_triton_bundle.sh, then
 # `source .carry/triton/env.sh`). About 6 minutes.
 . "$(dirname "$0")/common.sh"
-kernel_lib
-ENG=${ENG:-/tmp/qwen3-4b-random}
-qwen3_engine "$ENG"
+qwen3_on_gpu
 python3 benchmarks/triton_selfcheck.py --need torch --log "$OUT/triton-selfcheck.log"
 for policy in int4-bdr int4 bf16; do
   sawtrt bench serve --engine "$ENG" --kv-cache "$policy" --kv-memory-gib 100 --max-num-seqs 16 \
