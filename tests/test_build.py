@@ -16,6 +16,8 @@ from sawtrt.kernels import library
 from sawtrt.spec import KVPolicy, PageLayout
 
 ROOT = Path(__file__).resolve().parents[1]
+# every test loads the library, which a fresh checkout compiles with nvcc first (~1 min)
+pytestmark = pytest.mark.slow
 ARCHS = ("sm_90a",)   # one arch keeps a 2-core CI build to about a minute
 
 

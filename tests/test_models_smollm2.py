@@ -26,7 +26,8 @@ from sawtrt.spec import KVPolicy
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+# minutes on 2 cores: real weights, transformers for comparison, greedy decoding on the CPU
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]   # tests/conftest.py
 
 N_TOKENS = 40
 PROMPTS = [

@@ -126,6 +126,7 @@ def _run(engine: LLMEngine, reqs, arrivals_per_step=16):
     return outs, reasons, steps
 
 
+@pytest.mark.slow
 def test_thousand_requests_with_and_without_preemption(tmp_path):
     spec = tiny_spec("llama", num_layers=1)      # one layer: the reference attention is the cost
     eng_dir = build_tiny(tmp_path, spec, kv_cache="int4-bdr", page_size=16, max_batch=64,

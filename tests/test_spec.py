@@ -82,7 +82,7 @@ def test_default_block_and_divisibility():
 
 
 def test_bytes_per_token_match_the_design():
-    # DESIGN.md: 64 + 64 + 4 + 4 = 136 bytes per token per KV head at D = 128, vs 512 in BF16
+    # docs/design.md: 64 + 64 + 4 + 4 = 136 bytes per token per KV head at D = 128, vs 512 in BF16
     assert PageLayout(KVPolicy.parse("int4-bdr"), 128, 8).token_bytes == 136
     assert PageLayout(KVPolicy.parse("bf16"), 128, 8).token_bytes == 512
     lay = PageLayout(KVPolicy.parse("int4"), 128, 8, page_size=64)

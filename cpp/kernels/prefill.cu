@@ -16,13 +16,13 @@
 //     (sawtrt.reference.paged_attention(query_operand=torch.float16) models it): at most 2^-11
 //     of |q| per element; on the outlier-heavy test data it moves the output by ~1e-3 (relative
 //     Frobenius; up to 2e-2 of a row's max elementwise), where the INT4 cache itself moves it by
-//     ~0.4 (up to 3x a row's max) — measured on CPU, docs/performance.md. An
+//     ~0.4 (up to 3x a row's max) — measured on CPU, CHANGELOG.md (prefill kernel). An
 //     earlier hi + lo split (two MMAs) cost int4-bdr 8-9 % of its prefill time for nothing a
 //     model can see. sm_scale*log2(e) is applied in fp32 after the MMA; sum(q) per row (of the
 //     rounded operands) is kept for the offset term;
 //   * K/V tiles of BK tokens are read page by page (any page order) as raw codes, one tile
 //     ahead into registers (the loads fly during the current tile's MMAs), then turned into
-//     MMA operands without applying (s, m): the algebra of DESIGN.md does that exactly in fp32,
+//     MMA operands without applying (s, m): the algebra of docs/design.md does that exactly in fp32,
 //       q . k_hat = s * (q . code) + m * sum(q),
 //       sum_t p_t v_hat_t = sum_t (p_t s_t) code_t + sum_t p_t m_t,
 //     so an INT4/INT8 code is an exact small integer operand and only p*s is rounded;

@@ -89,6 +89,59 @@ def random_pool(torch, layout, num_pages: int, gen):
     return pool
 
 
+class DecodeLib:
+    """The kernel library (sawtrt.kernels.library) with the saw_decode calls the benchmark times."""
+
+    def __init__(self, path: str | None = None):
+        from ..kernels import library
+        self.library = library
+        self.full = library.load(path)
+        self.name = "libsawtrt_kernels.so"
+
+    def config(self, layout, num_q_heads: int, dtype, signs):
+        return self.library.make_config(layout, num_q_heads, dtype,
+                                        signs_ptr=signs.data_ptr() if signs is not None else 0)
+
+    def workspace_bytes(self, cfg, num_seqs: int, max_seq_len: int) -> int:
+        import ctypes
+        return int(self.full.saw_workspace_bytes(ctypes.byref(cfg), num_seqs, num_seqs,
+                                                 max_seq_len))
+
+    def decode(self, cfg, q, pool_layer, block_tables, seq_lens, max_seq_len, out, ws,
+               stream: int = 0) -> None:
+        import ctypes
+        args = (ctypes.byref(cfg), q.data_ptr(), q.stride(0), pool_layer.data_ptr(),
+                block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
+                seq_lens.shape[0], max_seq_len, out.data_ptr(),
+                ws.data_ptr() if ws is not None and ws.numel() else None,
+                ws.numel() if ws is not None else 0, stream or None)
+        self.library.check(self.full.saw_decode(*args), self.full)
+
+
+class DecodeCall:
+    """A prepared decode launch over fixed tensors: call it to run once (graph-capturable)."""
+
+    def __init__(self, lib: DecodeLib, layout, q, pool_layer, block_tables, seq_lens,
+                 max_seq_len: int | None = None):
+        import torch
+        self.lib = lib
+        self.q, self.pool, self.bt = q, pool_layer, block_tables
+        self.lens = seq_lens.to(device=q.device, dtype=torch.int32)
+        self.max_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+        signs = layout.policy.signs(layout.head_dim)
+        self.signs = signs.to(q.device) if signs is not None else None
+        self.cfg = lib.config(layout, q.shape[1], q.dtype, self.signs)
+        nbytes = lib.workspace_bytes(self.cfg, q.shape[0], self.max_len)
+        self.ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
+        self.out = torch.empty_like(q)
+
+    def __call__(self):
+        import torch
+        self.lib.decode(self.cfg, self.q, self.pool, self.bt, self.lens, self.max_len, self.out,
+                        self.ws, torch.cuda.current_stream().cuda_stream)
+        return self.out
+
+
 def sdpa_best(torch, q4, k, v, reps, flush):
     """(ms, backend) of the faster of cuDNN / flash SDPA (None if neither runs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -112,7 +165,6 @@ def bench_point(torch, lib, shape: str, batch: int, ctx: int, page_size: int, re
                 flush, copy_tbps: float, gen, with_write: bool = True,
                 policies=DECODE_POLICIES) -> Row:
     from ..spec import KVPolicy, PageLayout
-    from .decode_runner import DecodeCall
     hq, hkv, d = SHAPES[shape]
     row = Row(shape, hq, hkv, d, batch, ctx, page_size)
     dev = "cuda"
@@ -149,10 +201,8 @@ def bench_point(torch, lib, shape: str, batch: int, ctx: int, page_size: int, re
 
 
 def write_step_ms(torch, lib, layout, hq, batch, pool, bt, ctx, reps, flush, gen):
-    """One decode step's K/V write (one token per sequence) through saw_write_kv, if the full
-    library is loaded; None otherwise."""
-    if lib.full is None:
-        return None
+    """One decode step's K/V write (one token per sequence) through saw_write_kv (None if it
+    fails for this shape)."""
     import ctypes
     hkv, d = layout.num_kv_heads, layout.head_dim
     qkv = torch.randn(batch, (hq + 2 * hkv) * d, device="cuda", generator=gen).to(torch.bfloat16)
@@ -181,7 +231,6 @@ def run(shapes=("qwen3-4b",), batches=BATCHES, contexts=CONTEXTS, page_size: int
     import torch
     from ..spec import KVPolicy
     policies = tuple(str(KVPolicy.parse(p)) for p in policies)
-    from .decode_runner import DecodeLib
     if not torch.cuda.is_available():
         raise RuntimeError("sawtrt bench kernels needs a CUDA GPU")
     lib = DecodeLib(lib_path)

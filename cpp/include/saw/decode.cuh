@@ -4,12 +4,12 @@
 // 16-token tiles of the split (tile i goes to warp i % 4) through a private cp.async ring of
 // shared-memory stages, and all query heads of the KV group ride on one load of each tile.
 // Page ids come lane-parallel, a 32-tile window ahead (INT4, INT8), so no tile's copies wait on a
-// block-table load (docs/performance.md, decode v2: that wait was the one memory-side stall).
+// block-table load (that wait was the one memory-side stall measured: CHANGELOG.md, decode kernel).
 //
 // Per 16-token tile a warp runs two tensor-core products (mma.sync m16n8k16, fp32 accumulate):
 //   S^T[token, head] = codes[token, :] . q'[head, :]      A = codes (fp16), B = q' (fp16)
 //   O^T[dim, head]  += codesV^T[dim, token] . P'^T[token, head]   A = V codes (bf16), B = P'
-// using the algebra of DESIGN.md for INT4:
+// using the algebra of docs/design.md ("Reading quantized K and V"):
 //   q . x_hat = s (q . code) + m sum(q),    sum_t p_t x_hat_t = sum_t (p_t s_t) code_t + sum_t p_t m_t
 // Tokens are the MMA's M (16 rows), the GQA group its N (8 per n-tile, NT = 2 for groups 9..16),
 // so a group of 4 wastes half of N but no load. P^T moves from the S^T accumulator layout to the
@@ -62,7 +62,8 @@ struct DecodeParams {
 
 constexpr int kDecodeMaxSplits = 128;
 
-// Sandbox knobs (cpp/dev builds pass -D...; the library uses the defaults).
+// Tuning knobs (-D at compile time); the library is built with these defaults, the fastest
+// measured on H200 (4 CTAs/SM; 5 CTAs/SM and other in-flight sizes were not faster).
 #ifndef SAW_DECODE_INFLIGHT_BYTES
 #define SAW_DECODE_INFLIGHT_BYTES 12288
 #endif
