@@ -234,6 +234,7 @@ def file_text(path, name: str | None = None) -> Text:
 
 _LOADERS = {"gpl3": gpl3_text, "pyref": pyref_text, "calib": calib_text,
             "apache2": apache2_text, "chat": chat_text, "chat-calib": chat_calib_text}
+SOURCE_NAMES = tuple(_LOADERS)
 
 
 def get_text(name) -> Text:

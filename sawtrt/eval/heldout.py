@@ -105,7 +105,15 @@ class _Scorer:
         self._hf_calib: dict = {}
         self.log = log
 
-    def set_shrink(self, shrink: float) -> None:
+    def configure(self, calib_sources, calib_tokens: int, shrink: float) -> None:
+        """Calibrate on other text / tokens (statistics recomputed) or shrink differently."""
+        if (list(calib_sources), calib_tokens) != (list(self.calib_sources), self.calib_tokens):
+            self.calib_sources, self.calib_tokens = calib_sources, calib_tokens
+            self._hf_calib = {}
+            if self.runtime:
+                self.runtime.calib_sources, self.runtime.calib_tokens = calib_sources, calib_tokens
+                self.runtime._calibration = None
+                self.runtime._models = {}
         self.shrink = shrink
         if self.runtime:
             self.runtime.set_shrink(shrink)
@@ -172,8 +180,12 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
             seeds: int = 4, eval_sources=corpus.EVAL_SOURCES,
             calib_sources=corpus.CALIB_SOURCES, tokens: int = 1024, calib_tokens: int = 1024,
             window: int = 512, shrink: float = 0.0, overfit: bool = True, prompts: int = 0,
-            gen_tokens: int = 32, threads: int = 1, log=print, scorer=None) -> dict:
-    """Run the held-out protocol (module doc); returns a JSON-able dict (`format_heldout`)."""
+            gen_tokens: int = 32, threads: int = 1, log=print, scorer=None,
+            memo: dict | None = None) -> dict:
+    """Run the held-out protocol (module doc); returns a JSON-able dict (`format_heldout`).
+
+    scorer, memo: a `_Scorer` and a dict shared between calls (studies): scores that do not
+    depend on the calibration are computed once."""
     t0 = time.time()
     torch.set_num_threads(threads)
     overlaps = corpus.check_disjoint(calib_sources, eval_sources)
@@ -181,6 +193,8 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
     if not any(p.kind == "bf16" and not p.mixed for p in pols):
         pols.insert(0, KVPolicy("bf16"))
     sc = scorer or _Scorer(model, checkpoint, calib_sources, calib_tokens, window, shrink, log)
+    if scorer is not None:
+        sc.configure(calib_sources, calib_tokens, shrink)
     sw = getattr(sc.cfg, "sliding_window", None)
     bos = sc.tok.bos_token_id
     if sw and window + (bos is not None) > sw:
@@ -199,10 +213,13 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
             f"{'' if t.pinned else ' (unpinned)'}: first {calib_tokens} tokens"
             f"{' (whiten shrinkage %g)' % shrink if shrink else ''}")
 
-    memo: dict = {}
+    memo = {} if memo is None else memo
+    ekey = (tuple(t.sha256 for t in map(corpus.get_text, eval_sources)), tokens, window)
+    ckey = (tuple(t.sha256 for t in map(corpus.get_text, calib_sources)), calib_tokens)
 
     def run(pol, windows):
-        key = (str(pol), id(windows))
+        key = (str(pol), ekey if windows is ws else ckey + (window,),
+               ckey + (shrink,) if pol.transforms_k else None)
         if key not in memo:
             t = time.time()
             memo[key] = (sc.score(pol, windows), time.time() - t)
