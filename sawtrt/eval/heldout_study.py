@@ -30,9 +30,12 @@ from ..data import corpus
 from ..spec import KVPolicy
 
 
-def _rank(sc, base: KVPolicy, calib_sources, calib_tokens, window, log) -> list[int]:
-    """Layers by KV sensitivity on the calibration sample only, most sensitive first."""
-    if sc.runtime is not None:
+def _rank(sc, base: KVPolicy, calib_sources, calib_tokens, window, log,
+          kl: bool = False) -> list[int]:
+    """Layers by KV sensitivity on the calibration sample only, most sensitive first.
+    kl (runtime models): `calibration.layer_rank`'s KL ranking (L(L+1)/2 layer passes per
+    window); else the probe's per-layer attention-output error (one pass per window)."""
+    if kl and sc.runtime is not None:
         from ..calibration import layer_rank
         from ..models import kv_transform as kvt
         tok = sc.tok
@@ -75,6 +78,10 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated steps to skip (names above)")
+    ap.add_argument("--overfit", default="diverse,shrink",
+                    help="steps that run the overfit check (it scores the calibration text too)")
+    ap.add_argument("--kl-rank", action="store_true",
+                    help="rank layers by layer_rank's KL (runtime models) instead of the probe")
     a = ap.parse_args(argv)
     from .heldout import _Scorer, format_heldout, heldout
     from .plot import pareto
@@ -104,29 +111,33 @@ def main(argv=None) -> None:
 
     if "calib-only" not in skip:
         step("calib-only", policies=[plain, served], calib_sources=("calib",),
-             calib_tokens=1024, shrink=0.0)
+             calib_tokens=1024, shrink=0.0, overfit="calib-only" in a.overfit)
     if "diverse" not in skip:
         step("diverse", policies=[served], calib_sources=corpus.CALIB_SOURCES,
-             calib_tokens=a.calib_tokens, shrink=0.0)
+             calib_tokens=a.calib_tokens, shrink=0.0, overfit="diverse" in a.overfit)
     best_shrink = 0.0
     for s in [float(x) for x in a.shrinks.split(",") if x] if "shrink" not in skip else []:
         step(f"diverse+shrink={s:g}", policies=[served], calib_sources=corpus.CALIB_SOURCES,
-             calib_tokens=a.calib_tokens, shrink=s)
+             calib_tokens=a.calib_tokens, shrink=s, overfit="shrink" in a.overfit)
     if "frontier" not in skip:
         # the shrinkage of the frontier is chosen on calibration text (overfit check's
         # calibration-text numbers), never on the held-out numbers
-        cands = {k: v for k, v in results.items() if k.startswith("diverse")}
+        cands = {k: v for k, v in results.items() if k.startswith("diverse") and
+                 any("calib_delta" in r for r in v["results"])}
         if cands:
             k = min(cands, key=lambda k: next(r["calib_delta"]["mean"] for r in
                                               cands[k]["results"] if r["policy"] == served))
             best_shrink = cands[k]["shrink"]
-        log(f"frontier: shrinkage {best_shrink:g} (lowest calibration-text loss)")
+        elif a.shrinks:
+            best_shrink = float(a.shrinks.split(",")[-1])
+        log(f"frontier: shrinkage {best_shrink:g} (lowest calibration-text loss, else the "
+            "last --shrinks)")
         sc.configure(corpus.CALIB_SOURCES, a.calib_tokens, best_shrink)
         order = _rank(sc, KVPolicy.parse(served), corpus.CALIB_SOURCES, a.calib_tokens,
-                      a.window, log)
+                      a.window, log, kl=a.kl_rank)
         ns = [int(x) for x in a.layers.split(",") if x]
         wide = [f"{served},int8=" + "+".join(map(str, sorted(order[:n]))) for n in ns]
-        step("frontier", policies=["int8", plain, plainkv, served] + wide,
+        step("frontier", policies=["int8", plain, served] + wide,
              calib_sources=corpus.CALIB_SOURCES, calib_tokens=a.calib_tokens,
              shrink=best_shrink, overfit=False)
         results["frontier"]["layer_order"] = order
