@@ -64,6 +64,12 @@ def _rank(sc, base: KVPolicy, calib_sources, calib_tokens, window, log,
 
 
 def main(argv=None) -> None:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--markdown"]:
+        for f in argv[1:]:
+            print(markdown(json.loads(Path(f).read_text())))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
@@ -148,6 +154,41 @@ def main(argv=None) -> None:
                  calib_sources=corpus.CALIB_SOURCES, calib_tokens=a.calib_tokens,
                  shrink=best_shrink, prompts=a.prompts, gen_tokens=a.gen_tokens, overfit=False)
     (out / f"{a.model}.json").write_text(json.dumps(results, indent=1))
+
+
+
+
+def markdown(results: dict) -> str:
+    """Markdown tables of a study's JSON (`python -m sawtrt.eval.heldout_study --markdown F`)."""
+    lines = []
+    for step, r in results.items():
+        srcs = [s["source"] for s in r["eval_text"]]
+        lines += [f"**{r['model']} — {step}** (calibration: "
+                  f"{'+'.join(s['source'] for s in r['calib_text'])}, "
+                  f"{r['calib_tokens']} tokens each, whiten shrinkage {r['shrink']:g}; "
+                  f"{r['scored_tokens']} held-out tokens, bf16 ppl {r['bf16_ppl']:.3f})", "",
+                  "| policy | B/token | held-out vs bf16 (mean ± sd) | realisations | "
+                  + " | ".join(srcs) + " | calib-text | overfit |",
+                  "|---|---:|---:|---|" + "---:|" * len(srcs) + "---:|---|"]
+        for row in r["results"]:
+            d = row["delta"]
+            reals = ", ".join(f"{x['delta_pct']:+.2f}" for x in row["realisations"])
+            cd = row.get("calib_delta")
+            lines.append(f"| `{row['policy']}` | {row['bytes_per_token']} | "
+                         f"{d['mean']:+.2f} ± {d['sd']:.2f} % | {reals} | "
+                         + " | ".join(f"{row['per_source'][s]['mean']:+.2f} %" for s in srcs)
+                         + (f" | {cd['mean']:+.2f} % | "
+                            f"{'flagged' if row['overfit'] else 'no'} (gain "
+                            f"{row['gain_calib']['mean']:+.2f} → {row['gain_heldout']['mean']:+.2f})"
+                            " |" if cd else " | — | — |"))
+        for g in r.get("generation") or ():
+            lines.append(f"\ngreedy `{g['policy']}` vs bf16: token match "
+                         f"{g['token_match_pct']:.1f} %, identical {g['identical_prompts']}/"
+                         f"{g['prompts']}, first divergence median "
+                         f"{g['first_divergence_median']:g} (mean "
+                         f"{g['first_divergence_mean']:.1f}) of {g['tokens']} tokens")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
