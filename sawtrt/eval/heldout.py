@@ -43,11 +43,12 @@ OVERFIT_KEEP = 0.5
 OVERFIT_POINTS = 0.5
 
 
-def expand_seeds(policy: KVPolicy, seeds: int) -> list[KVPolicy]:
-    """The realisations of a policy: sign seeds 1..seeds for a rotated one, else itself."""
+def expand_seeds(policy: KVPolicy, seeds: int, first: int = 1) -> list[KVPolicy]:
+    """The realisations of a policy: sign seeds first..first+seeds-1 for a rotated one, else
+    itself."""
     if not (policy.quantized and policy.rotated) or seeds <= 0:
         return [policy]
-    return [dataclasses.replace(policy, sign_seed=s) for s in range(1, seeds + 1)]
+    return [dataclasses.replace(policy, sign_seed=s) for s in range(first, first + seeds)]
 
 
 def spread(values) -> dict:
@@ -181,7 +182,7 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
             calib_sources=corpus.CALIB_SOURCES, tokens: int = 1024, calib_tokens: int = 1024,
             window: int = 512, shrink: float = 0.0, overfit: bool = True, prompts: int = 0,
             gen_tokens: int = 32, threads: int = 1, log=print, scorer=None,
-            memo: dict | None = None) -> dict:
+            memo: dict | None = None, first_seed: int = 1) -> dict:
     """Run the held-out protocol (module doc); returns a JSON-able dict (`format_heldout`).
 
     scorer, memo: a `_Scorer` and a dict shared between calls (studies): scores that do not
@@ -237,7 +238,7 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
         if pol.kind == "bf16" and not pol.mixed:
             continue
         reals = []
-        for p in expand_seeds(pol, seeds):
+        for p in expand_seeds(pol, seeds, first_seed):
             acc, dt = run(p, ws)
             nll, _ = pooled(acc)
             r = {"policy": str(p), "seed": p.sign_seed, "ppl": math.exp(nll),
@@ -272,7 +273,7 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
         ids = [sc.chat_ids(t) for t in texts]
         eos = {sc.tok.eos_token_id} | set(getattr(sc.hf.generation_config, "eos_token_id", None)
                                           and _as_list(sc.hf.generation_config.eos_token_id) or [])
-        gen_pols = [KVPolicy("bf16")] + [expand_seeds(p, seeds)[0] for p in pols
+        gen_pols = [KVPolicy("bf16")] + [expand_seeds(p, seeds, first_seed)[0] for p in pols
                                          if not (p.kind == "bf16" and not p.mixed)]
         outs = {}
         for p in gen_pols:
@@ -294,7 +295,7 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
                         "token_match_pct": match})
     return {"protocol": "held-out", "model": sc.label, "path": sc.path,
             "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
-            "seeds": seeds, "tokens": tokens, "calib_tokens": calib_tokens, "window": window,
+            "seeds": seeds, "first_seed": first_seed, "tokens": tokens, "calib_tokens": calib_tokens, "window": window,
             "shrink": shrink, "eval_text": info, "calib_text": cinfo, "overlap": overlaps,
             "bf16_ppl": math.exp(ref_nll), "scored_tokens": ntok, "results": rows,
             "generation": gen, "prompts": corpus.chat_prompts(prompts) if prompts else [],

@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--block", type=int, default=None, help="rotation block h (default: policy's)")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--window", type=int, default=512)
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     sc = _Scorer(a.model, None, corpus.CALIB_SOURCES, a.calib_tokens, a.window, 0.0, log)
     memo: dict = {}
     results: dict = {}
-    common = dict(seeds=a.seeds, tokens=a.tokens, window=a.window, threads=a.threads, log=log,
+    common = dict(seeds=a.seeds, first_seed=a.first_seed, tokens=a.tokens, window=a.window, threads=a.threads, log=log,
                   scorer=sc, memo=memo)
 
     def step(name, **kw):
