@@ -39,6 +39,10 @@ import click
               help="heldout: calibration tokens taken from each calibration text")
 @click.option("--shrink", default=0.0, show_default=True,
               help="heldout: shrinkage of the whitening's moment matrices toward the identity")
+@click.option("--overfit-check/--no-overfit-check", default=True, show_default=True,
+              help="heldout: also score calibrated policies (and their pages without the K "
+                   "transform) on the calibration text, and flag a transform whose held-out gain "
+                   "falls far below its calibration-text gain")
 @click.option("--prompts", default=0, show_default=True,
               help="heldout: greedy agreement with bf16 over this many chat prompts (0: skip)")
 @click.option("--gen-tokens", default=32, show_default=True,
@@ -58,7 +62,8 @@ import click
               help="instead of perplexity: per-layer attention-output error of each policy from "
                    "exact inputs (no cascade; a low-noise screen for variants)")
 def eval_cmd(models, checkpoint, protocol, policies, tokens, window, seeds, eval_texts,
-             calib_texts, calib_tokens, shrink, prompts, gen_tokens, offset, greedy_tokens,
+             calib_texts, calib_tokens, shrink, overfit_check, prompts, gen_tokens, offset,
+             greedy_tokens,
              cross_check, hf_paged, no_outliers, json_path, plot_path, threads, probe):
     """Teacher-forced perplexity on real text with the KV cache in each policy.
 
@@ -81,7 +86,7 @@ def eval_cmd(models, checkpoint, protocol, policies, tokens, window, seeds, eval
     if protocol == "heldout" and not probe:
         return _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts,
                         calib_texts, calib_tokens, shrink, prompts, gen_tokens, json_path,
-                        plot_path, threads or 1)
+                        plot_path, threads or 1, overfit_check)
     tokens, window = tokens or 2048, window or 512
     schemes = split_schemes(policies or
                             "fp32,bf16,int8,int4,int4-bdr:h=16,int4-bdr:h=32,int4-bdr:h=64")
@@ -121,7 +126,8 @@ def _text(arg: str):
 
 
 def _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts, calib_texts,
-             calib_tokens, shrink, prompts, gen_tokens, json_path, plot_path, threads):
+             calib_tokens, shrink, prompts, gen_tokens, json_path, plot_path, threads,
+             overfit_check=True):
     from ..data import corpus
     from ..eval.heldout import format_heldout, heldout
     from ..eval.kvquant import split_schemes
@@ -146,7 +152,8 @@ def _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts, ca
             win = 512 if m != "gemma3-270m" else 511      # BOS + 511 = Gemma-3's sliding window
         try:
             res = heldout(m, checkpoint if m is None else None, pols, seeds, ev, ca,
-                          tokens or 1024, calib_tokens, win, shrink, prompts=prompts,
+                          tokens or 1024, calib_tokens, win, shrink, overfit=overfit_check,
+                          prompts=prompts,
                           gen_tokens=gen_tokens, threads=threads,
                           log=lambda s: click.echo(s, err=True))
         except (corpus.CorpusError, ValueError) as e:
