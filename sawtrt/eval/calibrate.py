@@ -14,7 +14,9 @@
     vsq     per layer, the mean square of V per channel [Hkv, D] ("vbal").
     vmom    per layer, the second-moment matrix of V [Hkv, D, D] ("vwhiten").
 
-Both are computed once per (model, block size) and cached under ~/.cache/sawtrt/eval/.
+Computed once per (model, block size, calibration texts, tokens) and cached under
+~/.cache/sawtrt/eval/. The texts: 'calib' by default (the same-source protocol); the held-out
+protocol passes sawtrt.data.corpus.CALIB_SOURCES (three genres, disjoint from the eval text).
 """
 from __future__ import annotations
 
