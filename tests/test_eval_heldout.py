@@ -102,6 +102,7 @@ def test_expand_seeds():
     assert [r.sign_seed for r in reals] == [1, 2, 3, 4]
     assert all(r.k_whiten and r.layer_pages == p.layer_pages and r.rotate_v for r in reals)
     assert ho.expand_seeds(KVPolicy.parse("int4-bdr:seed=7"), 2)[1].sign_seed == 2
+    assert [r.sign_seed for r in ho.expand_seeds(p, 3, first=5)] == [5, 6, 7]
     for unrotated in ("int8", "int4", "bf16"):
         assert ho.expand_seeds(KVPolicy.parse(unrotated), 4) == [KVPolicy.parse(unrotated)]
 
