@@ -14,7 +14,9 @@
     vsq     per layer, the mean square of V per channel [Hkv, D] ("vbal").
     vmom    per layer, the second-moment matrix of V [Hkv, D, D] ("vwhiten").
 
-Both are computed once per (model, block size) and cached under ~/.cache/sawtrt/eval/.
+Computed once per (model, block size, calibration texts, tokens) and cached under
+~/.cache/sawtrt/eval/. The texts: 'calib' by default (the same-source protocol); the held-out
+protocol passes sawtrt.data.corpus.CALIB_SOURCES (three genres, disjoint from the eval text).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .hooks import KVHook
 from .runner import window_nll
 
 
-def kv_calibration(calib: dict):
+def kv_calibration(calib: dict, shrink: float = 0.0):
     """The served K calibration (sawtrt.models.kv_transform.KVCalibration: k_mean, k_rms with
     the mean, q_rms) from these statistics, for the fake and hf-paged paths. The same
     quantities `sawtrt build` computes with sawtrt's own model on the same text."""
@@ -39,8 +41,9 @@ def kv_calibration(calib: dict):
     k_moment = torch.stack([calib["kcov"][i] + calib["means"][i].transpose(1, 2)
                             @ calib["means"][i] for i in layers])
     q_moment = torch.stack([calib["qcov"][i] for i in layers])
-    return KVCalibration(mean, k_sq.sqrt(), q_sq.sqrt(), {"source": "calib (transformers model)"},
-                         k_moment, q_moment)
+    meta = {"source": f"{calib.get('sources', 'calib')} (transformers model)",
+            "whiten_shrink": shrink}
+    return KVCalibration(mean, k_sq.sqrt(), q_sq.sqrt(), meta, k_moment, q_moment)
 
 
 def lloyd_levels(u: torch.Tensor, n: int = 16, iters: int = 60) -> torch.Tensor:
@@ -60,8 +63,15 @@ def lloyd_levels(u: torch.Tensor, n: int = 16, iters: int = 60) -> torch.Tensor:
 
 
 def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, window: int = 512,
-              refresh: bool = False) -> dict:
-    path = cache_root() / label / f"calib_h{block}_{tokens}.pt"
+              refresh: bool = False, sources=("calib",)) -> dict:
+    """Statistics of `tokens` tokens of each of `sources` (names or corpus.Text), windows of
+    `window`; cached per (model, block, the sources' hashes, tokens, window)."""
+    import hashlib
+    from ..data.corpus import get_text
+    texts = [get_text(s) for s in sources]
+    key = hashlib.sha256(" ".join(t.sha256 for t in texts).encode()).hexdigest()[:12]
+    tag = "" if [t.name for t in texts] == ["calib"] else f"_{key}_w{window}"
+    path = cache_root() / label / f"calib_h{block}_{tokens}{tag}.pt"
     if path.exists() and not refresh:
         out = torch.load(path, weights_only=True)
         if "vmom" in out:
@@ -77,7 +87,7 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
             queries.setdefault(module.layer_idx, []).append(q[0].detach().float().clone())
             return super().__call__(module, q, k, v, scaling, sw)
 
-    ws, _ = windows(tokenizer, ("calib",), tokens=tokens, window=window)
+    ws, _ = windows(tokenizer, texts, tokens=tokens, window=window)
     hook = Rec("bf16", mode="fake")
     for w in ws:
         with hook.attach(model):
@@ -105,7 +115,7 @@ def calibrate(model, tokenizer, label: str, block: int, tokens: int = 1024, wind
         kmax[layer], qmax[layer] = kc.abs().amax(1), q.abs().amax(1)
     out = {"means": means, "vmeans": vmeans, "levels": lloyd_levels(torch.cat(us)), "block": block,
            "tokens": tokens, "kcov": kcov, "qcov": qcov, "kmax": kmax, "qmax": qmax, "vsq": vsq,
-           "vmom": vmom}
+           "vmom": vmom, "sources": "+".join(t.name for t in texts)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out

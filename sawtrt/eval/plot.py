@@ -43,3 +43,40 @@ def plot(results: list[dict], path, title: str = "Perplexity vs KV-cache policy"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pareto(results: list[dict], path, title: str = "Held-out KV-cache frontier") -> None:
+    """Bytes per token vs held-out ppl change (mean ± sd over sign realisations) of each policy
+    of `sawtrt eval` held-out results, one panel per model; the Pareto front (no policy both
+    smaller and more accurate) joined by a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), squeeze=False, figsize=(6.5 * len(results), 5.0))
+    for ax, res in zip(axes[0], results):
+        pts = sorted(((r["bytes_per_token"], r["delta"]["mean"], r["delta"]["sd"], r["policy"])
+                      for r in res["results"]), key=lambda p: (p[0], p[1]))
+        front, best = [], float("inf")
+        for p in pts:
+            if p[1] < best:
+                front.append(p)
+                best = p[1]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    fmt="o", color="#1f77b4", ecolor="#9ecae1", capsize=3)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="#d62728", lw=1,
+                label="Pareto front")
+        for b, d, _, name in pts:
+            ax.annotate(name.replace(",", ",\u200b"), (b, d), fontsize=6, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV cache bytes per token (all layers)")
+        ax.set_ylabel("held-out perplexity vs bf16 (%)")
+        ax.set_title(f"{res['model']} ({res['path']}): {res['scored_tokens']} held-out tokens, "
+                     f"{res['seeds']} sign realisations", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

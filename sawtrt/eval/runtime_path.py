@@ -23,11 +23,14 @@ class RuntimeModel:
     """One CausalLM per KV policy, sharing one set of weights."""
 
     def __init__(self, name: str, page_size: int = 64, dtype=torch.float32, weights=None,
-                 tokenizer=None):
+                 tokenizer=None, calib_sources=None, calib_tokens: int | None = None,
+                 shrink: float = 0.0):
         """weights: HF-named tensors to use instead of loading the GGUF with the runtime's
         loader (tests pass the transformers model's state dict: the same de-quantized numbers).
         tokenizer: the transformers tokenizer, for policies with center / balance / whiten (their K
-        calibration is computed here the way `sawtrt build` computes it)."""
+        calibration is computed here the way `sawtrt build` computes it).
+        calib_sources: the calibration text (corpus names or Texts; default the build's
+        'calib'), calib_tokens tokens of each; shrink: the whitening's moment shrinkage."""
         if weights is None:
             from ..models.weights import load_gguf
             from .hf_models import gguf_source
@@ -39,6 +42,7 @@ class RuntimeModel:
         self.page_size, self.dtype, self.tokenizer = page_size, dtype, tokenizer
         self._models: dict[str, object] = {}
         self._calibration = None
+        self.calib_sources, self.calib_tokens, self.shrink = calib_sources, calib_tokens, shrink
 
     def calibration(self):
         """The K calibration `sawtrt build` would write for these weights (computed once)."""
@@ -47,12 +51,26 @@ class RuntimeModel:
             if self.tokenizer is None:
                 raise ValueError("center / balance / whiten policies need RuntimeModel(tokenizer=...)")
             tok = self.tokenizer
-            ids, meta = kvt.calibration_ids(
-                lambda t: tok(t, add_special_tokens=False).input_ids)
-            self._calibration = kvt.calibrate(self.spec, self.weights,
-                                              kvt.calibration_windows(ids, tok.bos_token_id),
-                                              meta)
+            encode = lambda t: tok(t, add_special_tokens=False).input_ids      # noqa: E731
+            if self.calib_sources is None:
+                ids, meta = kvt.calibration_ids(encode)
+                ws = kvt.calibration_windows(ids, tok.bos_token_id)
+            else:
+                ws, meta = kvt.calibration_sample(
+                    encode, tok.bos_token_id, self.calib_sources,
+                    self.calib_tokens or kvt.CALIBRATION_TOKENS)
+            self._calibration = kvt.calibrate(self.spec, self.weights, ws,
+                                              dict(meta, whiten_shrink=self.shrink))
         return self._calibration
+
+    def set_shrink(self, shrink: float) -> None:
+        """Use another whitening shrinkage on the same calibration statistics."""
+        import dataclasses
+        self.shrink = shrink
+        if self._calibration is not None:
+            self._calibration = dataclasses.replace(
+                self._calibration, meta=dict(self._calibration.meta, whiten_shrink=shrink))
+        self._models = {}
 
     def model(self, policy: KVPolicy):
         from ..models.kv_transform import KVTransform

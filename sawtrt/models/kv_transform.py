@@ -134,7 +134,13 @@ class KVCalibration:
         if self.k_moment is None or self.q_moment is None:
             raise KVCalibrationError("whiten needs the K calibration's k_moment / q_moment "
                                      "matrices; rebuild the engine with the whiten policy")
-        return whitening(self.k_moment, self.q_moment)
+        return whitening(self.k_moment, self.q_moment, self.shrink)
+
+    @property
+    def shrink(self) -> float:
+        """Shrinkage of the moment matrices toward their scaled identity before the whitening
+        (`shrink_moment`); recorded in the file's metadata, 0 in files written without it."""
+        return float(self.meta.get("whiten_shrink", 0.0))
 
 
 def spd_power(m: torch.Tensor, p: float, floor: float = 1e-6) -> torch.Tensor:
@@ -145,8 +151,25 @@ def spd_power(m: torch.Tensor, p: float, floor: float = 1e-6) -> torch.Tensor:
     return (u * w[..., None, :].pow(p)) @ u.transpose(-1, -2)
 
 
-def whitening(k_moment: torch.Tensor, q_moment: torch.Tensor) -> torch.Tensor:
-    """The A minimising E|A^-T q|^2 E|A k|^2 (module doc), scaled to det 1, fp32."""
+def shrink_moment(m: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) M + shrink (tr M / D) I per matrix [..., D, D] (fp64): the regularised
+    estimate of a second-moment matrix from a finite sample. Directions the calibration text
+    barely used get a floor at shrink x the mean variance, so A^2 = Sigma_k^-1 # Sigma_q cannot
+    amplify them without bound on text that does use them (the held-out overfit mode)."""
+    m = m.double()
+    if not shrink:
+        return m
+    if not 0.0 <= shrink <= 1.0:
+        raise KVCalibrationError(f"whiten shrinkage {shrink} must be in [0, 1]")
+    d = m.shape[-1]
+    eye = torch.eye(d, dtype=m.dtype)
+    return (1.0 - shrink) * m + shrink * (m.diagonal(dim1=-2, dim2=-1).mean(-1))[..., None, None] * eye
+
+
+def whitening(k_moment: torch.Tensor, q_moment: torch.Tensor, shrink: float = 0.0) -> torch.Tensor:
+    """The A minimising E|A^-T q|^2 E|A k|^2 (module doc) of the moments shrunk by `shrink`
+    (`shrink_moment`), scaled to det 1, fp32."""
+    k_moment, q_moment = shrink_moment(k_moment, shrink), shrink_moment(q_moment, shrink)
     kh, kih = spd_power(k_moment, 0.5), spd_power(k_moment, -0.5)
     a = spd_power(kih @ spd_power(kh @ q_moment.double() @ kh, 0.5) @ kih, 0.5)
     logdet = torch.linalg.slogdet(a)[1] / a.shape[-1]
@@ -226,6 +249,21 @@ def calibration_ids(encode) -> tuple[list[int], dict]:
     from ..data.corpus import calib_text       # a leaf module: text sources only
     t = calib_text()
     return encode(t.text), {"source": "calib", "origin": t.origin, "text_sha256": t.sha256}
+
+
+def calibration_sample(encode, bos: int | None, sources=None, tokens: int = CALIBRATION_TOKENS,
+                       window: int = CALIBRATION_WINDOW) -> tuple[list[list[int]], dict]:
+    """Windows of `tokens` tokens from each calibration source (default: sawtrt.data.corpus
+    CALIB_SOURCES, three genres disjoint from the eval text; names or corpus.Text) and their
+    description. encode: str -> ids, no BOS."""
+    from ..data import corpus
+    out, desc = [], []
+    for src in (sources or corpus.CALIB_SOURCES):
+        t = corpus.get_text(src)
+        out += calibration_windows(encode(t.text), bos, tokens, window)
+        desc.append(f"{t.name}:{t.sha256[:16]}")
+    return out, {"source": "+".join(d.split(":")[0] for d in desc), "texts": " ".join(desc),
+                 "tokens_per_source": tokens}
 
 
 def calibrate(spec: ModelSpec, weights: dict[str, torch.Tensor], windows: list[list[int]],
