@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.archs import kernel_archs
 from ..models import hub
 from ..models import kv_transform as kvt
 from ..models import tokenizer as tokenizers
@@ -109,37 +111,6 @@ def _policy(o: BuildOptions) -> KVPolicy:
         raise BuildError(str(e)) from None
 
 
-def _norm_arch(a: str) -> str:
-    """"90", "sm_90", "sm_90a" -> the build script's sm_XY[a] form."""
-    a = a.strip().lower()
-    num = a.removeprefix("sm_").removeprefix("sm")
-    if not num.rstrip("af").isdigit() or not 50 <= int(num.rstrip("af")) <= 130:
-        raise BuildError(f"--gpu-arch {a!r}: expected a compute capability like 90, sm_90 or "
-                         "sm_90a")
-    return f"sm_{num}"
-
-
-def _local_archs() -> tuple[str, ...] | None:
-    """The local GPUs' archs; Hopper/Blackwell datacenter parts get their 'a' variants (the
-    kernels use wgmma / TMA there)."""
-    if torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return tuple(sorted(f"sm_{a}{b}" + ("a" if (a, b) in ((9, 0), (10, 0)) else "")
-                            for a, b in caps))
-    return None
-
-
-def _script_default_archs() -> tuple[str, ...]:
-    """Architectures compiled when there is no local GPU to ask: build_scripts/build.py's own
-    default set (sm_80, sm_89, sm_90a, sm_100a, sm_120a: Ampere, Ada, Hopper, Blackwell), read
-    from the script so the two never disagree."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_sawtrt_build_script", BUILD_SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return tuple(mod.DEFAULT_ARCHS)
-
-
 def plan_build(o: BuildOptions) -> BuildPlan:
     """Validate every option and the checkpoint's presence/shape; raise BuildError if bad."""
     name = o.model.lower()
@@ -219,27 +190,11 @@ def plan_build(o: BuildOptions) -> BuildPlan:
             and not (output / MARKER).is_file())):
         raise BuildError(f"output {str(output)!r} exists and is not an engine directory; "
                          "refusing to write into it")
-    # kernels
-    archs: tuple[str, ...] | None
-    if not o.compile_kernels:
-        archs, note = None, "kernel compilation disabled (--no-kernels)"
-    elif shutil.which("nvcc") is None:
-        archs, note = None, "nvcc not found: skipping the kernel library (CPU engines use the " \
-                            "PyTorch reference)"
-    elif not BUILD_SCRIPT.is_file():
-        archs, note = None, f"{BUILD_SCRIPT} not present in this checkout: skipping the kernel " \
-                            "library"
-    else:
-        if o.gpu_arch:
-            archs = tuple(_norm_arch(a) for a in o.gpu_arch)
-            note = "archs from --gpu-arch"
-        else:
-            archs = _local_archs()
-            if archs:
-                note = "archs of the local GPU"
-            else:
-                archs = _script_default_archs()
-                note = f"no local GPU: build_scripts/build.py's default archs {','.join(archs)}"
+    try:
+        archs, note = kernel_archs(o.gpu_arch, o.compile_kernels, shutil.which("nvcc") is not None,
+                                   BUILD_SCRIPT.is_file())
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     return BuildPlan(spec, layout, o.max_batch, max_seq_len, source, output, archs, note)
 
 
@@ -343,7 +298,11 @@ def build_engine(options: BuildOptions, log=_log, progress: bool = True) -> Path
     if fn is not None:
         repo = fn(out)
         log(f"Triton model repository: {repo}")
-    fn = _optional("sawtrt.trt.build_engine", "maybe_build_plan", log, "TensorRT plan")
+    fn = None
+    if importlib.util.find_spec("tensorrt") is None:
+        log("TensorRT not installed: skipping model.plan")
+    else:
+        fn = _optional("sawtrt.trt.build_engine", "maybe_build_plan", log, "TensorRT plan")
     if fn is not None:
         plan_path, reason = fn(out)
         log(f"TensorRT plan: {plan_path}" if plan_path else f"TensorRT plan: skipped ({reason})")
@@ -514,7 +473,7 @@ def _compile_kernels(plan: BuildPlan, out: Path, log) -> dict:
     cache = hub.cache_dir() / "kernels" / "-".join(plan.gpu_archs)
     cmd = [sys.executable, str(BUILD_SCRIPT), "--arch", ",".join(plan.gpu_archs), "--out",
            str(cache)]
-    log(f"kernels: {' '.join(cmd)} ({plan.kernel_note})")
+    log(f"{plan.kernel_note}: {' '.join(cmd)}")
     r = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
     if r.returncode != 0:
         raise RuntimeError(f"kernel build failed (exit {r.returncode}): {' '.join(cmd)}")
