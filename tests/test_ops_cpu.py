@@ -51,3 +51,25 @@ def test_cpu_write_one_token_per_sequence():
     kv_cache.write_kv(ref, lay, k, v, slots)
     ops.write_kv(mine, lay, k, v, slots)
     assert torch.equal(ref, mine)
+
+
+def _half_bits_step_by_bits(h: torch.Tensor, up: bool) -> torch.Tensor:
+    """fp16 neighbour towards +-inf computed on the bit pattern (an independent oracle)."""
+    bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
+    neg, mag = bits >= 0x8000, bits & 0x7FFF
+    grow = neg != up
+    mag = torch.where(grow, mag + 1, torch.where(mag == 0, torch.ones_like(mag), mag - 1))
+    sign = torch.where(grow, neg, torch.where(mag == 0, torch.zeros_like(neg), neg))
+    sign = torch.where((bits & 0x7FFF) == 0, torch.full_like(neg, not up), sign)
+    out = torch.where(sign, mag | 0x8000, mag)
+    out = torch.where(out >= 0x8000, out - 0x10000, out)
+    return out.to(torch.int16).view(torch.float16)
+
+
+@pytest.mark.parametrize("up", [True, False])
+def test_fp16_step_every_half(up):
+    from sawtrt import quant
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    h = h[torch.isfinite(h) & (h.float().abs() < 65504)]
+    assert torch.equal(quant._half_bits_step(h, up).view(torch.int16),
+                       _half_bits_step_by_bits(h, up).view(torch.int16))
