@@ -137,3 +137,16 @@ def test_build_logs_tensorrt_skip_in_one_line(tmp_path):
                  log=logs.append, progress=False)
     assert "TensorRT not installed: skipping model.plan" in logs
     assert not any("ModuleNotFoundError" in line for line in logs), logs
+
+
+def test_generate_threads(tiny_dir):
+    r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--threads", "0", "hi"])
+    one_line_error(r, 2, "--threads")
+    n = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(cli, ["generate", "--engine", str(tiny_dir), "--device", "cpu",
+                                     "--threads", "1", "--max-tokens", "2", "hi"])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
