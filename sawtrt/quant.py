@@ -8,18 +8,18 @@ from .spec import CLAMP
 
 def sanitize(x: torch.Tensor) -> torch.Tensor:
     """fp32 copy with NaN/+-Inf -> 0 and finite values clamped to +-CLAMP."""
-    x = x.float()
-    x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype))
-    return x.clamp(-CLAMP, CLAMP)
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-CLAMP, CLAMP)
+
+
+_INF = {True: torch.tensor(float("inf")), False: torch.tensor(float("-inf"))}
 
 
 def _half_bits_step(h: torch.Tensor, up: bool) -> torch.Tensor:
     """The fp16 neighbour of every element of `h` towards +inf (up) or -inf; stepping up from
     the smallest negative subnormal gives +0 (what CUDA's __float2half_ru gives there)."""
-    step = torch.nextafter(h, torch.full((), float("inf") if up else float("-inf"),
-                                         dtype=h.dtype))
+    step = torch.nextafter(h, _INF[up].to(h.dtype))
     if up:      # nextafter gives -0 there; the cache stores +0
-        step = torch.where(step == 0, torch.zeros((), dtype=h.dtype), step)
+        step = torch.where(step == 0, 0.0, step)
     return step
 
 
