@@ -8,25 +8,19 @@ from .spec import CLAMP
 
 def sanitize(x: torch.Tensor) -> torch.Tensor:
     """fp32 copy with NaN/+-Inf -> 0 and finite values clamped to +-CLAMP."""
-    x = x.float()
-    x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype))
-    return x.clamp(-CLAMP, CLAMP)
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-CLAMP, CLAMP)
+
+
+_INF = {True: torch.tensor(float("inf")), False: torch.tensor(float("-inf"))}
 
 
 def _half_bits_step(h: torch.Tensor, up: bool) -> torch.Tensor:
-    """The fp16 neighbour of every element of `h` towards +inf (up) or -inf."""
-    bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
-    neg = bits >= 0x8000
-    mag = bits & 0x7FFF
-    grow = neg != up                     # moving away from zero on this side of it
-    mag = torch.where(grow, mag + 1, torch.where(mag == 0, torch.ones_like(mag), mag - 1))
-    sign = torch.where(grow, neg, torch.where(mag == 0, torch.zeros_like(neg), neg))
-    # from zero, "shrinking" means crossing to the other sign's smallest subnormal
-    from_zero = (bits & 0x7FFF) == 0
-    sign = torch.where(from_zero, torch.full_like(neg, not up), sign)
-    out = torch.where(sign, mag | 0x8000, mag)
-    out = torch.where(out >= 0x8000, out - 0x10000, out)
-    return out.to(torch.int16).view(torch.float16)
+    """The fp16 neighbour of every element of `h` towards +inf (up) or -inf; stepping up from
+    the smallest negative subnormal gives +0 (what CUDA's __float2half_ru gives there)."""
+    step = torch.nextafter(h, _INF[up].to(h.dtype))
+    if up:      # nextafter gives -0 there; the cache stores +0
+        step = torch.where(step == 0, 0.0, step)
+    return step
 
 
 def fp16_round_down(x: torch.Tensor) -> torch.Tensor:

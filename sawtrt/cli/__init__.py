@@ -1,7 +1,8 @@
 """`sawtrt` command line: a thin Click layer over the Python API.
 
-Each command lives in its own module here and is listed in COMMANDS; modules are imported only
-when their command runs, so `sawtrt kv-plan` does not pay for the runtime or the server.
+Each command lives in its own module here and is listed in COMMANDS with its one-line help;
+modules are imported only when their command runs, so `sawtrt --help` imports no command module
+(and no torch: it answers at once) and `sawtrt kv-plan` does not pay for the runtime or the server.
 """
 from __future__ import annotations
 
@@ -10,16 +11,23 @@ import importlib
 
 import click
 
-# command name -> "module:attribute" (relative to this package)
+# command name -> ("module:attribute" relative to this package, the command's one-line help as
+# `sawtrt --help` lists it; tests/test_cli_errors.py checks it against the command's own)
 COMMANDS = {
-    "kv-plan": "kv_plan:kv_plan",
-    "bench": "bench:bench",
-    "build": "build:build",
-    "generate": "generate:generate",
-    "serve": "serve:serve",
-    "client": "client:client",
-    "eval": "eval:eval_cmd",
-    "rank-layers": "rank_layers:rank_layers_cmd",
+    "kv-plan": ("kv_plan:kv_plan",
+                "Bytes per token, tokens and concurrent sequences that fit, per KV policy."),
+    "bench": ("bench:bench", "Benchmarks on the local GPU."),
+    "build": ("build:build",
+              "Validate inputs, convert weights, compile kernels, write an engine directory."),
+    "generate": ("generate:generate", "Generate text from PROMPTS with an engine directory."),
+    "serve": ("serve:serve",
+              "Serve an engine with a real tritonserver (Python backend, gRPC streaming)."),
+    "client": ("client:client",
+               "Send PROMPT to a sawtrt Triton server over gRPC and stream the reply to stdout."),
+    "eval": ("eval:eval_cmd",
+             "Teacher-forced perplexity on real text with the KV cache in each policy."),
+    "rank-layers": ("rank_layers:rank_layers_cmd",
+                    "Rank the layers by the damage their KV pages in POLICY do on their own."),
 }
 
 
@@ -83,8 +91,16 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module, attr = COMMANDS[name].split(":")
+        module, attr = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def format_commands(self, ctx, formatter):
+        """The command list from COMMANDS' help lines: importing every command module to ask
+        it would import torch (3+ s) for a --help."""
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup)

@@ -31,9 +31,9 @@ from ..spec import DEFAULT_PAGE_SIZE, KINDS, PAGE_SIZES
 @click.option("--max-seq-len", default=None, type=int,
               help="Prompt + output tokens per sequence [default: min(4096, model context)].")
 @click.option("--gpu-arch", multiple=True,
-              help="Compute capability to compile for (repeatable, e.g. 90 or sm_90). Default: "
-                   "the local GPU's, or build_scripts/build.py's DEFAULT_ARCHS (sm_80, sm_89, "
-                   "sm_90a, sm_100a, sm_120a) when there is none.")
+              help="Compute capability to compile the kernel library for (repeatable, e.g. 90 "
+                   "or sm_90a). Default: the local GPU's; none when there is no GPU (the CPU "
+                   "runtime does not use the library).")
 @click.option("--no-kernels", is_flag=True, help="Do not compile the kernel library.")
 @click.option("--output", default=None, type=click.Path(),
               help="Engine directory [default: engines/<model>-<kv kind>].")

@@ -19,7 +19,7 @@ import torch
 
 from .. import kv_cache, reference
 from ..spec import PageLayout
-from . import library
+from . import cpu, library
 
 _workspaces: dict[int, torch.Tensor] = {}       # device index -> uint8 buffer, grown on demand
 _outgrown: list[torch.Tensor] = []              # replaced buffers, kept alive (see _workspace)
@@ -29,6 +29,11 @@ _signs: dict[tuple, torch.Tensor] = {}           # (seed, D, device index) -> fl
 def available() -> bool:
     """True when the compiled kernels serve CUDA tensors."""
     return torch.cuda.is_available() and library.try_load() is not None
+
+
+def _on_cpu(*tensors) -> bool:
+    """All CPU tensors: the reference's numbers through sawtrt.kernels.cpu (fewer torch calls)."""
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _signs_ptr(layout: PageLayout, device: torch.device) -> int:
@@ -127,6 +132,8 @@ def write_kv(pool_layer, layout, k, v, slot_mapping):
     """Rotate + quantize k, v [T, Hkv, D] and store them at slot_mapping [T] (-1: skip)."""
     cfg = kernel_config(layout, layout.num_kv_heads, k.dtype, k.device)
     if cfg is None or v.dtype != k.dtype or pool_layer.device != k.device:
+        if _on_cpu(pool_layer, k, slot_mapping):
+            return cpu.write_kv(pool_layer, layout, k, v, slot_mapping)
         return kv_cache.write_kv(pool_layer, layout, k, v, slot_mapping)
     t = k.shape[0]
     # the kernel reads the fused projection layout [T, (Hq + 2 Hkv) D]; a Q slot of Hkv heads
@@ -149,6 +156,9 @@ def paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens=None, 
     need no device data: q.shape[0] and block_tables.shape[1] * page_size)."""
     cfg = kernel_config(layout, q.shape[1], q.dtype, q.device, sm_scale)
     if cfg is None or pool_layer.device != q.device or q.shape[-1] != layout.head_dim:
+        if _on_cpu(q, pool_layer, block_tables, seq_lens):
+            return cpu.paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens,
+                                       sm_scale)
         return reference.paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens,
                                          sm_scale)
     dev = q.device
