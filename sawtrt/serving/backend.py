@@ -322,12 +322,14 @@ class EngineLoop:
 
     def drain(self, timeout_s: float) -> None:
         """Stop admitting (new requests get "server is shutting down"), let the active ones run
-        for up to `timeout_s`, then end the rest with a final error. Idempotent."""
+        for up to `timeout_s`, then end the rest with a final error. Called again, it can only
+        bring the deadline closer."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
         with self._wake:
-            if self._drain_deadline is None:
+            if self._drain_deadline is None or deadline < self._drain_deadline:
                 self._drain_timeout_s = timeout_s
-                self._drain_deadline = time.monotonic() + max(0.0, timeout_s)
-                log.info("draining: %d request(s) in flight, %.0f s to finish",
+                self._drain_deadline = deadline
+                log.info("draining: %d request(s) in flight, %g s to finish",
                          self.num_active + len(self._delivering), timeout_s)
             self._wake.notify()
 

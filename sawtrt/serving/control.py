@@ -24,19 +24,21 @@ def watch_control_dir(loop, control_dir, poll_s: float = 0.1,
     stop = stop or threading.Event()
 
     def run():
+        order = None
         while not stop.wait(poll_s):
-            if not loop.draining:
-                try:
-                    with open(drain_path) as f:
-                        text = f.read().strip()
-                except OSError:
-                    continue
+            try:
+                with open(drain_path) as f:
+                    text = f.read().strip()
+            except OSError:
+                text = None
+            if text is not None and text != order:   # a new order may shorten the deadline
+                order = text
                 try:
                     timeout = float(text)
                 except ValueError:
                     timeout = 0.0
                 loop.drain(timeout)
-            elif loop.drained:
+            if loop.draining and loop.drained:
                 tmp = drained_path + ".tmp"
                 with open(tmp, "w") as f:
                     f.write(f"{loop.stats.completed}\n")
