@@ -18,6 +18,7 @@ see METRICS below and docs/serving.md.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -432,8 +433,15 @@ class OpenAIFrontend:
         from fastapi.responses import JSONResponse, Response, StreamingResponse
         from starlette.exceptions import HTTPException as StarletteHTTPException
 
-        app = FastAPI(title="sawtrt OpenAI-compatible API", docs_url=None, redoc_url=None)
         front = self
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app):
+            yield
+            await front.close()           # the gRPC channel to tritonserver, in this loop
+
+        app = FastAPI(title="sawtrt OpenAI-compatible API", docs_url=None, redoc_url=None,
+                      lifespan=lifespan)
 
         @app.exception_handler(APIError)
         async def _api_error(_req, e: APIError):
@@ -654,7 +662,7 @@ class FrontendServer:
         import uvicorn
         self.frontend = frontend
         self.config = uvicorn.Config(frontend.app, host=host, port=port, log_level=log_level,
-                                     timeout_graceful_shutdown=5, lifespan="off")
+                                     timeout_graceful_shutdown=5, lifespan="on")
         self.server = uvicorn.Server(self.config)
         self._thread = None
         self.port = port
