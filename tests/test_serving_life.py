@@ -176,7 +176,7 @@ def test_busy_ports_are_refused(smollm2_serving_engine, tmp_path):
                            cwd=tmp_path, env=serve_env())
     assert r.returncode != 0
     assert f"gRPC port {port} on 127.0.0.1 already in use" in r.stderr, r.stderr
-    assert "ready" not in r.stderr and "starting tritonserver" not in r.stderr
+    assert "serve: ready" not in r.stderr and "starting tritonserver" not in r.stderr
 
 
 def test_restart_after_crash_and_death_with_the_launcher(smollm2_serving_engine, tmp_path):
