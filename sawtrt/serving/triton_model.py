@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -32,6 +33,7 @@ from sawtrt.serving.control import CONTROL_DIR_ENV, watch_control_dir
 from sawtrt.serving.triton_repo import ENGINE_DIR_PLACEHOLDER
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+METRICS_INTERVAL_S = 0.1
 # backend error kinds -> pb_utils.TritonError code names
 _CODES = {INVALID_ARGUMENT: "INVALID_ARG", CANCELLED: "CANCELLED", UNAVAILABLE: "UNAVAILABLE",
           INTERNAL: "INTERNAL"}
@@ -159,8 +161,16 @@ class TritonPythonModel:
                           for o in ("completed", "rejected", "cancelled", "failed", "unavailable")}
         self._last = {}
         self._rejected_here = 0
+        self._last_update_t = 0.0
 
     def _update_metrics(self, loop):
+        # each changed value is an IPC round trip to tritonserver: at most every 100 ms while
+        # requests run (not once per step), always when idle (so idle values are exact)
+        if loop.num_active:
+            now = time.monotonic()
+            if now - self._last_update_t < METRICS_INTERVAL_S:
+                return
+            self._last_update_t = now
         kv = loop.kv_cache_usage()
         running, waiting = loop.num_running_waiting()
         values = {"used": kv["used_pages"], "total": kv["total_pages"],
