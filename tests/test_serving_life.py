@@ -101,7 +101,7 @@ def assert_gone(served):
     assert not left, left
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
 def test_drain_lets_every_stream_finish(smollm2_serving_engine, tmp_path, sig):
     s = start_serve(smollm2_serving_engine, tmp_path / "serve", "--drain-timeout", "120")
     try:
