@@ -495,3 +495,115 @@ def test_server_start_failure_leaves_nothing_behind(tmp_path, monkeypatch):
         s.start()
     assert s.proc is None and s._log is None and s._workdir is None
     assert made and not Path(made[0].name).exists()
+
+
+# --- drain, context check, control directory, OpenAI request parsing (no server) -----------
+
+def test_drain_finishes_active_refuses_new_and_reports_drained(loop):
+    loop.engine.step_delay = 0.01
+    sinks = [ListSink() for _ in range(3)]
+    for s in sinks:
+        loop.submit(parsed(max_tokens=6), s)
+    wait_stats(loop, submitted=3)
+    loop.drain(30.0)
+    late = ListSink()
+    loop.submit(parsed(), late)
+    assert late.events == [("error", "server is shutting down")] and late.kinds == ["unavailable"]
+    wait_all(sinks)
+    assert all(s.events[-1][0] == "send" and s.events[-1][5] and s.text == "abcdef" for s in sinks)
+    deadline = time.monotonic() + 5
+    while not loop.drained and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.drained and loop.stats.completed == 3 and loop.stats.unavailable == 1
+
+
+def test_drain_timeout_ends_the_rest_with_an_error(loop):
+    loop.engine.step_delay = 0.01
+    s = ListSink()
+    loop.submit(parsed(max_tokens=100000), s)
+    wait_stats(loop, submitted=1)
+    loop.drain(0.2)
+    assert s.done.wait(5)
+    assert s.events[-1][0] == "error" and "drain timeout (0.2 s)" in s.events[-1][1]
+    assert s.kinds == ["unavailable"] and loop.engine.seqs == {}        # aborted: pages freed
+    loop.drain(10.0)                      # a later order cannot push the deadline back
+    assert loop._drain_timeout_s == 0.2
+
+
+def test_control_dir_drain_order(loop, tmp_path):
+    from sawtrt.serving.control import DRAIN_FILE, DRAINED_FILE, watch_control_dir
+    stop = threading.Event()
+    t = watch_control_dir(loop, str(tmp_path), poll_s=0.01, stop=stop)
+    try:
+        time.sleep(0.05)
+        assert not loop.draining                   # no order yet
+        (tmp_path / DRAIN_FILE).write_text("5\n")
+        deadline = time.monotonic() + 5
+        while not (tmp_path / DRAINED_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.draining and (tmp_path / DRAINED_FILE).exists()
+    finally:
+        stop.set()
+        t.join(5)
+
+
+class _Tok:
+    def encode(self, text):
+        return list(text.encode())
+
+
+def test_check_context_names_both_numbers_or_caps_on_request():
+    from sawtrt.serving.backend import check_context
+    p = check_context(parsed("abcd", max_tokens=12), _Tok(), 16)
+    assert p.prompt_ids == [97, 98, 99, 100] and p.params.max_tokens == 12
+    with pytest.raises(RequestError, match=r"prompt \(4 tokens\) \+ max_tokens \(13\) = 17 is "
+                                           r"over this engine's max_seq_len \(16\); ask for at "
+                                           r"most 12"):
+        check_context(parsed("abcd", max_tokens=13), _Tok(), 16)
+    capped = parsed("abcd", max_tokens=13)
+    capped.cap_max_tokens = True
+    assert check_context(capped, _Tok(), 16).params.max_tokens == 12
+    with pytest.raises(RequestError, match="prompt has 16 tokens; this engine's max_seq_len is 16"):
+        check_context(parsed("a" * 16, max_tokens=1), _Tok(), 16)
+
+
+def test_parse_cap_max_tokens_input():
+    assert parse_request(req(cap_max_tokens=one(True, bool))).cap_max_tokens
+    assert not parse_request(req()).cap_max_tokens
+
+
+def test_openai_request_parsing():
+    pytest.importorskip("jinja2")
+    from sawtrt.serving.openai_api import APIError, parse_chat, parse_completion, render_chat
+    g = parse_completion({"model": "m", "prompt": ["hi"], "max_tokens": 3, "stop": "x",
+                          "seed": 5, "top_p": 0.5, "stream": True,
+                          "stream_options": {"include_usage": True}}, 64)
+    assert (g.prompt, g.max_tokens, g.stop, g.seed, g.top_p, g.stream, g.include_usage,
+            g.cap_max_tokens, g.temperature) == ("hi", 3, ("x",), 5, 0.5, True, True, False, 1.0)
+    assert parse_completion({"prompt": "hi"}, 64).max_tokens == 16       # OpenAI's default
+    tmpl = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+    c = parse_chat({"messages": [{"role": "developer", "content": "be brief"},
+                                 {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                    "max_completion_tokens": 4}, tmpl, 64)
+    assert c.prompt == "<system>be brief<user>hi<assistant>" and c.max_tokens == 4
+    d = parse_chat({"messages": [{"role": "user", "content": "hi"}]}, tmpl, 64)
+    assert d.max_tokens == 64 and d.cap_max_tokens          # no max_tokens: up to the context
+    bad = [({"prompt": "hi", "n": 2}, "only n=1"), ({"prompt": "hi", "logprobs": 1}, "logprobs"),
+           ({"prompt": ["a", "b"]}, "one prompt per request"), ({"prompt": [1, 2]}, "string"),
+           ({"prompt": "hi", "stop": ["a"] * 5}, "at most 4"), ({"prompt": "hi", "bogus": 1}, "bogus"),
+           ({"prompt": "hi", "max_tokens": 0}, "must be >= 1"),
+           ({"prompt": "hi", "max_tokens": "3"}, "an integer"),
+           ({"prompt": "hi", "temperature": True}, "a number"),
+           ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream=true"),
+           ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty")]
+    for body, needle in bad:
+        with pytest.raises(APIError) as e:
+            parse_completion(body, 64)
+        assert e.value.status == 400 and needle in e.value.message, (body, e.value.message)
+    with pytest.raises(APIError, match="image_url"):
+        render_chat(tmpl, [{"role": "user", "content": [{"type": "image_url"}]}])
+    with pytest.raises(APIError, match="role"):
+        render_chat(tmpl, [{"role": "wizard", "content": "x"}])
+    with pytest.raises(APIError, match="no chat template"):
+        parse_chat({"messages": [{"role": "user", "content": "x"}]}, None, 64)

@@ -1,8 +1,8 @@
 """A real tritonserver (the one in the nvidia-pytriton wheel) serving the SmolLM2-135M engine.
 
 One server for the module, started with `sawtrt serve --engine DIR --*-port 0` exactly as a user
-would, and stopped with SIGTERM by the last test (which checks that it stopped cleanly). Every
-wait has a timeout; the teardown kills whatever is left.
+would (from a temporary directory); the clean-stop test starts its own. Every wait has a
+timeout; the teardown kills whatever is left.
 
 CPU budget (2 cores): build ~25 s, server start ~15 s, 32 streams ~60 s, local generate ~60 s.
 """
@@ -24,6 +24,8 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="serving extra not installed")  # dev includes it
 
+from serving_helpers import start_serve  # noqa: E402
+
 from sawtrt.serving.client import generate, make_inputs, stream_infer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -34,65 +36,15 @@ PROMPTS = [f"Question {i}: what is {i} plus {i + 1}? Answer:" for i in range(32)
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    from sawtrt.build import BuildOptions, build_engine
-    out = tmp_path_factory.mktemp("serving") / "smollm2-135m-int4-bdr"
-    return build_engine(BuildOptions(model="smollm2-135m", kv_cache="int4-bdr",
-                                     max_seq_len=MAX_SEQ_LEN, max_batch=32, output=str(out),
-                                     compile_kernels=False), progress=False)
-
-
-class Served:
-    def __init__(self, proc, log_path, info):
-        self.proc, self.log_path = proc, log_path
-        self.grpc, self.http, self.metrics, self.triton_pid = info
-
-    def log(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")[-4000:]
+def engine_dir(smollm2_serving_engine):
+    return smollm2_serving_engine
 
 
 @pytest.fixture(scope="module")
 def served(engine_dir, tmp_path_factory):
-    logdir = tmp_path_factory.mktemp("serve-logs")
-    out_path = logdir / "serve.out"
-    out = open(out_path, "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "sawtrt"), "serve", "--engine", str(engine_dir),
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--device", "cpu",
-         "--log-file", str(logdir / "triton.log")],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    triton_pid = None
-    try:
-        deadline = time.monotonic() + 300
-        info = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            text = out_path.read_text(errors="replace")
-            m = re.search(r"tritonserver pid (\d+)", text)
-            if m:
-                triton_pid = int(m.group(1))
-            m = re.search(r"ready  grpc (\S+)  http (\S+)  metrics (\S+)", text)
-            if m:
-                info = (m.group(1), m.group(2), m.group(3), triton_pid)
-                break
-            time.sleep(0.25)
-        assert info is not None, ("sawtrt serve did not become ready:\n" + out_path.read_text()
-                                  + "\n--- triton log ---\n"
-                                  + (logdir / "triton.log").read_text(errors="replace")[-4000:])
-        yield Served(proc, logdir / "triton.log", info)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if triton_pid is not None:          # the server runs in its own session (pgid = pid)
-            try:
-                os.killpg(triton_pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        out.close()
+    s = start_serve(engine_dir, tmp_path_factory.mktemp("serve"), "--no-openai")
+    yield s
+    s.kill_all()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -282,13 +234,18 @@ def test_cli_client_and_bench_serve(served):
         assert lv["ttft_s"]["p50"] > 0 and lv["itl_s"]["p50"] > 0 and lv["output_tok_s"] > 0
 
 
-def test_server_stops_cleanly(served):
-    served.proc.send_signal(signal.SIGTERM)
-    code = served.proc.wait(60)
-    out = Path(served.log_path).parent.joinpath("serve.out").read_text()
-    assert code == 0, out
-    assert "tritonserver exited with code 0" in out
-    with pytest.raises(ProcessLookupError):        # nothing left of the server's process group
-        os.killpg(served.triton_pid, 0)
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"{served.http}/v2/health/live", timeout=5)
+def test_server_stops_cleanly(engine_dir, tmp_path):
+    s = start_serve(engine_dir, tmp_path / "serve")
+    try:
+        s.signal(signal.SIGTERM)
+        code = s.wait(90)
+        out = s.out()
+        assert code == 0, out
+        assert "tritonserver exited with code 0" in out
+        with pytest.raises(ProcessLookupError):        # nothing left of the server's process group
+            os.killpg(s.triton_pid, 0)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{s.http}/v2/health/live", timeout=5)
+        assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"sawtrt{s.proc.pid}_")]
+    finally:
+        s.kill_all()

@@ -1,6 +1,3 @@
-import signal
-import threading
-
 import click
 
 from . import engine_options
@@ -18,6 +15,17 @@ from . import engine_options
               help="0 picks a free port.")
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--openai-port", default=9000, show_default=True, type=click.IntRange(0, 65535),
+              help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                   "/v1/models, /metrics); every request goes through tritonserver.")
+@click.option("--no-openai", is_flag=True, help="Serve Triton's gRPC/HTTP endpoints only.")
+@click.option("--served-model-name", default=None,
+              help="The `model` the OpenAI API answers to [default: the engine's model name].")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGINT/SIGTERM: seconds requests in flight get to finish (new ones get "
+                   "503) before they end with an error.")
+@click.option("--restart", is_flag=True,
+              help="Start tritonserver again when it dies (at most 5 times).")
 @click.option("--device", default="", help="Engine device (cpu, cuda, cuda:1) [default: cuda if any].")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Append the server's log here [default: this terminal].")
@@ -25,46 +33,33 @@ from . import engine_options
 @click.option("--ready-timeout", default=600, show_default=True, type=float,
               help="Seconds to wait for the model to load.")
 @engine_options
-def serve(engine_dir, model_repository, host, grpc_port, http_port, metrics_port, device,
-          log_file, log_verbose, ready_timeout, engine_options):
-    """Serve an engine with a real tritonserver (Python backend, gRPC streaming).
+def serve(engine_dir, model_repository, host, grpc_port, http_port, metrics_port, openai_port,
+          no_openai, served_model_name, drain_timeout, restart, device, log_file, log_verbose,
+          ready_timeout, engine_options):
+    """Serve an engine with a real tritonserver (Python backend, gRPC streaming) and an
+    OpenAI-compatible API in front of it.
 
-    Writes the model repository, starts tritonserver, waits until the model is ready and runs
-    until SIGINT/SIGTERM, then stops the server (in-flight requests get a few seconds to drain).
+    Writes the model repository, starts tritonserver, waits until the model is ready, starts
+    the OpenAI API and runs until SIGINT/SIGTERM. Then it drains: new requests get 503,
+    requests in flight get --drain-timeout seconds, tritonserver stops cleanly.
     """
-    from ..serving.server import ServerError, TritonNotFound, TritonServer
-    from ..serving.triton_repo import MODEL_NAME, write_model_repository
+    from pathlib import Path
+
+    from ..serving.launcher import Launcher, ServeConfig
+    from ..serving.server import ServerError, TritonNotFound
+    from ..serving.triton_repo import write_model_repository
 
     repo = write_model_repository(engine_dir, model_repository, device=device,
                                   options=engine_options)
-    server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port,
-                          metrics_port=metrics_port, host=host, log_file=log_file or "-",
-                          log_verbose=log_verbose)
-    stop = threading.Event()
-    signals = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signals[sig] = signal.signal(sig, lambda *_: stop.set())
+    cfg = ServeConfig(engine_dir=Path(engine_dir).resolve(), model_repository=repo, host=host,
+                      grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                      openai_port=None if no_openai else openai_port,
+                      served_model_name=served_model_name, log_file=log_file or "-",
+                      log_verbose=log_verbose, ready_timeout_s=ready_timeout,
+                      drain_timeout_s=drain_timeout, restart=restart)
     try:
-        try:
-            server.start()
-            click.echo(f"sawtrt serve: starting tritonserver pid {server.proc.pid} "
-                       f"(model repository {repo})", err=True)
-            ready = server.wait_ready(ready_timeout, model=MODEL_NAME, cancel=stop)
-        except (TritonNotFound, ServerError) as e:
-            raise click.ClickException(str(e)) from None
-        if ready:
-            click.echo(f"sawtrt serve: ready  grpc {server.grpc_url}  http {server.http_url}  "
-                       f"metrics {server.metrics_url}  (Ctrl-C stops)", err=True)
-        while not stop.is_set():
-            if server.proc is None or server.proc.poll() is not None:
-                code = None if server.proc is None else server.proc.returncode
-                raise click.ClickException(f"tritonserver exited unexpectedly (code {code})")
-            stop.wait(0.5)
-        click.echo("sawtrt serve: stopping", err=True)
-    finally:
-        code = server.stop()
-        for sig, old in signals.items():
-            signal.signal(sig, old)
-    click.echo(f"sawtrt serve: tritonserver exited with code {code}", err=True)
+        code = Launcher(cfg).run()
+    except (TritonNotFound, ServerError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
     if code != 0:
         raise click.ClickException("tritonserver did not stop cleanly")

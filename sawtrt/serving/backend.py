@@ -17,6 +17,7 @@ not wait for the network.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -48,6 +49,8 @@ class ParsedRequest:
     prompt: str
     params: SamplingParams
     stream: bool
+    cap_max_tokens: bool = False     # prompt + max_tokens over max_seq_len: cap, not an error
+    prompt_ids: list | None = None   # set by check_context (tokenized off the engine loop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,13 +154,36 @@ def parse_request(inputs: Mapping[str, object]) -> ParsedRequest:
     stream = _bool("stream", inputs.get("stream"))
     if inputs.get("ignore_eos") is not None:
         kwargs["ignore_eos"] = _bool("ignore_eos", inputs["ignore_eos"])
+    cap = _bool("cap_max_tokens", inputs.get("cap_max_tokens"))
 
     params = SamplingParams(**kwargs)
     try:
         params.validate()
     except ValueError as e:
         raise RequestError(str(e)) from None
-    return ParsedRequest(prompt, params, stream)
+    return ParsedRequest(prompt, params, stream, cap)
+
+
+def check_context(parsed: ParsedRequest, tokenizer, max_seq_len: int) -> ParsedRequest:
+    """Tokenize the prompt (on the caller's thread, not the engine loop's) and check that
+    prompt + max_tokens fits the engine's context. Over it: a RequestError naming both numbers,
+    or, when the request opted in (cap_max_tokens), max_tokens lowered to what fits."""
+    ids = tokenizer.encode(parsed.prompt)
+    n, m = len(ids), parsed.params.max_tokens
+    if not ids:
+        raise RequestError("text_input: the prompt is empty (no tokens)")
+    if n >= max_seq_len:
+        raise RequestError(f"prompt has {n} tokens; this engine's max_seq_len is {max_seq_len} "
+                           f"(prompt + output), so at most {max_seq_len - 1} prompt tokens")
+    if n + m > max_seq_len:
+        if not parsed.cap_max_tokens:
+            raise RequestError(
+                f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} is over this engine's "
+                f"max_seq_len ({max_seq_len}); ask for at most {max_seq_len - n} tokens, or set "
+                "cap_max_tokens to generate up to the limit")
+        parsed.params = dataclasses.replace(parsed.params, max_tokens=max_seq_len - n)
+    parsed.prompt_ids = ids
+    return parsed
 
 
 INPUT_NAMES = tuple(name for name, *_ in INPUTS)
@@ -199,6 +225,7 @@ class LoopStats:
     rejected: int = 0          # bad requests (parse or add_request errors)
     cancelled: int = 0
     failed: int = 0            # internal errors (engine step raised, sink broke)
+    unavailable: int = 0       # draining: refused at admission, or ended by the drain timeout
     steps: int = 0
 
 
@@ -254,8 +281,9 @@ class EngineLoop:
 
     engine: the LLMEngine contract (add_request, step, abort_request, has_unfinished,
     kv_cache_usage). `on_step(loop)` is called after every step and idle wake-up (metrics).
-    `cancel_check_interval_s`: how often each active request is asked `is_cancelled()`
-    (in Triton that is an IPC round trip, so not every step at large batch).
+    `cancel_check_interval_s`: how often each active request is asked `is_cancelled()`.
+    In Triton that is an IPC round trip per request, so a third thread asks (64 requests every
+    50 ms would otherwise cost the step loop several ms per 50 ms) and hands the loop the ids.
     """
 
     def __init__(self, engine, *, on_step: Callable[["EngineLoop"], None] | None = None,
@@ -271,16 +299,20 @@ class EngineLoop:
         self._active: dict[str, _Active] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        self._last_cancel_check = 0.0
+        self._cancelled: deque = deque()    # (rid, _Active) from the cancel poller
         self._outcomes: deque = deque()     # (rid, delivered) from the outbox thread
         self._delivering: set[str] = set()  # finished in the engine, final not delivered yet
         self._outbox: _Outbox | None = None
+        self._drain_deadline: float | None = None   # monotonic; set once by drain()
+        self._drain_timeout_s = 0.0
 
     # --- public, thread-safe -----------------------------------------------------------------
     def start(self) -> "EngineLoop":
         self._outbox = _Outbox(self._outcome)
         self._thread = threading.Thread(target=self._run, name="sawtrt-engine-loop", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._poll_cancelled, name="sawtrt-cancel-poller",
+                         daemon=True).start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -291,11 +323,36 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, timeout_s: float) -> None:
+        """Stop admitting (new requests get "server is shutting down"), let the active ones run
+        for up to `timeout_s`, then end the rest with a final error. Called again, it can only
+        bring the deadline closer."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._wake:
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_timeout_s = timeout_s
+                self._drain_deadline = deadline
+                log.info("draining: %d request(s) in flight, %g s to finish",
+                         self.num_active + len(self._delivering), timeout_s)
+            self._wake.notify()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    @property
+    def drained(self) -> bool:
+        """Draining and nothing left: no request queued, running or awaiting its final send."""
+        with self._wake:
+            return (self._drain_deadline is not None and not self._incoming and not self._active
+                    and not self._delivering and not self._outcomes)
+
     def submit(self, parsed: ParsedRequest, sink: Sink, tag: str = "") -> str:
         """Queue one parsed request; returns the engine request id."""
         rid = f"{next(self._ids)}" + (f"-{tag}" if tag else "")
         with self._wake:
-            if self._stop:
+            if self._stop or self._drain_deadline is not None:
+                self.stats.unavailable += 1
                 sink.error("server is shutting down", UNAVAILABLE)
                 return rid
             self._incoming.append((rid, parsed, sink))
@@ -307,6 +364,15 @@ class EngineLoop:
     def num_active(self) -> int:
         return len(self._active) + len(self._incoming)
 
+    def num_running_waiting(self) -> tuple[int, int]:
+        """(in the engine's running batch, waiting: queued here or in the scheduler). Engines
+        without a scheduler count every active request as running."""
+        sched = getattr(self.engine, "scheduler", None)
+        if sched is None or not hasattr(sched, "running"):
+            return len(self._active), len(self._incoming)
+        running = len(sched.running)
+        return running, max(0, len(self._active) - running) + len(self._incoming)
+
     def kv_cache_usage(self) -> dict:
         return self.engine.kv_cache_usage()
 
@@ -316,7 +382,7 @@ class EngineLoop:
             while True:
                 with self._wake:
                     if (not self._stop and not self._incoming and not self._outcomes
-                            and not self.engine.has_unfinished()):
+                            and not self._cancelled and not self.engine.has_unfinished()):
                         self._wake.wait(self.idle_wait_s)
                     if self._stop:
                         break
@@ -326,6 +392,7 @@ class EngineLoop:
                     self._handle_outcomes()
                     for item in incoming:
                         self._admit(*item)
+                    self._check_drain_deadline()
                     self._check_cancelled()
                     if self.engine.has_unfinished():
                         self._step()
@@ -337,8 +404,9 @@ class EngineLoop:
             self._shutdown()
 
     def _admit(self, rid: str, parsed: ParsedRequest, sink: Sink) -> None:
+        prompt = parsed.prompt_ids if parsed.prompt_ids is not None else parsed.prompt
         try:
-            self.engine.add_request(rid, parsed.prompt, parsed.params)
+            self.engine.add_request(rid, prompt, parsed.params)
         except ValueError as e:           # empty / too long prompt, bad params
             self.stats.rejected += 1
             self._safe_error(sink, f"bad request: {e}", INVALID_ARGUMENT, rid)
@@ -351,20 +419,39 @@ class EngineLoop:
             return
         self._active[rid] = _Active(sink, parsed.stream, time.monotonic())
 
-    def _check_cancelled(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_cancel_check < self.cancel_check_interval_s:
+    def _poll_cancelled(self) -> None:          # cancel-poller thread
+        interval = max(self.cancel_check_interval_s, 0.002)
+        while not self._stop:
+            time.sleep(interval)
+            # list() of a dict's items runs without releasing the GIL: a consistent snapshot
+            for rid, a in list(self._active.items()):
+                try:
+                    cancelled = a.sink.is_cancelled()
+                except Exception:        # noqa: BLE001 - a dead request counts as cancelled
+                    cancelled = True
+                if cancelled:
+                    with self._wake:
+                        self._cancelled.append((rid, a))
+                        self._wake.notify()
+
+    def _check_cancelled(self) -> None:
+        while self._cancelled:
+            rid, a = self._cancelled.popleft()
+            if self._active.get(rid) is not a:     # finished, or reported twice
+                continue
+            self._abort(rid)
+            self.stats.cancelled += 1
+            self._safe_error(a.sink, "request cancelled", CANCELLED, rid)
+
+    def _check_drain_deadline(self) -> None:
+        if self._drain_deadline is None or time.monotonic() < self._drain_deadline:
             return
-        self._last_cancel_check = now
         for rid, a in list(self._active.items()):
-            try:
-                cancelled = a.sink.is_cancelled()
-            except Exception:            # noqa: BLE001 - a dead request counts as cancelled
-                cancelled = True
-            if cancelled:
-                self._abort(rid)
-                self.stats.cancelled += 1
-                self._safe_error(a.sink, "request cancelled", CANCELLED, rid)
+            self._abort(rid)
+            self.stats.unavailable += 1
+            self._safe_error(a.sink, "server is shutting down: the request did not finish "
+                             f"within the drain timeout ({self._drain_timeout_s:g} s)",
+                             UNAVAILABLE, rid)
 
     def _outcome(self, rid: str, delivered: bool) -> None:   # outbox thread
         with self._wake:
@@ -458,3 +545,4 @@ class EngineLoop:
         """A final error response, after whatever was posted for the request before it (and
         not at all to a client whose earlier send failed)."""
         self._outbox.post(rid, functools.partial(sink.error, message, kind), _Outbox.ERROR)
+

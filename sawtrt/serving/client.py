@@ -68,7 +68,8 @@ class StreamResult:
 
 def make_inputs(prompt: str, max_tokens: int, *, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                stop: Sequence[str] = (), stream: bool = True, ignore_eos: bool | None = None):
+                stop: Sequence[str] = (), stream: bool = True, ignore_eos: bool | None = None,
+                cap_max_tokens: bool | None = None):
     """tritonclient InferInputs with the TensorRT-LLM names and [1, 1] shapes."""
     import tritonclient.grpc as grpcclient
 
@@ -93,6 +94,8 @@ def make_inputs(prompt: str, max_tokens: int, *, temperature: float | None = Non
                           np.array([[s.encode("utf-8") for s in stop]], dtype=np.object_), "BYTES"))
     if ignore_eos is not None:
         ins.append(tensor("ignore_eos", np.array([[ignore_eos]], dtype=bool), "BOOL"))
+    if cap_max_tokens is not None:
+        ins.append(tensor("cap_max_tokens", np.array([[cap_max_tokens]], dtype=bool), "BOOL"))
     return ins
 
 

@@ -15,6 +15,13 @@ The wheel's layout needs three things to run outside PyTriton, all done here:
   venv packages reach the stub alike), preceded by `$SAWTRT_TRITON_STUB_PATH` (e.g. numpy 1.26:
   the 2.51 stub breaks with numpy 2.x).
 
+Process life: the server runs in its own session (a terminal's Ctrl-C reaches only the launcher,
+which then drains and stops it) with a parent-death signal (SIGTERM when the launching thread
+dies, even by SIGKILL); its Python backend's shared-memory segments carry a per-server prefix
+and are removed after it exits, along with those of launchers that died without cleaning up.
+`start()` refuses ports something else is listening on, so `wait_ready` can never see another
+process's server.
+
 `$SAWTRT_TRITONSERVER` names the `tritonserver` binary to use before anything else: one inside
 a copy of the wheel's layout (`.../pytriton/tritonserver/bin/tritonserver`, e.g. the bundle made by
 benchmarks/make_triton_bundle.sh) is run as above; any other binary brings its own backends.
@@ -22,6 +29,7 @@ benchmarks/make_triton_bundle.sh) is run as above; any other binary brings its o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -36,6 +44,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sawtrt.serving.control import CONTROL_DIR_ENV, DRAIN_FILE, DRAINED_FILE
 
 
 class TritonNotFound(RuntimeError):
@@ -126,6 +136,10 @@ def prepare_backend_dir(dist: TritonDist, workdir: Path) -> Path | None:
     return out
 
 
+# the directory holding the `sawtrt` package (a namespace package: no __init__.py to ask)
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
 def stub_python_env(workdir: Path, extra_paths=None) -> Path:
     """A venv-shaped directory for the Python backend stub; returns its `bin/` (put it first on
     the server's PATH). Its site-packages has one `sawtrt_stub.pth`: `extra_paths` (default
@@ -149,7 +163,9 @@ def stub_python_env(workdir: Path, extra_paths=None) -> Path:
     site = root / "lib" / f"python{_py_version()}" / "site-packages"
     site.mkdir(parents=True, exist_ok=True)
     entries = []
-    for p in [*extra_paths, *sys.path]:
+    # this process's sawtrt first: an editable install's import hook does not reach the stub,
+    # and a cwd-relative sys.path entry ('') would depend on where tritonserver was started
+    for p in [*extra_paths, os.fspath(PACKAGE_ROOT), *sys.path]:
         if p and os.path.isabs(p) and os.path.isdir(p) and p not in entries:
             entries.append(p)
     (site / "sawtrt_stub.pth").write_text("".join(e + "\n" for e in entries))
@@ -170,6 +186,86 @@ def server_env(dist: TritonDist, base: dict | None = None, stub_bin: Path | None
     env["PATH"] = first + os.pathsep + env.get("PATH", "")
     env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
     return env
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on (host, port): a bind with SO_REUSEADDR fails only then
+    (a port in TIME_WAIT is not "in use")."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(host: str, ports: dict) -> None:
+    """ServerError naming every port (name -> number, 0 = pick later) that is already taken."""
+    taken = [f"{name} port {port}" for name, port in ports.items() if port and port_in_use(host, port)]
+    if taken:
+        raise ServerError(f"{', '.join(taken)} on {host} already in use (another server? "
+                          "stop it, or pick other ports; 0 picks a free one)")
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "sawtrt"
+
+
+def remove_shm(prefix: str) -> int:
+    """Remove /dev/shm/<prefix>*; returns how many."""
+    n = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                os.unlink(SHM_DIR / name)
+                n += 1
+    return n
+
+
+def remove_stale_shm() -> int:
+    """Remove segments of servers whose launcher (the pid in `sawtrt<pid>_...`) is gone."""
+    n = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(SHM_PREFIX):
+            continue
+        pid = name[len(SHM_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(SHM_DIR / name)
+            n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _child_setup(parent_pid: int) -> None:
+    """In the forked child, before exec: a session of its own, SIGTERM when the parent (the
+    thread that forked) dies; exit at once if it already has."""
+    os.setsid()
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -207,6 +303,15 @@ class TritonServer:
     _log: object = field(default=None, init=False, repr=False)
 
     @property
+    def shm_prefix(self) -> str:
+        return f"{SHM_PREFIX}{os.getpid()}_{id(self)}_"
+
+    @property
+    def control_dir(self) -> Path | None:
+        """Where a drain order for the backend goes (see backend.watch_control_dir)."""
+        return None if self._workdir is None else Path(self._workdir.name) / "control"
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
@@ -228,7 +333,7 @@ class TritonServer:
                f"--exit-timeout-secs={self.exit_timeout_s}",
                f"--log-verbose={self.log_verbose}",
                # a unique shared-memory prefix: several servers may run on one machine
-               f"--backend-config=python,shm-region-prefix-name=sawtrt{os.getpid()}_{id(self)}_"]
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         if backend_dir is not None:
             cmd.append(f"--backend-directory={backend_dir}")
         return cmd + list(self.extra_args)
@@ -237,6 +342,9 @@ class TritonServer:
         if self.proc is not None:
             raise ServerError("server already started")
         dist = find_tritonserver()
+        check_ports_free(self.host, {"gRPC": self.grpc_port, "HTTP": self.http_port,
+                                     "metrics": self.metrics_port})
+        remove_stale_shm()
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
@@ -251,14 +359,31 @@ class TritonServer:
             elif self.log_file is not None:
                 self._log = open(self.log_file, "ab")
                 out = self._log
-            self.proc = subprocess.Popen(self.command(dist, backend_dir),
-                                         env=server_env(dist, stub_bin=stub_bin),
+            env = server_env(dist, stub_bin=stub_bin)
+            self.control_dir.mkdir()
+            env[CONTROL_DIR_ENV] = os.fspath(self.control_dir)
+            parent = os.getpid()
+            self.proc = subprocess.Popen(self.command(dist, backend_dir), env=env,
                                          stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT,
+                                         preexec_fn=functools.partial(_child_setup, parent))
         except BaseException:
             self.stop()          # no process yet: closes the log file, removes the workdir
             raise
         return self
+
+    def request_drain(self, timeout_s: float) -> None:
+        """Tell the backend to stop admitting and finish its requests within `timeout_s`."""
+        d = self.control_dir
+        if d is None:
+            return
+        tmp = d / "drain.tmp"
+        tmp.write_text(f"{timeout_s}\n")
+        os.replace(tmp, d / DRAIN_FILE)
+
+    def drained(self) -> bool:
+        d = self.control_dir
+        return d is not None and (d / DRAINED_FILE).exists()
 
     def is_ready(self) -> bool:
         return _http_ok(f"{self.http_url}/v2/health/ready")
@@ -309,6 +434,7 @@ class TritonServer:
             # The Python stubs are children in the server's session; make sure none outlives it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            remove_shm(self.shm_prefix)         # a clean exit removed them; a killed one did not
         if self._log is not None:
             self._log.close()
             self._log = None

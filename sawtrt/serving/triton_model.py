@@ -3,30 +3,37 @@
 `triton_python_backend_utils` exists; see triton_repo.py for the tensors.
 
 initialize: load the engine directory named by the `engine_dir` config parameter (or
-            $SAWTRT_ENGINE_DIR when the parameter is the template placeholder), start the loop.
-execute:    parse each request; a bad one gets an error response at once, a good one is queued.
-            Returns None (decoupled): responses are sent from the loop's response thread.
+            $SAWTRT_ENGINE_DIR when the parameter is the template placeholder), start the loop;
+            with $SAWTRT_CONTROL_DIR set (sawtrt serve sets it), watch it for a drain order.
+execute:    parse and tokenize each request (here, not on the engine loop); a bad one gets an
+            error response at once, a good one is queued. Returns None (decoupled): responses
+            are sent from the loop's response thread.
 finalize:   stop the loop; requests still running get "server is shutting down".
 
 Metrics (on Triton's metrics port, label model=<name>):
-  sawtrt_kv_cache_used_pages / sawtrt_kv_cache_total_pages / sawtrt_kv_cache_page_size (gauges),
-  sawtrt_active_requests (gauge), sawtrt_requests{outcome=completed|rejected|cancelled|failed}
-  (counter).
+  sawtrt_kv_cache_used_pages / sawtrt_kv_cache_total_pages / sawtrt_kv_cache_page_size,
+  sawtrt_kv_cache_usage_ratio (gauges), sawtrt_active_requests (queued + running),
+  sawtrt_num_requests_running / sawtrt_num_requests_waiting (gauges),
+  sawtrt_requests{outcome=completed|rejected|cancelled|failed|unavailable} (counter).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sawtrt.serving.backend import (CANCELLED, INPUT_NAMES, INTERNAL, INVALID_ARGUMENT, UNAVAILABLE,
-                                    EngineLoop, RequestError, parse_request)
+from sawtrt.serving.backend import (CANCELLED, INPUT_NAMES, INTERNAL, INVALID_ARGUMENT,
+                                    UNAVAILABLE, EngineLoop, RequestError, check_context,
+                                    parse_request)
+from sawtrt.serving.control import CONTROL_DIR_ENV, watch_control_dir
 from sawtrt.serving.triton_repo import ENGINE_DIR_PLACEHOLDER
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+METRICS_INTERVAL_S = 0.1
 # backend error kinds -> pb_utils.TritonError code names
 _CODES = {INVALID_ARGUMENT: "INVALID_ARG", CANCELLED: "CANCELLED", UNAVAILABLE: "UNAVAILABLE",
           INTERNAL: "INTERNAL"}
@@ -118,6 +125,9 @@ class TritonPythonModel:
         self._init_metrics()
         self.loop = EngineLoop(self.engine, on_step=self._update_metrics).start()
         self._update_metrics(self.loop)
+        control = os.environ.get(CONTROL_DIR_ENV)
+        if control:
+            watch_control_dir(self.loop, control)
         logger.info(f"engine ready: max_seq_len={self.engine.max_seq_len}, "
                     f"kv cache {self.engine.kv_cache_usage()}")
 
@@ -134,27 +144,46 @@ class TritonPythonModel:
                                                "tokens per KV-cache page", gauge),
             "active": pb_utils.MetricFamily("sawtrt_active_requests",
                                             "requests queued or running in the engine", gauge),
+            "running": pb_utils.MetricFamily("sawtrt_num_requests_running",
+                                             "requests in the engine's running batch", gauge),
+            "waiting": pb_utils.MetricFamily("sawtrt_num_requests_waiting",
+                                             "requests waiting for a batch slot or pages", gauge),
+            "usage": pb_utils.MetricFamily("sawtrt_kv_cache_usage_ratio",
+                                           "fraction of the KV-cache pages in use", gauge),
             "requests": pb_utils.MetricFamily("sawtrt_requests",
                                               "finished requests by outcome", counter),
         }
         f = self._families
-        self._gauges = {k: f[k].Metric(labels=labels) for k in ("used", "total", "page_size", "active")}
+        self._gauges = {k: f[k].Metric(labels=labels)
+                        for k in ("used", "total", "page_size", "active", "running", "waiting",
+                                  "usage")}
         self._counters = {o: f["requests"].Metric(labels={**labels, "outcome": o})
-                          for o in ("completed", "rejected", "cancelled", "failed")}
+                          for o in ("completed", "rejected", "cancelled", "failed", "unavailable")}
         self._last = {}
         self._rejected_here = 0
+        self._last_update_t = 0.0
 
     def _update_metrics(self, loop):
+        # each changed value is an IPC round trip to tritonserver: at most every 100 ms while
+        # requests run (not once per step), always when idle (so idle values are exact)
+        if loop.num_active:
+            now = time.monotonic()
+            if now - self._last_update_t < METRICS_INTERVAL_S:
+                return
+            self._last_update_t = now
         kv = loop.kv_cache_usage()
+        running, waiting = loop.num_running_waiting()
         values = {"used": kv["used_pages"], "total": kv["total_pages"],
-                  "page_size": kv["page_size"], "active": loop.num_active}
+                  "page_size": kv["page_size"], "active": loop.num_active,
+                  "running": running, "waiting": waiting,
+                  "usage": kv["used_pages"] / max(1, kv["total_pages"])}
         for k, v in values.items():
             if self._last.get(k) != v:
                 self._gauges[k].set(float(v))
                 self._last[k] = v
         s = loop.stats
         counts = {"completed": s.completed, "rejected": s.rejected + self._rejected_here,
-                  "cancelled": s.cancelled, "failed": s.failed}
+                  "cancelled": s.cancelled, "failed": s.failed, "unavailable": s.unavailable}
         for k, v in counts.items():
             delta = v - self._last.get(("n", k), 0)
             if delta > 0:
@@ -169,7 +198,8 @@ class TritonPythonModel:
                 for name in INPUT_NAMES:
                     t = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = None if t is None else t.as_numpy()
-                parsed = parse_request(inputs)
+                parsed = check_context(parse_request(inputs), self.engine.tokenizer,
+                                       self.engine.max_seq_len)
             except RequestError as e:
                 self._rejected_here += 1
                 request.get_response_sender().send(

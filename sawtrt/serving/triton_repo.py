@@ -25,6 +25,7 @@ Tensor names follow TensorRT-LLM's `ensemble`/`tensorrt_llm_bls` models so their
 | stop_words    | BYTES  | [B, N]     | optional stop strings (empty strings are ignored)         |
 | stream        | BOOL   | [B, 1]     | optional; true: one response per step carrying the delta  |
 | ignore_eos    | BOOL   | [B, 1]     | optional; generate max_tokens even past EOS (benchmarks)  |
+| cap_max_tokens | BOOL  | [B, 1]     | optional; prompt + max_tokens over max_seq_len: generate up to the limit instead of an error |
 | random_seed   | UINT64 | [B, 1]     | optional; TensorRT-LLM's name for seed                    |
 | bad_words     | BYTES  | [B, N]     | optional; only empty strings accepted (not supported)     |
 | beam_width    | INT32  | [B, 1]     | optional; must be 1 (no beam search)                      |
@@ -54,6 +55,7 @@ INPUTS = (
     ("stop_words", "TYPE_STRING", (-1,), True),
     ("stream", "TYPE_BOOL", (1,), True),
     ("ignore_eos", "TYPE_BOOL", (1,), True),
+    ("cap_max_tokens", "TYPE_BOOL", (1,), True),
     # accepted for TensorRT-LLM clients, which send them by default
     ("random_seed", "TYPE_UINT64", (1,), True),
     ("bad_words", "TYPE_STRING", (-1,), True),
