@@ -45,7 +45,7 @@ const KernelLibrary* LoadKernelLibrary(std::string* why) {
     void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (handle == nullptr) {
       const char* err = dlerror();
-      tried += "\n  " + path + ": " + (err ? err : "not loadable");
+      tried += (tried.empty() ? " " : "; ") + path + ": " + (err ? err : "not loadable");
       continue;
     }
     std::string missing;
@@ -54,7 +54,7 @@ const KernelLibrary* LoadKernelLibrary(std::string* why) {
     ok &= Bind(handle, "saw_error_string", &lib.error_string, &missing);
     ok &= Bind(handle, "saw_last_error_message", &lib.last_error_message, &missing);
     if (!ok) {
-      tried += "\n  " + path + ": not the sawtrt kernel library" + missing;
+      tried += (tried.empty() ? " " : "; ") + path + ": not the sawtrt kernel library" + missing;
       dlclose(handle);
       continue;
     }

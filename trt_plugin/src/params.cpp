@@ -205,7 +205,7 @@ std::string ReadText(const FieldSpec& f, const PluginField& pf) {
   return raw.substr(b, e - b);
 }
 
-int32_t* IntSlot(Params& p, const std::string& name) {
+int64_t* IntSlot(Params& p, const std::string& name) {
   if (name == "num_q_heads") return &p.num_q_heads;
   if (name == "num_kv_heads") return &p.num_kv_heads;
   if (name == "head_dim") return &p.head_dim;
@@ -234,16 +234,17 @@ std::string PolicyProblem(const Params& p) {
     return "unknown KV policy " + PyRepr(p.kv_kind) + "; choose one of bf16, int8, int4, int4-bdr";
   if (!p.Rotated() && (p.rotation_block != 0 || p.rotate_v || p.sign_seed >= 0))
     return "policy " + p.kv_kind + " takes no rotation options";
-  const int b = p.rotation_block;
+  const int64_t b = p.rotation_block;
   if (b != 0 && (b < kMinBlock || b > kMaxBlock || (b & (b - 1))))
-    return Fmt("rotation block h=%d must be a power of two in [16, 256]", b);
+    return Fmt("rotation block h=%lld must be a power of two in [16, 256]", (long long)b);
   if (p.Rotated()) {
-    const int block = p.ResolvedBlock();
+    const int64_t block = p.ResolvedBlock();
     if (block < kMinBlock || block > kMaxBlock || (block & (block - 1)))
-      return Fmt("rotation block h=%d must be a power of two in [%d, %d]", block, kMinBlock,
-                 kMaxBlock);
+      return Fmt("rotation block h=%lld must be a power of two in [%d, %d]", (long long)block,
+                 kMinBlock, kMaxBlock);
     if (p.head_dim % block)
-      return Fmt("rotation block h=%d does not divide head_dim D=%d", block, p.head_dim);
+      return Fmt("rotation block h=%lld does not divide head_dim D=%lld", (long long)block,
+                 (long long)p.head_dim);
   }
   return "";
 }
@@ -266,7 +267,7 @@ void SignsOf(int32_t seed, int32_t head_dim, float* out) {
 
 int32_t Params::ResolvedBlock() const {
   if (!Rotated()) return 0;
-  return rotation_block ? rotation_block : std::min(kDefaultBlock, int(head_dim));
+  return int32_t(rotation_block ? rotation_block : std::min<int64_t>(kDefaultBlock, head_dim));
 }
 
 int32_t Params::KindCode() const {
@@ -276,7 +277,7 @@ int32_t Params::KindCode() const {
 }
 
 int64_t Params::HeadBlockBytes() const {
-  return saw::PageLayout(KindCode(), head_dim, page_size).head_block_bytes;
+  return saw::PageLayout(KindCode(), int(head_dim), int(page_size)).head_block_bytes;
 }
 
 float Params::Scale() const {
@@ -293,9 +294,9 @@ std::string Params::Policy() const {
 }
 
 std::string Params::Summary() const {
-  return Fmt("SawAttention(layer=%d, Hq=%d, Hkv=%d, D=%d, page=%d, kv=%s, dtype=%s)",
-             layer_index, num_q_heads, num_kv_heads, head_dim, page_size, Policy().c_str(),
-             dtype.c_str());
+  return Fmt("SawAttention(layer=%lld, Hq=%lld, Hkv=%lld, D=%lld, page=%lld, kv=%s, dtype=%s)",
+             (long long)layer_index, (long long)num_q_heads, (long long)num_kv_heads,
+             (long long)head_dim, (long long)page_size, Policy().c_str(), dtype.c_str());
 }
 
 void Params::Validate() const {
@@ -312,18 +313,20 @@ void Params::Validate() const {
   if (d != 64 && d != 128 && d != 256)
     throw ParamError(Fmt("SawAttention: head_dim=%lld not in (64, 128, 256)", (long long)d));
   if (page_size != 16 && page_size != 32 && page_size != 64 && page_size != 128)
-    throw ParamError(Fmt("SawAttention: page_size=%d not in (16, 32, 64, 128)", page_size));
+    throw ParamError(Fmt("SawAttention: page_size=%lld not in (16, 32, 64, 128)", (long long)page_size));
   if (rotate_v != 0 && rotate_v != 1)
-    throw ParamError(Fmt("SawAttention: rotate_v=%d must be 0 or 1", rotate_v));
-  if (sign_seed < -1)
-    throw ParamError(Fmt("SawAttention: sign_seed=%d must be -1 (none) or in [0, %lld]",
-                         sign_seed, (long long)kInt32Max));
+    throw ParamError(Fmt("SawAttention: rotate_v=%lld must be 0 or 1", (long long)rotate_v));
+  if (sign_seed < -1 || sign_seed > kInt32Max)
+    throw ParamError(Fmt("SawAttention: sign_seed=%lld must be -1 (none) or in [0, %lld]",
+                         (long long)sign_seed, (long long)kInt32Max));
   if (rotation_block < 0)
-    throw ParamError(Fmt("SawAttention: rotation_block=%d < 0", rotation_block));
-  if (layer_index < 0) throw ParamError(Fmt("SawAttention: layer_index=%d < 0", layer_index));
+    throw ParamError(Fmt("SawAttention: rotation_block=%lld < 0", (long long)rotation_block));
+  if (layer_index < 0)
+    throw ParamError(Fmt("SawAttention: layer_index=%lld < 0", (long long)layer_index));
   if (max_seq_len < 1)
-    throw ParamError(Fmt("SawAttention: max_seq_len=%d must be >= 1", max_seq_len));
-  if (max_batch < 1) throw ParamError(Fmt("SawAttention: max_batch=%d must be >= 1", max_batch));
+    throw ParamError(Fmt("SawAttention: max_seq_len=%lld must be >= 1", (long long)max_seq_len));
+  if (max_batch < 1)
+    throw ParamError(Fmt("SawAttention: max_batch=%lld must be >= 1", (long long)max_batch));
   if (dtype != "auto" && dtype != "fp16" && dtype != "bf16")
     throw ParamError("SawAttention: dtype=" + PyRepr(dtype) + " not in ('auto', 'fp16', 'bf16')");
   if (!(isfinite(sm_scale) && sm_scale >= 0))
@@ -336,7 +339,6 @@ void Params::Validate() const {
 Params ParseFields(const PluginFieldCollection* fc) {
   Params p;
   std::vector<std::string> seen;
-  std::vector<std::pair<std::string, int64_t>> wide;  // integer values checked after Validate
   const int n = fc ? fc->nbFields : 0;
   if (n > 0 && fc->fields == nullptr)
     throw ParamError("SawAttention: PluginFieldCollection has fields but no array");
@@ -365,10 +367,7 @@ Params ParseFields(const PluginFieldCollection* fc) {
     }
     if (!v.integral)
       throw ParamError(Fmt("SawAttention: field %s=%s is not an integer", f->name, v.text.c_str()));
-    // Out-of-int32 values: clamp for the Python-identical range checks, report after them.
-    if (v.integer > kInt32Max || v.integer < -kInt32Max - 1) wide.emplace_back(name, v.integer);
-    *IntSlot(p, name) = int32_t(std::max<int64_t>(std::min<int64_t>(v.integer, kInt32Max),
-                                                  -kInt32Max - 1));
+    *IntSlot(p, name) = v.integer;
   }
   std::string missing;
   for (int k = 0; k < kNumFields; ++k)
@@ -376,10 +375,15 @@ Params ParseFields(const PluginFieldCollection* fc) {
       missing += (missing.empty() ? "" : ", ") + PyRepr(kFields[k].name);
   if (!missing.empty())
     throw ParamError("SawAttention: missing required field(s) [" + missing + "]");
-  if (!wide.empty())
-    throw ParamError(Fmt("SawAttention: field %s=%lld does not fit in int32", wide[0].first.c_str(),
-                         (long long)wide[0].second));
   p.Validate();
+  // The Python plugin's checks leave some int32 fields unbounded; the serialized form is int32.
+  for (int k = 0; k < kNumFields; ++k) {
+    if (kFields[k].kind != FieldKind::kInt32) continue;
+    const int64_t v = *IntSlot(p, kFields[k].name);
+    if (v > kInt32Max || v < -kInt32Max - 1)
+      throw ParamError(Fmt("SawAttention: field %s=%lld does not fit in int32", kFields[k].name,
+                           (long long)v));
+  }
   return p;
 }
 
@@ -398,7 +402,7 @@ SerializedFields::SerializedFields(const Params& p) {
       floats_.push_back(copy.sm_scale);
       fields_.emplace_back(f.name, &floats_.back(), PluginFieldType::kFLOAT32, 1);
     } else {
-      ints_.push_back(*IntSlot(copy, f.name));
+      ints_.push_back(int32_t(*IntSlot(copy, f.name)));
       fields_.emplace_back(f.name, &ints_.back(), PluginFieldType::kINT32, 1);
     }
   }

@@ -40,18 +40,20 @@ struct FieldSpec {
 extern const FieldSpec kFields[];
 extern const int kNumFields;
 
+// Integer fields are held as int64 so that the checks (and their messages) see the value given;
+// ParseFields then requires every one to fit the int32 it is serialized as.
 struct Params {
-  int32_t num_q_heads = 0;
-  int32_t num_kv_heads = 0;
-  int32_t head_dim = 0;
-  int32_t page_size = 64;
+  int64_t num_q_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t page_size = 64;
   std::string kv_kind = "int4-bdr";
-  int32_t rotation_block = 0;
-  int32_t rotate_v = 0;
-  int32_t sign_seed = -1;
-  int32_t layer_index = 0;
-  int32_t max_seq_len = 4096;
-  int32_t max_batch = 256;
+  int64_t rotation_block = 0;
+  int64_t rotate_v = 0;
+  int64_t sign_seed = -1;
+  int64_t layer_index = 0;
+  int64_t max_seq_len = 4096;
+  int64_t max_batch = 256;
   std::string dtype = "auto";
   float sm_scale = 0.f;
 

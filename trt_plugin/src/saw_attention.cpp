@@ -254,13 +254,13 @@ bool SawAttentionPlugin::supportsFormatCombination(int32_t pos,
 namespace {
 SawConfig MakeConfig(const Params& p, DataType act, const float* signs) {
   SawConfig c{};
-  c.num_q_heads = p.num_q_heads;
-  c.num_kv_heads = p.num_kv_heads;
-  c.head_dim = p.head_dim;
-  c.page_size = p.page_size;
+  c.num_q_heads = int32_t(p.num_q_heads);  // ParseFields checked the int32 range
+  c.num_kv_heads = int32_t(p.num_kv_heads);
+  c.head_dim = int32_t(p.head_dim);
+  c.page_size = int32_t(p.page_size);
   c.kind = p.KindCode();
   c.rotation_block = p.ResolvedBlock();
-  c.rotate_v = p.rotate_v;
+  c.rotate_v = int32_t(p.rotate_v);
   c.act_dtype = act == DataType::kBF16 ? SAW_DTYPE_BF16 : SAW_DTYPE_FP16;
   c.sm_scale = p.Scale();
   c.signs = signs;
@@ -310,8 +310,8 @@ const float* SawAttentionPlugin::Signs(cudaStream_t stream) {
     cudaFree(signs_);
     signs_ = nullptr;
   }
-  std::vector<float> host(params_.head_dim);
-  SignsOf(params_.sign_seed, params_.head_dim, host.data());
+  std::vector<float> host(size_t(params_.head_dim));
+  SignsOf(int32_t(params_.sign_seed), int32_t(params_.head_dim), host.data());
   if (e == cudaSuccess) e = cudaMalloc(reinterpret_cast<void**>(&signs_), host.size() * 4);
   // Pageable source: the copy has read `host` when cudaMemcpyAsync returns.
   if (e == cudaSuccess)
