@@ -73,13 +73,17 @@ def built():
     return SimpleNamespace(lib=lib, harness=harness, recording=recording, include=inc)
 
 
-def ask(built, lines: list[str], kernel_lib: str | Path | None = None) -> list[str]:
+def ask(built, lines: list[str], kernel_lib: str | Path | None = None, plugin=None) -> list[str]:
     """Send commands to one harness process; returns one answer per command ("call ..." lines
-    that the recording kernels printed are prepended to the next answer, joined by ' | ')."""
+    that the recording kernels printed are prepended to the next answer, joined by ' | ').
+    kernel_lib "": no $SAWTRT_KERNEL_LIB (the plugin searches beside itself)."""
     env = dict(os.environ)
-    env["SAWTRT_KERNEL_LIB"] = str(kernel_lib or built.recording)
+    env["SAWTRT_KERNEL_LIB"] = str(built.recording if kernel_lib is None else kernel_lib)
+    if kernel_lib == "":
+        env.pop("SAWTRT_KERNEL_LIB")
     env.pop("LD_LIBRARY_PATH", None)
-    proc = subprocess.run([str(built.harness), str(built.lib)], input="\n".join(lines) + "\n",
+    proc = subprocess.run([str(built.harness), str(plugin or built.lib)],
+                          input="\n".join(lines) + "\n",
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     answers, calls = [], []
@@ -593,6 +597,64 @@ def test_build_finds_headers_through_tensorrt_root(built, monkeypatch, tmp_path)
     monkeypatch.setattr(B, "SYSTEM_TRT_INCLUDES", ())
     assert B.find_trt_include() == built.include.resolve()
     assert B.trt_version(built.include).count(".") == 2
+
+
+# -- sawtrt's TensorRT integration (sawtrt/trt/plugin_library.py) ----------------------------------
+class FakeRegistry:
+    def __init__(self):
+        self.loaded = []
+
+    def load_library(self, path):
+        self.loaded.append(path)
+        return object()
+
+
+def test_register_prefers_the_compiled_library_and_falls_back_to_python(built, monkeypatch):
+    from sawtrt.trt import plugin_library as PL
+    monkeypatch.setenv("SAWTRT_TRT_PLUGIN_LIB", str(built.lib))
+    reg = FakeRegistry()
+    assert PL.register(SimpleNamespace(), registry=reg) == ("compiled", built.lib)
+    assert PL.register(SimpleNamespace(), registry=reg) == ("compiled", built.lib)   # once
+    assert reg.loaded == [str(built.lib)]
+
+    monkeypatch.delenv("SAWTRT_TRT_PLUGIN_LIB")
+    monkeypatch.setattr(PL, "find", lambda engine_dir=None: None)
+    python_registered = []
+    fake_plugin = SimpleNamespace(register=python_registered.append)
+    import sawtrt.trt
+    monkeypatch.setitem(sys.modules, "sawtrt.trt.plugin", fake_plugin)
+    monkeypatch.setattr(sawtrt.trt, "plugin", fake_plugin, raising=False)
+    reg2 = FakeRegistry()
+    assert PL.register(SimpleNamespace(), registry=reg2) == ("python", None)
+    assert python_registered == [reg2] and reg2.loaded == []
+
+
+def test_engine_directory_carries_the_plugin_and_it_finds_the_kernels_there(built, monkeypatch,
+                                                                            tmp_path):
+    """install() puts the library next to model.plan; loaded from there with no
+    $SAWTRT_KERNEL_LIB, the plugin finds the kernels in the engine's lib/ (here: the recording
+    library under the kernel library's name)."""
+    from sawtrt.trt import plugin_library as PL
+    engine = tmp_path / "engine"
+    (engine / "lib").mkdir(parents=True)
+    shutil.copyfile(built.recording, engine / "lib" / PL.KERNEL_LIB_NAME)
+    monkeypatch.setenv("SAWTRT_TRT_PLUGIN_LIB", str(built.lib))
+    monkeypatch.setattr(PL, "_kernel_library_path", lambda engine_dir=None: None)
+    info = PL.install(engine)
+    assert info["library"] == PL.LIB_NAME and info["kernels"] == "lib/" + PL.KERNEL_LIB_NAME
+    assert (engine / PL.LIB_NAME).read_bytes() == built.lib.read_bytes()
+    monkeypatch.delenv("SAWTRT_TRT_PLUGIN_LIB")
+    assert PL.find(engine) == engine / PL.LIB_NAME
+    case = ENQ_CASES[0]
+    line = _ws_line(case[0], (64, 1536), (8,), (8, 32), "HALF")
+    _, got = ask(built, [_create_for(case[0]), line], kernel_lib="", plugin=engine / PL.LIB_NAME)
+    assert got.startswith("call workspace ") and got.endswith("ok 1009152")   # 10^6 + 1000 B + 10 T + L
+    # an engine without lib/ gets the kernel library beside the plugin
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    monkeypatch.setattr(PL, "_kernel_library_path", lambda engine_dir=None: built.recording)
+    info = PL.install(bare, source=built.lib)
+    assert info["kernels"] == PL.KERNEL_LIB_NAME and (bare / PL.KERNEL_LIB_NAME).is_file()
 
 
 # -- on the GPU: enqueue with device buffers ------------------------------------------------------

@@ -38,7 +38,10 @@ const KernelLibrary* LoadKernelLibrary(std::string* why) {
   std::vector<std::string> candidates;
   if (const char* env = getenv("SAWTRT_KERNEL_LIB"); env && *env) candidates.push_back(env);
   const std::string dir = PluginDirectory();
-  if (!dir.empty()) candidates.push_back(dir + "/" + kLibName);
+  if (!dir.empty()) {
+    candidates.push_back(dir + "/" + kLibName);
+    candidates.push_back(dir + "/lib/" + kLibName);  // an engine directory made by `sawtrt build`
+  }
   candidates.push_back(kLibName);
   std::string tried;
   for (const std::string& path : candidates) {

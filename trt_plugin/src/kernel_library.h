@@ -1,8 +1,9 @@
 // The kernels' C ABI (cpp/include/saw/c_api.h), reached through dlopen of libsawtrt_kernels.so:
 // the plugin compiles no kernel and carries no second implementation.
 //
-// Search order: $SAWTRT_KERNEL_LIB, then libsawtrt_kernels.so next to this plugin library (the
-// engine directory layout), then the dynamic loader's own search (LD_LIBRARY_PATH, rpath).
+// Search order: $SAWTRT_KERNEL_LIB, then libsawtrt_kernels.so next to this plugin library, then
+// in lib/ beside it (an engine directory: plugin next to model.plan, kernels in lib/), then the
+// dynamic loader's own search (LD_LIBRARY_PATH, rpath).
 #pragma once
 #include <string>
 
