@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from sawtrt.spec import KVPolicy
@@ -65,6 +64,9 @@ def built():
     flags = ["-std=c++17", "-O1", f"-isystem{inc}", f"-isystem{cuda / 'include'}"]
     harness = BUILD / "harness"
     _compile([cxx, *flags, str(HARNESS / "harness.cpp"), "-o", str(harness), "-ldl"])
+    # the same harness as a library, for the gpu test (which loads it into its own process)
+    _compile([cxx, *flags, "-fPIC", "-shared", "-DHARNESS_LIBRARY", str(HARNESS / "harness.cpp"),
+              "-o", str(BUILD / "libharness.so"), "-ldl"])
     recording = BUILD / "recording" / "librecording_kernels.so"
     recording.parent.mkdir(exist_ok=True)
     _compile([os.environ.get("CC") or "gcc", "-O1", "-fPIC", "-shared",
@@ -98,7 +100,7 @@ def ask(built, lines: list[str], kernel_lib: str | Path | None = None, plugin=No
 
 
 # -- fields in both encodings ---------------------------------------------------------------------
-_NP = {"i": np.int32, "I": np.int64, "f": np.float32, "d": np.float64, "b": np.int8}
+_NP = {"i": "int32", "I": "int64", "f": "float32", "d": "float64", "b": "int8"}
 
 
 def field_token(name: str, kind: str, value) -> str:
@@ -111,6 +113,7 @@ def field_token(name: str, kind: str, value) -> str:
 
 
 def field_data(kind: str, value):
+    import numpy as np          # (not on the GPU machine; only the CPU tests need it)
     if kind == "c":
         raw = value if isinstance(value, bytes) else value.encode()
         return np.frombuffer(raw, dtype=np.int8).copy()

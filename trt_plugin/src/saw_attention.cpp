@@ -365,9 +365,12 @@ void SawAttentionPlugin::Enqueue(const PluginTensorDesc* input_desc,
       static_cast<const int32_t*>(inputs[kSeqLens]), static_cast<const int32_t*>(inputs[kCuQLens]),
       int32_t(shape.num_seqs), int32_t(shape.num_tokens), int32_t(shape.MaxQLen()), max_seq_len,
       outputs[0], workspace, ws, stream);
-  if (code != 0)
+  if (code != 0) {
+    const char* msg = lib->last_error_message();
     throw ShapeError(LayerPrefix(params_) + "saw_attention_step failed: [" +
-                     std::to_string(code) + "] " + lib->last_error_message());
+                     std::to_string(code) + "] " +
+                     (msg && *msg ? msg : lib->error_string(code)));
+  }
 }
 
 int32_t SawAttentionPlugin::enqueue(const PluginTensorDesc* input_desc,
