@@ -660,6 +660,31 @@ def test_engine_directory_carries_the_plugin_and_it_finds_the_kernels_there(buil
     assert info["kernels"] == PL.KERNEL_LIB_NAME and (bare / PL.KERNEL_LIB_NAME).is_file()
 
 
+def test_harness_library_passes_the_callers_buffers(built):
+    """The gpu test's path (harness as a library in the caller's process): enqueue hands the
+    kernels exactly the addresses, workspace and stream it was given."""
+    case = ENQ_CASES[0]
+    _, dims, types = _enqueue_descs(*case)
+    tensors = " ".join(f"{t}@{','.join(map(str, d))}" for t, d in zip(types, dims))
+    code = f"""
+import ctypes
+h = ctypes.CDLL({str(BUILD / "libharness.so")!r})
+for fn in ("harness_open", "harness_call", "harness_enqueue"):
+    getattr(h, fn).restype = ctypes.c_char_p
+assert h.harness_open({str(built.lib)!r}.encode()) == b"ok"
+assert h.harness_call({_create_for(case[0]).replace("BUILD", "RUNTIME")!r}.encode()) == b"ok"
+ptrs = (ctypes.c_uint64 * 5)(0x11, 0x22, 0x33, 0x44, 0x55)
+print(h.harness_enqueue({tensors!r}.encode(), ptrs, ctypes.c_uint64(0x66),
+                        ctypes.c_uint64(0x77), ctypes.c_uint64(0x88)).decode())
+"""
+    env = dict(os.environ, SAWTRT_KERNEL_LIB=str(built.recording))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ptrs=0x11,0x22,0x33,0x44,0x55,0x66,0x77,0x88 " in out.stdout
+    assert out.stdout.rstrip().endswith("ok")
+
+
 # -- on the GPU: enqueue with device buffers ------------------------------------------------------
 GPU_CASES = [
     # policy, activation dtype, cached prefix per sequence, new tokens per sequence

@@ -412,12 +412,16 @@ std::string Run(const std::string& line, const Pointers* ptrs) {
         answer = rc == 0 ? "ok" : "error " + finder.logger.last;
       } else {
         // Fake addresses: the recording kernel library only reports them.
+        // Fake addresses unless the caller gave device buffers: the recording kernels only
+        // report them.
         std::vector<const void*> in_ptrs;
-        for (int i = 0; i < nb_in; ++i) in_ptrs.push_back(reinterpret_cast<void*>(0x1000 * (i + 1)));
-        void* out_ptr = reinterpret_cast<void*>(0x9000);
-        const int rc = cur->runtime->enqueue(plain.data(), plain.data() + nb_in, in_ptrs.data(),
-                                             &out_ptr, reinterpret_cast<void*>(0xA000),
-                                             reinterpret_cast<cudaStream_t>(0xB000));
+        for (int i = 0; i < nb_in; ++i)
+          in_ptrs.push_back(reinterpret_cast<void*>(ptrs ? ptrs->inputs[i] : 0x1000 * (i + 1)));
+        void* out_ptr = reinterpret_cast<void*>(ptrs ? ptrs->output : 0x9000);
+        const int rc = cur->runtime->enqueue(
+            plain.data(), plain.data() + nb_in, in_ptrs.data(), &out_ptr,
+            reinterpret_cast<void*>(ptrs ? ptrs->workspace : 0xA000),
+            reinterpret_cast<cudaStream_t>(ptrs ? ptrs->stream : 0xB000));
         answer = rc == 0 ? "ok" : "error " + finder.logger.last;
       }
     } else if (cmd == "timing") {
