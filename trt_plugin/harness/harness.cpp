@@ -264,6 +264,9 @@ Harness* g = nullptr;
 std::string Open(const char* path) {
   delete g;
   g = new Harness;
+  // A library the process has loaded before the plugin (a stand-in libnvinfer).
+  if (const char* pre = getenv("HARNESS_PRELOAD"); pre && *pre && !dlopen(pre, RTLD_NOW))
+    return std::string("error preload: ") + dlerror();
   g->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!g->lib) return std::string("error dlopen: ") + dlerror();
   using GetCreators = IPluginCreatorInterface* const* (*)(int32_t&);
