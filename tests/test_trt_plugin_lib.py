@@ -602,6 +602,39 @@ def test_build_finds_headers_through_tensorrt_root(built, monkeypatch, tmp_path)
     assert B.trt_version(built.include).count(".") == 2
 
 
+def test_self_registration_for_processes_that_only_dlopen_the_library(built):
+    """Triton's TensorRT backend only dlopens `plugins=` libraries: with
+    SAWTRT_TRT_PLUGIN_SELF_REGISTER=1 the library registers its creator with the loaded
+    libnvinfer's registry (here a stand-in with the same entry points) and getCreators then
+    offers nothing; a libnvinfer of another major, or none, is refused with a message."""
+    major = B.trt_version(built.include).split(".")[0]
+    fake = BUILD / "fake" / f"libnvinfer.so.{major}"
+    fake.parent.mkdir(exist_ok=True)
+    cuda = B.find_cuda()
+    _compile([os.environ.get("CXX") or shutil.which("g++"), "-std=c++17", "-fPIC", "-shared",
+              f"-isystem{built.include}", f"-isystem{cuda / 'include'}",
+              str(HARNESS / "fake_nvinfer.cpp"), "-o", str(fake), f"-Wl,-soname,{fake.name}"])
+
+    def run(**env):
+        e = {k: v for k, v in os.environ.items() if k not in ("SAWTRT_TRT_PLUGIN_SELF_REGISTER",
+                                                              "HARNESS_PRELOAD")}
+        e.update(env, SAWTRT_KERNEL_LIB=str(built.recording))
+        p = subprocess.run([str(built.harness), str(built.lib)], input="identity\n",
+                           capture_output=True, text=True, env=e, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout.strip(), p.stderr
+
+    out, _ = run(HARNESS_PRELOAD=str(fake), SAWTRT_TRT_PLUGIN_SELF_REGISTER="1")
+    assert out == "call registerCreator SawAttention/1/sawtrt ns=sawtrt\ncreators=0"
+    out, _ = run(HARNESS_PRELOAD=str(fake))                      # not asked: getCreators only
+    assert out.startswith("creators=1 ")
+    out, err = run(HARNESS_PRELOAD=str(fake), SAWTRT_TRT_PLUGIN_SELF_REGISTER="1",
+                   FAKE_NVINFER_VERSION="90300")
+    assert out.startswith("creators=1 ") and "not self-registering" in err and "90300" in err
+    out, err = run(SAWTRT_TRT_PLUGIN_SELF_REGISTER="1")
+    assert out.startswith("creators=1 ") and "no libnvinfer is loaded" in err
+
+
 # -- sawtrt's TensorRT integration (sawtrt/trt/plugin_library.py) ----------------------------------
 class FakeRegistry:
     def __init__(self):

@@ -279,7 +279,7 @@ std::string Open(const char* path) {
   set_finder(&g->finder);
   g->creators = get_creators(g->nb);
   g->creator = g->nb > 0 ? dynamic_cast<IPluginCreatorV3One*>(g->creators[0]) : nullptr;
-  if (!g->creator) return "error: creator 0 is not an IPluginCreatorV3One";
+  if (g->nb > 0 && !g->creator) return "error: creator 0 is not an IPluginCreatorV3One";
   return "ok";
 }
 
@@ -301,7 +301,11 @@ std::string Run(const std::string& line, const Pointers* ptrs) {
   finder.logger.last.clear();
   std::string answer;
   try {
-    if (cmd == "identity") {
+    if (cmd == "identity" && g->nb == 0) {
+      answer = "creators=0";
+    } else if (!creator && cmd != "signs") {
+      answer = "error no creator";
+    } else if (cmd == "identity") {
       const InterfaceInfo info = g->creators[0]->getInterfaceInfo();
       answer = "creators=" + std::to_string(g->nb) + " name=" + creator->getPluginName() +
                " version=" + creator->getPluginVersion() + " namespace=" +
