@@ -8,7 +8,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <sstream>
 
 #include "saw/c_api.h"
 #include "saw/layout.cuh"
