@@ -503,6 +503,8 @@ ENQ_CASES = [  # params, T, B, max_pages, pages, act
     (dict(num_q_heads=8, num_kv_heads=2, head_dim=128, kv_kind="int4-bdr", rotation_block=32,
           rotate_v=1), 12, 2, 4, 9, "HALF"),
     (dict(num_q_heads=8, num_kv_heads=2, head_dim=128, max_batch=8), 7, 7, 2, 9, "HALF"),
+    (dict(num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=16, max_seq_len=512), 85, 2, 5,
+     20, "BF16"),                       # T - B + 1 = 84 > max_pages * page = 80: max_q = 80
 ]
 
 
@@ -532,6 +534,8 @@ def test_enqueue_hands_the_c_abi_what_the_python_plugin_does(built, recording, c
                          _enqueue_line(dims, types)])
     assert got == " | ".join(recording.calls + [want])
     assert "call step" in got
+    if case is ENQ_CASES[-1]:
+        assert " max_q=80 L=80 " in got
 
 
 def test_enqueue_launches_nothing_in_the_build_phase_or_for_an_empty_batch(built):

@@ -78,7 +78,10 @@ int64_t StepShape::MaxSeqLen(const Params& p) const {
   return std::max<int64_t>(1, std::min<int64_t>(p.max_seq_len, max_pages * p.page_size));
 }
 
-int64_t StepShape::MaxQLen() const { return std::max<int64_t>(1, num_tokens - num_seqs + 1); }
+// Each sequence has >= 1 new token, and its new tokens are among its cached ones.
+int64_t StepShape::MaxQLen(const Params& p) const {
+  return std::max<int64_t>(1, std::min(num_tokens - num_seqs + 1, MaxSeqLen(p)));
+}
 
 StepShape CheckShapes(const Params& p, const Dims* in, int32_t nb_in, const Dims* out,
                       int32_t nb_out) {
@@ -363,7 +366,7 @@ void SawAttentionPlugin::Enqueue(const PluginTensorDesc* input_desc,
       &cfg, inputs[kQkv], params_.QkvWidth(), const_cast<void*>(inputs[kPool]),
       static_cast<const int32_t*>(inputs[kBlockTables]), int32_t(shape.max_pages),
       static_cast<const int32_t*>(inputs[kSeqLens]), static_cast<const int32_t*>(inputs[kCuQLens]),
-      int32_t(shape.num_seqs), int32_t(shape.num_tokens), int32_t(shape.MaxQLen()), max_seq_len,
+      int32_t(shape.num_seqs), int32_t(shape.num_tokens), int32_t(shape.MaxQLen(params_)), max_seq_len,
       outputs[0], workspace, ws, stream);
   if (code != 0) {
     const char* msg = lib->last_error_message();

@@ -21,7 +21,7 @@ class ShapeError : public std::runtime_error {
 struct StepShape {
   int64_t num_tokens, num_seqs, max_pages, num_pages;  // -1 where still unknown
   int64_t MaxSeqLen(const Params& p) const;
-  int64_t MaxQLen() const;
+  int64_t MaxQLen(const Params& p) const;  // min(T - B + 1, MaxSeqLen)
 };
 
 // core.check_shapes: validates dims against the fields (-1 entries skipped).
