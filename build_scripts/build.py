@@ -5,6 +5,11 @@ statically, so ctypes loads it without torch and the TensorRT plugin dlopens it 
     python build_scripts/build.py                       # default architectures, into build/
     python build_scripts/build.py --dev                 # sm_90a only: the fast path for the H200
     python build_scripts/build.py --arch sm_80,sm_90a --out build/ci
+    python build_scripts/build.py --dev --trt-include ../shared/third_party/tensorrt/include
+
+After the kernels, the command line also builds the TensorRT plugin library
+(libsawtrt_trt_plugin.so, build_trt_plugin.py) into the same folder when TensorRT's headers are
+found (--trt-include, $TENSORRT_ROOT/include, the usual paths), and says so when it skips.
 
 Every cpp/kernels/*.cu and cpp/c_api.cu is compiled per file in parallel, then linked with a
 version script that exports only the saw_* symbols. The result is cached: build/<...>/
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--lineinfo", action="store_true", help="-lineinfo, for Nsight Compute")
+    ap.add_argument("--trt-include", help="TensorRT include folder for the plugin library")
+    ap.add_argument("--no-trt-plugin", action="store_true", help="kernels only")
     args = ap.parse_args(argv)
     archs = DEV_ARCHS if args.dev else tuple(a.strip() for a in (args.arch or "").split(",")
                                              if a.strip()) or DEFAULT_ARCHS
@@ -132,6 +139,18 @@ def main(argv=None) -> int:
         print(f"build failed: {e}", file=sys.stderr)
         return 1
     print(lib)
+    if not args.no_trt_plugin:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import build_trt_plugin
+        try:
+            plugin = build_trt_plugin.build_or_skip(args.out, args.trt_include, args.force,
+                                                    args.verbose,
+                                                    log=lambda m: print(m, file=sys.stderr))
+        except build_trt_plugin.BuildError as e:
+            print(f"build failed: {e}", file=sys.stderr)
+            return 1
+        if plugin is not None:
+            print(plugin)
     return 0
 
 

@@ -71,6 +71,7 @@ CASES = [
     # policy, dtype, cached prefix per sequence, new tokens per sequence
     ("int4-bdr", torch.float16, [0, 37, 96], [54, 1, 1]),            # prefill + decode mixed
     ("int4-bdr", torch.bfloat16, [5, 15, 16, 63], [1, 1, 1, 1]),     # decode only (T == B)
+    ("int4-bdr", torch.bfloat16, [0, 0], [77, 8]),                   # T - B + 1 > max_seq_len'
     ("int4-bdr:h=64,kv,seed=3", torch.float16, [0, 20], [97, 12]),   # signs, V rotated, chunks
     ("int4", torch.bfloat16, [31, 0], [1, 17]),
     ("int8", torch.float16, [3], [1]),
@@ -141,7 +142,7 @@ def run_case(policy, dtype, prefix, new, dev, launch):
     from sawtrt.kernels import ops
     pool2 = pool.to(dev)
     ops_out = ops.attention_step(g["qkv"], pool2, layout, hq, g["tables"], g["seq_lens"], g["cu"],
-                                 max_q_len=qkv.shape[0] - len(new) + 1, max_seq_len=max_len,
+                                 max_q_len=int(q_lens.max()), max_seq_len=max_len,
                                  sm_scale=params.scale)
     if dev.type == "cuda":
         torch.cuda.synchronize()

@@ -9,7 +9,9 @@ are all present; otherwise returns (None, reason) with the reason in plain words
 config, weights and TensorRT version) is not rebuilt.
 
 Next to the plan, model.plan.json records what it was built from and for: TensorRT version,
-dtype, the optimization profile's limits and the plugin identity; runtime.py reads it.
+dtype, the optimization profile's limits and the plugin identity; runtime.py reads it. When the
+compiled plugin (libsawtrt_trt_plugin.so, see plugin_library.py) is found, it is copied next to
+model.plan and the plan is built with it; otherwise with the Python plugin.
 """
 from __future__ import annotations
 
@@ -81,12 +83,16 @@ def maybe_build_plan(engine_dir, max_tokens: int | None = None, force: bool = Fa
                 old.get("limits") == limits.to_dict():
             return plan, "up to date"
     from ..engine.llm_engine import load_kv_transform, load_weights
+    from . import plugin_library
+    # the compiled plugin goes next to model.plan, so trtexec and Triton load the directory as is
+    plugin_info = plugin_library.install(engine_dir)
     dtype = torch.bfloat16
     t0 = time.time()
     try:
         weights = load_weights(cfg, engine_dir, "cpu", dtype)
         blob = N.build_serialized(trt, cfg.model, cfg.layout, weights, dtype, limits,
-                                  kv_transform=load_kv_transform(cfg, engine_dir, dtype, "cpu"))
+                                  kv_transform=load_kv_transform(cfg, engine_dir, dtype, "cpu"),
+                                  engine_dir=engine_dir)
     except Exception as e:                                    # noqa: BLE001
         return None, f"TensorRT build failed: {type(e).__name__}: {e}"
     tmp = plan.with_suffix(".plan.tmp")
@@ -94,7 +100,9 @@ def maybe_build_plan(engine_dir, max_tokens: int | None = None, force: bool = Fa
     tmp.replace(plan)
     meta = {"tensorrt": compat.version(trt), "dtype": BUILD_DTYPE, "limits": limits.to_dict(),
             "plugin": {"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE,
-                       "version": PLUGIN_VERSION},
+                       "version": PLUGIN_VERSION,
+                       "implementation": plugin_library.register(trt, engine_dir)[0],
+                       **(plugin_info or {})},
             "kv_policy": str(cfg.layout.policy), "page_size": cfg.layout.page_size,
             "num_layers": cfg.model.num_layers, "digest": digest,
             "build_seconds": round(time.time() - t0, 1), "bytes": len(blob)}

@@ -95,10 +95,11 @@ class StepShape:
             return params.max_seq_len
         return max(1, min(params.max_seq_len, self.max_pages * params.page_size))
 
-    @property
-    def max_q_len(self) -> int:
-        """Upper bound of new tokens per sequence (each sequence has >= 1): T - B + 1."""
-        return max(1, self.num_tokens - self.num_seqs + 1)
+    def max_q_len(self, params: AttentionParams) -> int:
+        """Upper bound of new tokens per sequence: T - B + 1 (each sequence has >= 1), and no
+        more than max_seq_len (a sequence's new tokens are among its cached ones; the C ABI
+        rejects a larger bound)."""
+        return max(1, min(self.num_tokens - self.num_seqs + 1, self.max_seq_len(params)))
 
 
 def _dims(d) -> tuple[int, ...]:
@@ -247,5 +248,6 @@ def enqueue(params: AttentionParams, input_desc, output_desc, inputs, outputs, w
     capi.attention_step_ptr(
         cfg, int(inputs[QKV]), params.qkv_width, int(inputs[POOL]), int(inputs[BLOCK_TABLES]),
         shape.max_pages, int(inputs[SEQ_LENS]), int(inputs[CU_Q_LENS]), shape.num_seqs,
-        shape.num_tokens, shape.max_q_len, max_seq_len, int(outputs[0]), int(workspace), ws,
+        shape.num_tokens, shape.max_q_len(params), max_seq_len, int(outputs[0]), int(workspace),
+        ws,
         int(stream))

@@ -245,10 +245,12 @@ class DecoderNetwork:
 
     @staticmethod
     def plugin_attention(self, qkv, pool, layer: int):
-        from . import plugin as P
+        from . import plugin_library
         if not hasattr(self.net, "add_plugin_v3"):
             raise NetworkBuildError(f"{self.trt.__name__} networks accept no plugin layers")
-        p = P.create(self.attention_params(layer), self.trt.TensorRTPhase.BUILD)
+        # the compiled plugin when registered (build_serialized decides), else the Python one
+        p = plugin_library.create(self.trt, self.attention_params(layer),
+                                  self.trt.TensorRTPhase.BUILD)
         self.plugins.append(p)
         inputs = [qkv, pool, self.inputs["block_tables"], self.inputs["seq_lens"],
                   self.inputs["cu_q_lens"]]
@@ -377,11 +379,14 @@ def create_network(trt, builder):
 
 def build_serialized(trt, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
                      dtype: torch.dtype, limits: Limits, logger=None,
-                     workspace_limit: int | None = None, kv_transform=None) -> bytes:
+                     workspace_limit: int | None = None, kv_transform=None,
+                     engine_dir=None) -> bytes:
     """Build the engine and return the serialized plan (needs full TensorRT, a GPU and the
-    compiled kernel library: get_workspace_size asks the C ABI)."""
-    from . import plugin as P
-    P.register()
+    compiled kernel library: get_workspace_size asks the C ABI). The attention layers use the
+    compiled plugin library when one is found (plugin_library.find(engine_dir)), else the
+    Python plugin."""
+    from . import plugin_library
+    plugin_library.register(trt, engine_dir)
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     net = create_network(trt, builder)

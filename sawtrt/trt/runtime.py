@@ -36,8 +36,10 @@ class PlanError(RuntimeError):
 class TrtCausalLM:
     def __init__(self, plan_path, cfg, device="cuda", limits: Limits | None = None):
         trt = compat.load(("tensorrt",))
-        from . import plugin as P
-        P.register()                           # the plan names sawtrt::SawAttention v1
+        from . import plugin_library
+        # the plan names sawtrt::SawAttention v1: the compiled library next to the plan when
+        # the engine carries one, else the Python plugin (both read the same fields)
+        plugin_library.register(trt, Path(plan_path).parent)
         self.trt, self.cfg = trt, cfg
         self.spec, self.layout = cfg.model, cfg.layout
         self.device = torch.device(device)
