@@ -174,19 +174,32 @@ class KVTransform:
             self.k_scale = (1.0 / s).to(device, dtype)                      # [L, Hkv, D]
             self.q_scale = s.repeat_interleave(group, 1).to(device, dtype)  # [L, Hq, D]
 
+    def params(self, layer: int) -> tuple:
+        """Layer `layer`'s constants for `apply` (None where the policy leaves a step out): plain
+        tensors, so that one compiled function (CausalLM's layer prologue) serves every layer."""
+        def at(t):
+            return None if t is None else t[layer]
+        return (at(self.k_mean), at(self.k_scale), at(self.q_scale), at(self.k_mat),
+                at(self.q_mat))
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor):
-        if self.k_mean is not None:
-            k = k - self.k_mean[layer]
-        if self.k_scale is not None:
-            k = k * self.k_scale[layer]
-            q = q * self.q_scale[layer]
-        if self.k_mat is not None:
-            t, hq, d = q.shape
-            hkv = k.shape[1]
-            k = torch.einsum("thd,hed->the", k, self.k_mat[layer])
-            q = torch.einsum("thgd,hed->thge", q.reshape(t, hkv, hq // hkv, d),
-                             self.q_mat[layer]).reshape(t, hq, d)
-        return q, k
+        return apply(q, k, *self.params(layer))
+
+
+def apply(q, k, k_mean=None, k_scale=None, q_scale=None, k_mat=None, q_mat=None):
+    """q [T, Hq, D], k [T, Hkv, D] -> (q', k') with one layer's constants (module doc)."""
+    if k_mean is not None:
+        k = k - k_mean
+    if k_scale is not None:
+        k = k * k_scale
+        q = q * q_scale
+    if k_mat is not None:
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        k = torch.einsum("thd,hed->the", k, k_mat)
+        q = torch.einsum("thgd,hed->thge", q.reshape(t, hkv, hq // hkv, d),
+                         q_mat).reshape(t, hq, d)
+    return q, k
 
 
 class _Recorder:
