@@ -371,3 +371,28 @@ def test_prepare_block_tables_follow_every_table_change():
     b.block_table = a.block_table[:1]            # a fork: a new list sharing a prefix
     b.token_ids = list(range(4))
     check()
+
+
+def test_kv_transform_one_matmul_form_equals_two():
+    """KVTransform.params hands the compiled prologue the whitening of q and k as one batched
+    matmul over Hq + Hkv heads: the same q', k' as the two-matmul form, on a random
+    calibration with a non-trivial mean and whitening."""
+    from sawtrt.models import kv_transform as kvt
+    from sawtrt.spec import KVPolicy
+    g = torch.Generator().manual_seed(5)
+    L, hq, hkv, d, t = 2, 8, 2, 16, 7
+    m = torch.randn(L, hkv, d, d, generator=g)
+    mom = m @ m.transpose(-1, -2) / d + 0.1 * torch.eye(d)
+    m2 = torch.randn(L, hkv, d, d, generator=g)
+    qmom = m2 @ m2.transpose(-1, -2) / d + 0.1 * torch.eye(d)
+    cal = kvt.KVCalibration(torch.randn(L, hkv, d, generator=g), torch.ones(L, hkv, d),
+                            torch.ones(L, hkv, d), {}, mom, qmom)
+    tr = kvt.KVTransform(KVPolicy.parse("int4-bdr:kv,center,whiten"), cal, hq)
+    q, k = torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    for layer in range(L):
+        got_q, got_k = tr(layer, q, k)
+        want_q, want_k = kvt.apply(q, k, tr.k_mean[layer], None, None, tr.k_mat[layer],
+                                   tr.q_mat[layer])
+        assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k,
+                                                                           atol=1e-5)
+        assert (got_k - k).abs().max() > 0.1          # the transform does something

@@ -210,7 +210,10 @@ def test_compiled_layer_functions_match_eager(t):
             r(hid, ff) / 20, eps)
     head = (r(t + 3, hid), torch.arange(t, device="cuda") + 2, 1 + 0.1 * r(hid),
             r(vocab, hid) / 16, eps)
+    head_mat = torch.cat((tr[4].repeat_interleave(hq // hkv, 0), tr[3]), 0)
+    one_mm = (tr[0], None, None, None, None, head_mat)         # KVTransform.params' form
     for fn, args in ((M.attn_in, pre), (M.attn_in, pre[:8] + (None,) + pre[9:]),
+                     (M.attn_in, pre[:8] + (one_mm,) + pre[9:]),
                      (M.attn_out_mlp, post), (M.final_logits, head)):
         want = fn(*args)
         got = torch.compile(fn)(*args)
