@@ -396,3 +396,14 @@ def test_kv_transform_one_matmul_form_equals_two():
         assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k,
                                                                            atol=1e-5)
         assert (got_k - k).abs().max() > 0.1          # the transform does something
+
+
+def test_compile_mode(monkeypatch):
+    """CausalLM compiles its layer work on CUDA only unless SAWTRT_COMPILE says otherwise."""
+    from sawtrt.models.model import compile_mode
+    monkeypatch.delenv("SAWTRT_COMPILE", raising=False)
+    assert not compile_mode(torch.device("cpu")) and compile_mode(torch.device("cuda"))
+    for v, want in (("0", False), ("off", False), ("1", True), ("on", True)):
+        monkeypatch.setenv("SAWTRT_COMPILE", v)
+        assert compile_mode(torch.device("cpu")) is want
+        assert compile_mode(torch.device("cuda")) is want
