@@ -64,6 +64,12 @@ def test_bench_throughput_and_plot(tmp_path):
             assert lv["kv"]["peak_running"] == lv["concurrency"]
             assert lv["steps"]["mixed_tokens"] >= 3 * 20 and lv["steps"]["decode"] > 0
             assert lv["output_tok_s"] == pytest.approx(15 / lv["wall_s"])
+            # the roofline of the level beside it; a CPU step is far from its limit
+            assert lv["roofline"]["tok_s"] > 0 and lv["roofline"]["batch"] == lv["concurrency"]
+            assert 0 < lv["roofline_fraction"] < 1
+            assert lv["roofline_fraction"] == pytest.approx(
+                lv["output_tok_s"] / lv["roofline"]["tok_s"])
+    assert rec["hardware"]["copy_tbps"] > 0 and rec["hardware"]["copy_source"] == "measured"
     merged, png = tmp_path / "all.json", tmp_path / "all.png"
     r = CliRunner().invoke(main, ["bench", "plot-throughput", *outs, "--json", str(merged),
                                   "--plot", str(png)])
@@ -71,4 +77,5 @@ def test_bench_throughput_and_plot(tmp_path):
     m = json.loads(merged.read_text())
     levels = {run["policy_arg"]: [lv["concurrency"] for lv in run["levels"]] for run in m["runs"]}
     assert levels == {"bf16": [1, 2], "int4-bdr": [1, 2, 3]}
+    assert "roof tok/s" in r.output and "%roof" in r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

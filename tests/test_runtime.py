@@ -359,3 +359,78 @@ def test_per_layer_pages_engine_budget_pools_and_bad_layers(tmp_path, tiny_dir):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EngineConfigError, match=r"layer\(s\) \[9\]"):
         LLMEngine.from_engine_dir(d, device="cpu")
+
+
+def test_prepare_block_tables_follow_every_table_change():
+    """ModelRunner.prepare stacks block tables from rows cached on the sequences: after pages
+    are appended, freed (a new, shorter list), re-allocated and forked, every row still equals
+    the sequence's table, zero-padded, in the graph (pad_to) and the eager form."""
+    from sawtrt.engine.model_runner import ModelRunner
+    from sawtrt.engine.scheduler import ScheduledBatch
+    from sawtrt.engine.sequence import Sequence
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.page_size, runner.device, runner.max_pages = 4, torch.device("cpu"), 6
+    a = Sequence("a", list(range(9)), SamplingParams(), 0)
+    b = Sequence("b", list(range(3)), SamplingParams(), 1)
+
+    def check():
+        batch = ScheduledBatch([a, b], [1, 1])
+        for s in (a, b):
+            s.num_computed = len(s) - 1
+        for pad, width in ((4, 6), (None, max(len(a.block_table), len(b.block_table)))):
+            ids, meta = runner.prepare(batch, pad_to=pad, on_device=False)
+            bt = meta.block_tables
+            assert bt.is_contiguous() and bt.dtype == torch.int32 and bt.shape[1] == width
+            for i, s in enumerate((a, b)):
+                assert bt[i].tolist() == s.block_table + [0] * (width - len(s.block_table))
+                want_slot = s.block_table[(len(s) - 1) // 4] * 4 + (len(s) - 1) % 4
+                assert meta.slot_mapping[i].item() == want_slot
+            assert bt[2:].eq(0).all()
+    a.block_table, b.block_table = [3, 5, 8], [2]
+    check()
+    a.block_table.append(11)                     # grown in place (allocate_for)
+    a.token_ids += [1, 2, 3, 4]
+    check()
+    a.block_table = []                           # freed (preempted) ...
+    a.block_table.extend([7, 1, 4])              # ... and allocated again: old pages gone
+    a.token_ids = a.token_ids[:9]
+    check()
+    b.block_table = a.block_table[:1]            # a fork: a new list sharing a prefix
+    b.token_ids = list(range(4))
+    check()
+
+
+def test_kv_transform_one_matmul_form_equals_two():
+    """KVTransform.params hands the compiled prologue the whitening of q and k as one batched
+    matmul over Hq + Hkv heads: the same q', k' as the two-matmul form, on a random
+    calibration with a non-trivial mean and whitening."""
+    from sawtrt.models import kv_transform as kvt
+    from sawtrt.spec import KVPolicy
+    g = torch.Generator().manual_seed(5)
+    L, hq, hkv, d, t = 2, 8, 2, 16, 7
+    m = torch.randn(L, hkv, d, d, generator=g)
+    mom = m @ m.transpose(-1, -2) / d + 0.1 * torch.eye(d)
+    m2 = torch.randn(L, hkv, d, d, generator=g)
+    qmom = m2 @ m2.transpose(-1, -2) / d + 0.1 * torch.eye(d)
+    cal = kvt.KVCalibration(torch.randn(L, hkv, d, generator=g), torch.ones(L, hkv, d),
+                            torch.ones(L, hkv, d), {}, mom, qmom)
+    tr = kvt.KVTransform(KVPolicy.parse("int4-bdr:kv,center,whiten"), cal, hq)
+    q, k = torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    for layer in range(L):
+        got_q, got_k = tr(layer, q, k)
+        want_q, want_k = kvt.apply(q, k, tr.k_mean[layer], None, None, tr.k_mat[layer],
+                                   tr.q_mat[layer])
+        assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k,
+                                                                           atol=1e-5)
+        assert (got_k - k).abs().max() > 0.1          # the transform does something
+
+
+def test_compile_mode(monkeypatch):
+    """CausalLM compiles its layer work on CUDA only unless SAWTRT_COMPILE says otherwise."""
+    from sawtrt.models.model import compile_mode
+    monkeypatch.delenv("SAWTRT_COMPILE", raising=False)
+    assert not compile_mode(torch.device("cpu")) and compile_mode(torch.device("cuda"))
+    for v, want in (("0", False), ("off", False), ("1", True), ("on", True)):
+        monkeypatch.setenv("SAWTRT_COMPILE", v)
+        assert compile_mode(torch.device("cpu")) is want
+        assert compile_mode(torch.device("cuda")) is want

@@ -189,3 +189,66 @@ def test_thousand_requests_preemption_gpu(tmp_path):
     for e in (big, small):
         assert e.kv_cache_usage()["used_pages"] == 0
         e.block_manager.check([])
+
+
+@pytest.mark.parametrize("t", [1, 7, 97])
+def test_compiled_layer_functions_match_eager(t):
+    """The functions CausalLM compiles (prologue with q/k-norm, RoPE, centring and whitening;
+    epilogue; head) under torch.compile against themselves eagerly, in fp32 on the GPU: the
+    fusion may reorder float ops, nothing more. Fresh random inputs, odd token counts."""
+    import sawtrt.models.model as M
+    g = torch.Generator(device="cuda").manual_seed(t)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)     # noqa: E731
+    hid, hq, hkv, d, ff, vocab, eps = 256, 8, 2, 64, 384, 1000, 1e-6
+    cos, sin = M.Rope(d, 1e6, 512, "cuda").tables(torch.randint(0, 512, (t,), device="cuda",
+                                                                generator=g), torch.float32)
+    mat = torch.linalg.qr(r(hkv, d, d))[0] * 1.5
+    tr = (r(hkv, d) * 3, None, None, mat, torch.linalg.inv(mat).transpose(-1, -2))
+    pre = (r(t, hid), 1 + 0.1 * r(hid), r((hq + 2 * hkv) * d, hid) / hid ** 0.5, None,
+           1 + 0.1 * r(d), 1 + 0.1 * r(d), cos, sin, tr, eps, hq, hkv, d)
+    post = (r(t, hid), r(t, hq, d), r(hid, hq * d) / 16, 1 + 0.1 * r(hid), r(2 * ff, hid) / 16,
+            r(hid, ff) / 20, eps)
+    head = (r(t + 3, hid), torch.arange(t, device="cuda") + 2, 1 + 0.1 * r(hid),
+            r(vocab, hid) / 16, eps)
+    head_mat = torch.cat((tr[4].repeat_interleave(hq // hkv, 0), tr[3]), 0)
+    one_mm = (tr[0], None, None, None, None, head_mat)         # KVTransform.params' form
+    for fn, args in ((M.attn_in, pre), (M.attn_in, pre[:8] + (None,) + pre[9:]),
+                     (M.attn_in, pre[:8] + (one_mm,) + pre[9:]),
+                     (M.attn_out_mlp, post), (M.final_logits, head)):
+        want = fn(*args)
+        got = torch.compile(fn)(*args)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-5, (fn.__name__, err)
+
+
+def test_compiled_engine_matches_eager(tmp_path, monkeypatch):
+    """The whole engine with and without torch.compile (bf16 activations, bf16 cache, CUDA
+    graphs): logits agree to bf16 rounding (inductor keeps fp32 between fused ops where eager
+    rounds to bf16). Quantized caches turn such rounding into code flips; they are checked
+    against the fp32 oracle in test_qwen3_gpu_matches_transformers, compiled there too."""
+    spec = replace(get_spec("qwen3-0.6b"), num_layers=2, vocab_size=2048, max_position=512,
+                   eos_token_id=None, bos_token_id=None)
+    d = build_tiny(tmp_path, spec, kv_cache="bf16", max_seq_len=256, max_batch=8, name="c")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (1, 33, 120)]
+    recs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("SAWTRT_COMPILE", mode)
+        eng = LLMEngine.from_engine_dir(d, device="cuda", max_num_batched_tokens=64,
+                                        max_num_seqs=8)
+        assert eng.runner.graphs, eng.runner.graph_note
+        recs[mode] = _run_recording(eng, prompts)
+        assert eng.model.compile_note.startswith("torch.compile" if mode == "1" else "eager")
+        del eng
+    compared = 0
+    for i in range(len(prompts)):
+        a, b = recs["1"][0][i], recs["0"][0][i]
+        same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        got, want = recs["1"][1][f"g{i}"], recs["0"][1][f"g{i}"]
+        # rows up to the first token the two runs chose differently see the same inputs
+        for j in range(min(same + 1, len(got))):
+            err = ((got[j] - want[j]).norm() / want[j].norm()).item()
+            assert err < 0.02, (i, j, err)
+            compared += 1
+    assert compared >= len(prompts) * 4, compared

@@ -6,17 +6,21 @@
 Prints, per batch size, the median wall time of one `LLMEngine.step()` (schedule + metadata +
 forward + sampling + detokenization; on GPU the forward is a CUDA-graph replay when the kernels
 are present) and of the forward alone (CUDA events), tokens/s, and the KV bytes the step reads
-(B * context * bytes/token over all layers) with the bandwidth that implies.
+(B * context * bytes/token over all layers) with the bandwidth that implies, and the step's byte
+floor (weights + that KV at the copy bandwidth measured at start) with the forward's multiple of
+it. `--compile on,off` and `--kv-policy 'a;b'` compare settings in one process.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import torch
 
+from . import roofline
 from .step_timer import ForwardTimer
 from .throughput import start_decoding
 from ..engine.llm_engine import LLMEngine
@@ -56,24 +60,68 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--kv-policy", default=None, help="override the engine's KV policy")
+    ap.add_argument("--kv-policy", default=None,
+                    help="override the engine's KV policy; several, separated by ';', run one "
+                         "after another in this process")
+    ap.add_argument("--compile", default="auto",
+                    help="torch.compile of the layers' work around the GEMMs: auto, on, off, or "
+                         "a comma list (on,off) to compare in this process")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     batches = [int(b) for b in a.batch.split(",")]
+    dev = torch.device(a.device) if a.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    copy_tbps = roofline.measure_copy_tbps(dev)
+    runs = []
+    for pol in (a.kv_policy.split(";") if a.kv_policy else [None]):
+        for comp in a.compile.split(","):
+            runs.append(run_one(a, pol, comp.strip(), batches, copy_tbps))
+            print(json.dumps(runs[-1], indent=1), flush=True)
+    print(f"copy bandwidth {copy_tbps:.2f} TB/s")
+    print(f"{'policy':<34} {'compile':<8} {'batch':>5} {'step ms':>8} {'fwd ms':>8} "
+          f"{'floor ms':>8} {'fwd/floor':>9} {'tok/s':>8}")
+    for r in runs:
+        for row in r["rows"]:
+            print(f"{r['kv_policy']:<34} {r['compile']:<8} {row['batch']:>5} {row['step_ms']:>8.3f} "
+                  f"{row['forward_ms']:>8.3f} {row['roofline_step_ms']:>8.3f} "
+                  f"{row['forward_vs_roofline']:>9.2f} {row['tokens_per_s']:>8.1f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"copy_tbps": copy_tbps, "runs": runs}, f, indent=1)
+
+
+def run_one(a, policy, comp: str, batches: list[int], copy_tbps: float) -> dict:
+    """One engine (policy, compile setting) loaded, benchmarked and freed."""
+    import gc
+    if comp not in ("auto", "on", "off"):
+        raise SystemExit(f"--compile: expected auto, on or off, got {comp!r}")
+    if comp != "auto":
+        os.environ["SAWTRT_COMPILE"] = "1" if comp == "on" else "0"
     t0 = time.perf_counter()
-    engine = LLMEngine.from_engine_dir(a.engine, device=a.device, kv_policy=a.kv_policy,
+    engine = LLMEngine.from_engine_dir(a.engine, device=a.device, kv_policy=policy,
                                        max_num_seqs=max(batches), max_num_batched_tokens=8192)
     load_s = time.perf_counter() - t0
+    os.environ.pop("SAWTRT_COMPILE", None)
     rows = [bench(engine, b, a.context, a.steps) for b in batches]
-    info = {"engine": a.engine, "model": engine.config.model.name,
-            "kv_policy": str(engine.config.layout.policy), "device": str(engine.device),
+    cfg = engine.config
+    weights = roofline.decode_weight_bytes(cfg.model, engine.model.dtype.itemsize)
+    for row in rows:
+        # the byte floor of this decode step: weights + the KV it reads at the copy bandwidth
+        row["weight_floor_ms"] = round(weights / (copy_tbps * 1e12) * 1e3, 3)
+        row["roofline_step_ms"] = round((weights + row["kv_bytes_per_step"])
+                                        / (copy_tbps * 1e12) * 1e3, 3)
+        row["forward_vs_roofline"] = round(row["forward_ms"] / row["roofline_step_ms"], 2)
+    info = {"engine": a.engine, "model": cfg.model.name, "kv_policy": str(cfg.layout.policy),
+            "compile": comp, "compile_note": engine.model.compile_note,
+            "device": str(engine.device),
             "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
             "dtype": str(engine.model.dtype), "fused_kernels": engine.model.fused,
             "graphs": engine.runner.graph_note, "load_s": round(load_s, 1), "rows": rows}
-    print(json.dumps(info, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(info, f, indent=1)
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return info
 
 
 if __name__ == "__main__":

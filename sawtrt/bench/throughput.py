@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..engine.sampling import SamplingParams
+from . import roofline
 from .stats import dist
 from .step_timer import ForwardTimer
 
@@ -191,18 +192,38 @@ def make_engine(engine_dir, policy: str, max_num_seqs: int, kv_memory_gib: float
                          max_num_seqs=max_num_seqs).load(engine_dir, device)
 
 
+def level_roofline(engine, row: dict, hw: roofline.Hardware,
+                   max_num_batched_tokens: int) -> dict:
+    """The roofline of a measured level on this engine's model, KV bytes and pool size."""
+    cfg = engine.config
+    return roofline.level(
+        cfg.model, cfg.layout.bytes_per_token(cfg.model.num_layers), hw, row["concurrency"],
+        row["num_requests"], row["prompt_len"], row["output_len"],
+        kv_capacity_tokens=engine.block_manager.num_pages * cfg.layout.page_size,
+        max_num_batched_tokens=max_num_batched_tokens, dtype_bytes=engine.model.dtype.itemsize,
+        page_size=cfg.layout.page_size)
+
+
 def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: float,
         max_num_batched_tokens: int = 8192, device=None, log=print, progress=None,
-        checkpoint=None) -> dict:
-    """Every level for every policy, one engine per policy (same KV memory budget for all).
+        checkpoint=None, tflops: float | None = None) -> dict:
+    """Every level for every policy, one engine per policy (same KV memory budget for all),
+    each level with its roofline (bench.roofline: copy bandwidth measured here, before the
+    first engine; `tflops` the tensor-core rate, default roofline.hardware's).
     checkpoint(record) is called with the record so far after every level (partial results
     survive a run that is cut off)."""
     runs = []
     info = {}
+    dev = torch.device(device) if device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    hw = roofline.hardware(dev, tflops)
+    log(f"roofline: copy bandwidth {hw.copy_tbps:.2f} TB/s ({hw.copy_source}), "
+        f"matmul {hw.tflops:.0f} TFLOP/s ({hw.tflops_source})")
 
     def record():
         return {"engine": str(engine_dir), **info, "kv_memory_gib": kv_memory_gib,
-                "max_num_batched_tokens": max_num_batched_tokens, "runs": runs}
+                "max_num_batched_tokens": max_num_batched_tokens,
+                "hardware": roofline.to_dict(hw), "runs": runs}
     for pol in policies:
         t0 = time.perf_counter()
         engine = make_engine(engine_dir, pol, max(lv.concurrency for lv in levels),
@@ -228,6 +249,7 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                      "engine_load_s": load_s, "levels": rows})
         for lv in levels:
             row = run_level(engine, lv, progress=progress(pol, lv) if progress else None)
+            roofline.annotate(row, level_roofline(engine, row, hw, max_num_batched_tokens))
             rows.append(row)
             log(format_row(pol, row))
             if checkpoint is not None:
@@ -242,20 +264,23 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
 
 HEADER = (f"{'policy':<10} {'conc':>4} {'tok/s/GPU':>9} {'tok/s/user':>10} {'TTFT p50/p99 s':>15} "
           f"{'ITL p50/p99 ms':>15} {'pages peak/total':>17} {'preempt':>7} "
-          f"{'dec step ms':>11} {'host ms':>7}")
+          f"{'dec step ms':>11} {'host ms':>7} {'roof tok/s':>10} {'%roof':>5} "
+          f"{'roof step ms':>12}")
 
 
 def format_row(policy: str, r: dict) -> str:
     def f(x, fmt="{:.1f}", scale=1.0):
         return "-" if x is None else fmt.format(x * scale)
-    s, kv = r["steps"], r["kv"]
+    s, kv, roof = r["steps"], r["kv"], r.get("roofline") or {}
     return (f"{policy:<10} {r['concurrency']:>4} {f(r['output_tok_s']):>9} "
             f"{f(r['output_tok_s_per_user']):>10} "
             f"{f(r['ttft_s']['p50'], '{:.2f}') + '/' + f(r['ttft_s']['p99'], '{:.2f}'):>15} "
             f"{f(r['itl_s']['p50'], scale=1e3) + '/' + f(r['itl_s']['p99'], scale=1e3):>15} "
             f"{str(kv['peak_pages_used']) + '/' + str(kv['total_pages']):>17} "
             f"{kv['preemptions']:>7} {f(s['decode_wall_ms_p50'], '{:.2f}'):>11} "
-            f"{f(s['host_overhead_ms_p50'], '{:.2f}'):>7}")
+            f"{f(s['host_overhead_ms_p50'], '{:.2f}'):>7} "
+            f"{f(roof.get('tok_s'), '{:.0f}'):>10} {f(r.get('roofline_fraction'), '{:.0%}'):>5} "
+            f"{f(roof.get('decode_step_ms'), '{:.2f}'):>12}")
 
 
 def format_table(record: dict) -> str:
@@ -293,7 +318,8 @@ def merge(records: list[dict]) -> dict:
 
 
 def plot(record: dict, path) -> None:
-    """PNG: output tok/s per GPU and per user vs concurrency, one line per policy and shape."""
+    """PNG: output tok/s per GPU (with each policy's roofline dotted) and per user vs
+    concurrency, one line per policy and shape."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,7 +334,10 @@ def plot(record: dict, path) -> None:
             c = [x["concurrency"] for x in lvs]
             style = "-o" if p >= 1024 else "--s"
             label = f"{run_['policy_arg']} ({p}/{o})"
-            axes[0].plot(c, [x["output_tok_s"] for x in lvs], style, label=label)
+            (line,) = axes[0].plot(c, [x["output_tok_s"] for x in lvs], style, label=label)
+            roof = [(x.get("roofline") or {}).get("tok_s", float("nan")) for x in lvs]
+            if any(r == r for r in roof):             # records from before the roofline lack it
+                axes[0].plot(c, roof, ":", color=line.get_color(), label=f"{label} roofline")
             axes[1].plot(c, [x["output_tok_s_per_user"] or float("nan") for x in lvs], style,
                          label=label)
             axes[2].plot(c, [x["ttft_s"]["p50"] for x in lvs], style, label=label)

@@ -64,13 +64,20 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
 @click.option("--max-num-batched-tokens", default=8192, show_default=True,
               type=click.IntRange(min=1), help="Token budget of one step (chunked prefill).")
 @click.option("--device", default=None, help="Torch device (default: cuda when available).")
+@click.option("--tensor-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Matmul rate of the roofline in TFLOP/s [default: 790, the H200's measured "
+                   "bf16 dense rate, on CUDA; a measured fp32 matmul on CPU]. The copy "
+                   "bandwidth is measured at start.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write every level's numbers here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG of tok/s per GPU, tok/s per user and TTFT vs concurrency.")
 def throughput(engine_dir, policies, concurrency, num_requests, prompt_len, output_len,
-               kv_memory_gib, max_num_batched_tokens, device, json_path, plot_path):
-    """Engine-only serving throughput (Python API, no server): bf16 vs int4 vs int4-bdr."""
+               kv_memory_gib, max_num_batched_tokens, device, tensor_tflops, json_path,
+               plot_path):
+    """Engine-only serving throughput (Python API, no server): bf16 vs int4 vs int4-bdr, each
+    level beside its roofline (weights + KV bytes at the copy bandwidth, prompt FLOPs at the
+    matmul rate) and the fraction of it reached."""
     from ..bench import throughput as tp
     from ..spec import split_policy_list
     levels = [tp.Level(c, num_requests or c, prompt_len, output_len)
@@ -83,7 +90,8 @@ def throughput(engine_dir, policies, concurrency, num_requests, prompt_len, outp
                err=True)
     record = tp.run(engine_dir, pols, levels, kv_memory_gib, max_num_batched_tokens, device,
                     log=lambda m: click.echo(m, err=True), progress=_progress,
-                    checkpoint=(lambda r: _write_json(r, json_path)) if json_path else None)
+                    checkpoint=(lambda r: _write_json(r, json_path)) if json_path else None,
+                    tflops=tensor_tflops)
     click.echo(tp.format_table(record))
     _write_outputs(record, json_path, plot_path)
 

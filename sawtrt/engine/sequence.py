@@ -32,6 +32,9 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0
         self.block_table: list[int] = []
+        # ModelRunner.table_row's cache: (the block_table list it was built from, its length,
+        # the int32 row of max_pages)
+        self.table_row = None
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         # detokenization state
@@ -59,6 +62,10 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens still to be run through the model (prompt chunks or the last sampled one)."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.block_table)
 
     @property
     def is_finished(self) -> bool:

@@ -187,29 +187,51 @@ class KVTransform:
         group = num_heads // calib.k_mean.shape[1]
         self.policy = policy
         self.k_mean = calib.k_mean.to(device, dtype) if policy.k_center else None
-        self.k_scale = self.q_scale = self.k_mat = self.q_mat = None
+        self.k_scale = self.q_scale = self.k_mat = self.q_mat = self.head_mat = None
         if policy.k_whiten:
             a = calib.whitening()                                            # [L, Hkv, D, D]
             self.k_mat = a.to(device, dtype)                                 # k' = A k
             self.q_mat = torch.linalg.inv(a.double()).transpose(-1, -2).float().to(device, dtype)
+            # both sides as one batched matmul over the Hq + Hkv heads: [L, Hq + Hkv, D, D]
+            self.head_mat = torch.cat((self.q_mat.repeat_interleave(group, 1), self.k_mat), 1)
         if policy.k_balance is not None:
             s = calib.scales(policy.k_balance)
             self.k_scale = (1.0 / s).to(device, dtype)                      # [L, Hkv, D]
             self.q_scale = s.repeat_interleave(group, 1).to(device, dtype)  # [L, Hq, D]
 
+    def params(self, layer: int) -> tuple:
+        """Layer `layer`'s constants for `apply` (None where the policy leaves a step out): plain
+        tensors, so that one compiled function (CausalLM's layer prologue) serves every layer."""
+        def at(t):
+            return None if t is None else t[layer]
+        return (at(self.k_mean), at(self.k_scale), at(self.q_scale), None, None,
+                at(self.head_mat))
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor):
-        if self.k_mean is not None:
-            k = k - self.k_mean[layer]
-        if self.k_scale is not None:
-            k = k * self.k_scale[layer]
-            q = q * self.q_scale[layer]
-        if self.k_mat is not None:
-            t, hq, d = q.shape
-            hkv = k.shape[1]
-            k = torch.einsum("thd,hed->the", k, self.k_mat[layer])
-            q = torch.einsum("thgd,hed->thge", q.reshape(t, hkv, hq // hkv, d),
-                             self.q_mat[layer]).reshape(t, hq, d)
-        return q, k
+        return apply(q, k, *self.params(layer))
+
+
+def apply(q, k, k_mean=None, k_scale=None, q_scale=None, k_mat=None, q_mat=None,
+          head_mat=None):
+    """q [T, Hq, D], k [T, Hkv, D] -> (q', k') with one layer's constants (module doc).
+    Whitening: k_mat [Hkv, D, D] and q_mat (two matmuls), or head_mat [Hq + Hkv, D, D], q_mat
+    per query head then k_mat per KV head, as one batched matmul (one launch per layer)."""
+    if k_mean is not None:
+        k = k - k_mean
+    if k_scale is not None:
+        k = k * k_scale
+        q = q * q_scale
+    if head_mat is not None:
+        hq = q.shape[1]
+        qk = torch.einsum("thd,hed->the", torch.cat((q, k), 1), head_mat)
+        return qk[:, :hq], qk[:, hq:]
+    if k_mat is not None:
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        k = torch.einsum("thd,hed->the", k, k_mat)
+        q = torch.einsum("thgd,hed->thge", q.reshape(t, hkv, hq // hkv, d),
+                         q_mat).reshape(t, hq, d)
+    return q, k
 
 
 class _Recorder:

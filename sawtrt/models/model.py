@@ -13,6 +13,8 @@ Shapes: T = tokens in the step, B = sequences, Hq/Hkv query/KV heads, D = head_d
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from ..kernels import ops
 from ..spec import PageLayout
+from . import kv_transform
 from .specs import ModelSpec
 
 
@@ -78,13 +81,92 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()            # [max_positions, D]
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin) [T, D] of the step's positions in dtype: looked up once per step, read by
+        every layer."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, H, D] -> rotated x, computed in x's dtype like the HF models."""
-        cos = self.cos[positions].to(x.dtype)[:, None, :]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+        return rope(x, *self.tables(positions, x.dtype))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated by cos, sin [T, D] ("rotate half")."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def attn_in(x, in_norm, qkv_w, qkv_b, q_norm, k_norm, cos, sin, transform, eps: float,
+            hq: int, hkv: int, d: int) -> torch.Tensor:
+    """A layer's prologue: RMSNorm, the fused q/k/v projection, q/k-norm, RoPE, the K transform
+    (kv_transform.apply's constants, or None), packed as the fused kernel reads it:
+    [T, (Hq + 2 Hkv) D]. Module-level and free of layer indices, so one compiled graph serves
+    every layer."""
+    h = rms_norm(x, in_norm, eps)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    t = qkv.shape[0]
+    q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+    q = q.reshape(t, hq, d)
+    k = k.reshape(t, hkv, d)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+        k = rms_norm(k, k_norm, eps)
+    q = rope(q, cos, sin)
+    k = rope(k, cos, sin)
+    if transform is not None:
+        q, k = kv_transform.apply(q, k, *transform)
+    return torch.cat((q.reshape(t, -1), k.reshape(t, -1), v), -1)
+
+
+def attn_out_mlp(x, o, o_w, post_norm, gate_up_w, down_w, eps: float) -> torch.Tensor:
+    """A layer's epilogue: o-projection and residual, RMSNorm, SiLU-gated MLP and residual."""
+    x = x + F.linear(o.reshape(x.shape[0], -1).to(x.dtype), o_w)
+    h = rms_norm(x, post_norm, eps)
+    gate, up = F.linear(h, gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def final_logits(x, rows, norm_w, head_w, eps: float) -> torch.Tensor:
+    """fp32 logits of the hidden states x[rows]: final RMSNorm and LM head."""
+    return F.linear(rms_norm(x[rows], norm_w, eps), head_w).float()
+
+
+def compile_mode(device: torch.device) -> bool:
+    """Whether CausalLM compiles its layer prologue / epilogue / head with torch.compile
+    (inductor fuses the norms, RoPE, residuals, SiLU and the q/k/v packing around the GEMMs;
+    on CUDA only: the CPU gains nothing worth the compile time). SAWTRT_COMPILE=0 turns it
+    off, =1 forces it on."""
+    env = os.environ.get("SAWTRT_COMPILE", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    return torch.device(device).type == "cuda"
+
+
+class _MaybeCompiled:
+    """fn under torch.compile, falling back to fn itself (with a warning) when compilation
+    fails: a model that cannot compile still serves, only slower."""
+
+    def __init__(self, fn, enabled: bool):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=None) if enabled else None
+        self.note = "torch.compile (inductor)" if enabled else "eager"
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as e:                                   # noqa: BLE001
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            self.compiled = None
+            self.note = f"eager: torch.compile failed ({type(e).__name__}: {e})"[:300]
+            print(f"sawtrt: warning: {self.fn.__name__}: {self.note}", file=sys.stderr)
+            return self.fn(*args)
 
 
 class CausalLM(torch.nn.Module):
@@ -93,11 +175,12 @@ class CausalLM(torch.nn.Module):
     `forward(input_ids [T], meta, kv_pool [L, pages, Hkv, bytes]) -> logits [S, vocab]` (fp32),
     S = len(meta.logits_indices). kv_pool is what `kv_cache.new_pool` makes for the layout: one
     tensor, or a list of per-layer tensors for a policy with per-layer page formats.
+    compile: torch.compile the work around the GEMMs and attention (default: compile_mode).
     """
 
     def __init__(self, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.bfloat16, device=None, max_positions: int | None = None,
-                 kv_transform=None):
+                 kv_transform=None, compile: bool | None = None):
         super().__init__()
         if spec.arch not in ("llama", "qwen3"):
             raise ValueError(f"the torch model supports llama and qwen3, not {spec.arch!r}")
@@ -156,37 +239,48 @@ class CausalLM(torch.nn.Module):
             raise ValueError(f"KV policy {layout.policy} needs its K transform (kv_transform.py)")
         self.kv_transform = kv_transform      # (layer, q, k) -> (q', k'), or None
         self.plain_layers = frozenset(layout.policy.wide_layers)   # no K transform there
+        enabled = compile_mode(self.device) if compile is None else compile
+        self._attn_in = _MaybeCompiled(attn_in, enabled)
+        self._attn_out_mlp = _MaybeCompiled(attn_out_mlp, enabled)
+        self._final_logits = _MaybeCompiled(final_logits, enabled)
+
+    @property
+    def compile_note(self) -> str:
+        return self._attn_in.note
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_pool) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
+        rope_cs = self.rope.tables(meta.positions, self.dtype)
         for i in range(len(self.layers)):
-            x = self.layer(i, x, meta, kv_pool[i])
+            x = self.layer(i, x, meta, kv_pool[i], rope_cs)
         return self.logits(x, meta)
 
     def layer(self, i: int, x: torch.Tensor, meta: AttentionMetadata,
-              pool: torch.Tensor) -> torch.Tensor:
+              pool: torch.Tensor, rope_cs=None) -> torch.Tensor:
         """Decoder layer i on the step's hidden states x [T, hidden]; writes the step's K/V into
-        `pool` (this layer's [pages, Hkv, bytes]) and attends over it."""
+        `pool` (this layer's [pages, Hkv, bytes]) and attends over it. rope_cs: the step's
+        Rope.tables (looked up here when not given)."""
         spec, L, layout = self.spec, self.layers[i], self.layer_layouts[i]
         d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
         eps = spec.rms_norm_eps
-        h = rms_norm(x, L["in_norm"], eps)
-        qkv = F.linear(h, L["qkv"], L["qkv_bias"])
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.reshape(-1, hq, d)
-        k = k.reshape(-1, hkv, d)
-        v = v.reshape(-1, hkv, d)
-        if spec.qk_norm:
-            q = rms_norm(q, L["q_norm"], eps)
-            k = rms_norm(k, L["k_norm"], eps)
-        q = self.rope(q, meta.positions)
-        k = self.rope(k, meta.positions)
-        if self.kv_transform is not None and i not in self.plain_layers:
-            q, k = self.kv_transform(i, q, k)
-        if self.layer_fused[i]:
-            t = q.shape[0]
+        cos, sin = rope_cs if rope_cs is not None else self.rope.tables(meta.positions, x.dtype)
+        tr = self.kv_transform if i not in self.plain_layers else None
+        # KVTransform's constants go into the compiled prologue; any other callable (the
+        # calibration recorder, a subclass with its own __call__) runs after it, eagerly
+        params = tr.params(i) if tr is not None and \
+            type(tr).__call__ is kv_transform.KVTransform.__call__ else None
+        qkv_r = self._attn_in(x, L["in_norm"], L["qkv"], L["qkv_bias"], L.get("q_norm"),
+                              L.get("k_norm"), cos, sin, params, eps, hq, hkv, d)
+        t = qkv_r.shape[0]
+        q, k, v = qkv_r.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.reshape(t, hq, d)
+        k = k.reshape(t, hkv, d)
+        v = v.reshape(t, hkv, d)
+        if tr is not None and params is None:       # a stand-in (calibration's recorder)
+            q, k = tr(i, q, k)
             qkv_r = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), -1)
+        if self.layer_fused[i]:
             o = ops.attention_step(qkv_r, pool, layout, hq, meta.block_tables,
                                    meta.seq_lens, meta.cu_q_lens, meta.max_q_len,
                                    meta.max_seq_len, self.sm_scale)
@@ -197,12 +291,9 @@ class CausalLM(torch.nn.Module):
             o = ops.paged_attention(q, pool, layout, meta.block_tables, meta.seq_lens,
                                     None if meta.is_decode else meta.q_lens, self.sm_scale,
                                     **bounds)
-        x = x + F.linear(o.reshape(-1, self.q_size).to(x.dtype), L["o"])
-        h = rms_norm(x, L["post_norm"], eps)
-        gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, L["down"])
+        return self._attn_out_mlp(x, o, L["o"], L["post_norm"], L["gate_up"], L["down"], eps)
 
     def logits(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """fp32 next-token logits of the rows meta.logits_indices of the last hidden states."""
-        x = rms_norm(x[meta.logits_indices], self.final_norm, self.spec.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self._final_logits(x, meta.logits_indices, self.final_norm, self.lm_head,
+                                  self.spec.rms_norm_eps)
