@@ -21,7 +21,8 @@ COMMANDS = {
               "Validate inputs, convert weights, compile kernels, write an engine directory."),
     "generate": ("generate:generate", "Generate text from PROMPTS with an engine directory."),
     "serve": ("serve:serve",
-              "Serve an engine with a real tritonserver (Python backend, gRPC streaming)."),
+              "Serve an engine with a real tritonserver (Python backend, gRPC streaming) and an "
+              "OpenAI-compatible API in front of it."),
     "client": ("client:client",
                "Send PROMPT to a sawtrt Triton server over gRPC and stream the reply to stdout."),
     "eval": ("eval:eval_cmd",
