@@ -212,38 +212,34 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "sawtrt"
 
 
-def remove_shm(prefix: str) -> int:
-    """Remove /dev/shm/<prefix>*; returns how many."""
-    n = 0
+def _remove_shm_where(doomed) -> int:
+    """Unlink every /dev/shm entry whose name doomed(name) accepts; returns how many."""
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return 0
+    n = 0
     for name in names:
-        if name.startswith(prefix):
+        if doomed(name):
             with contextlib.suppress(OSError):
                 os.unlink(SHM_DIR / name)
                 n += 1
     return n
 
 
+def remove_shm(prefix: str) -> int:
+    """Remove /dev/shm/<prefix>*; returns how many."""
+    return _remove_shm_where(lambda name: name.startswith(prefix))
+
+
 def remove_stale_shm() -> int:
     """Remove segments of servers whose launcher (the pid in `sawtrt<pid>_...`) is gone."""
-    n = 0
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    for name in names:
+    def stale(name: str) -> bool:
         if not name.startswith(SHM_PREFIX):
-            continue
+            return False
         pid = name[len(SHM_PREFIX):].split("_", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(SHM_DIR / name)
-            n += 1
-    return n
+        return pid.isdigit() and not _pid_alive(int(pid))
+    return _remove_shm_where(stale)
 
 
 def _pid_alive(pid: int) -> bool:
