@@ -1,0 +1,315 @@
+"""Prefill at dense-attention speed: a step's new tokens attend to their own fresh K/V.
+
+Semantics ("fresh", the runtime's default; reference: sawtrt.reference.fresh_prefill_attention):
+a sequence with >= 2 new tokens attends causally to its cached prefix, read from the pages and
+dequantized, and to the step's own K/V as computed (not quantized); a sequence with one new
+token (a decode row) reads everything from the cache through the INT4 decode kernel. The step
+still writes every new token's K/V into its pages (rotate + quantize, as the spec says), so later
+chunks and decode steps read earlier chunks from INT4 pages. The quantized-read semantics
+(`ops.attention_step` without a plan) stays available for teacher-forced perplexity and the
+TensorRT plugin.
+
+How (GPU): the cached prefixes are dequantized and un-rotated into one bf16 scratch
+(saw_gather_kv, memory-bound: ~D/2 + 4 bytes read and 2 D written per K or V vector); the new
+tokens' K/V are copied in behind them; one tensor-core attention call over [prefix; new] with the
+causal mask aligned bottom-right. Fresh prompts of one length (no prefix) go to cuDNN through
+SDPA on 4-D views (the dense yardstick itself); everything else to flash-attention's
+variable-length entry point (`aten._flash_attention_forward` with cu_seqlens: GQA, ragged
+batches, bottom-right causal). Un-rotating the prefix instead of rotating q keeps the query
+exact (no rounding of a rotated query) and needs no inverse rotation of the output.
+
+A step is described once by a PrefillPlan (host-built, then moved to the device), read by every
+layer; the GPU path never reads device data (no sync).
+
+Shapes: T tokens in the step, B sequences, P of them dense (q_len >= 2), Hq / Hkv heads, D.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .. import kv_cache, reference
+from ..spec import PageLayout
+from . import library, ops
+
+SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
+BACKENDS = ("auto", "flash", "cudnn", "cudnn-split")
+
+
+@dataclass
+class PrefillPlan:
+    """One step's split into dense (q_len >= 2) and decode (q_len == 1) sequences.
+
+    slots        [T] int32    cache slot of every new token (-1: skip)
+    dense_seqs   [P] int64    the dense sequences (None: all B are dense)
+    dense_rows   [Tp] int64   their token rows in the step (None: all T rows)
+    decode_seqs  [B-P] int64  the decode sequences (None: there are none)
+    decode_rows  [B-P] int64  their token rows
+    cu_q         [P+1] int32  prefix sums of the dense q_lens
+    cu_k         [P+1] int32  prefix sums of prefix + q_len: rows of [prefix; new] per sequence
+    prefix_lens  [P] int32    cached tokens before the step's first new token
+    cu_prefix    [P+1] int32  prefix sums of prefix_lens (the split backend's prefix rows)
+    new_rows     [Tp] int64   row of each new token in the [prefix; new] buffer
+    max_q, max_k, max_prefix, total_k: host-side sizes
+    shape        (P, q_len, prefix) when every dense sequence has the same q_len and prefix
+                 (4-D dense calls), else None
+    q_lens, seq_lens: host lists (the CPU reference)
+    """
+
+    slots: torch.Tensor
+    dense_seqs: torch.Tensor | None
+    dense_rows: torch.Tensor | None
+    decode_seqs: torch.Tensor | None
+    decode_rows: torch.Tensor | None
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    prefix_lens: torch.Tensor
+    cu_prefix: torch.Tensor
+    new_rows: torch.Tensor
+    max_q: int
+    max_k: int
+    max_prefix: int
+    total_k: int
+    shape: tuple[int, int, int] | None
+    q_lens: list[int]
+    seq_lens: list[int]
+
+    @classmethod
+    def build(cls, q_lens, seq_lens, slot_mapping, device=None) -> "PrefillPlan | None":
+        """From host-side q_lens / seq_lens [B] and slot_mapping [T]; None when no sequence has
+        two or more new tokens (a decode step: nothing to do densely)."""
+        ql = [int(n) for n in q_lens]
+        sl = [int(n) for n in seq_lens]
+        dense = [b for b, n in enumerate(ql) if n >= 2]
+        if not dense:
+            return None
+        for b in dense:
+            if ql[b] > sl[b]:
+                raise ValueError(f"sequence {b}: {ql[b]} new tokens but only {sl[b]} in the cache")
+        starts = [0]
+        for n in ql:
+            starts.append(starts[-1] + n)
+        decode = [b for b, n in enumerate(ql) if n < 2]
+        dq = [ql[b] for b in dense]
+        dp = [sl[b] - ql[b] for b in dense]
+        cu_q, cu_k, cu_p = [0], [0], [0]
+        for n, p in zip(dq, dp):
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + p + n)
+            cu_p.append(cu_p[-1] + p)
+        new_rows = [cu_k[i] + dp[i] + j for i, n in enumerate(dq) for j in range(n)]
+        dense_rows = [r for b in dense for r in range(starts[b], starts[b + 1])]
+        decode_rows = [starts[b] for b in decode if ql[b] == 1]
+        if len(decode_rows) != len(decode):
+            decode = [b for b in decode if ql[b] == 1]   # q_len 0: a sequence with nothing new
+
+        def i64(x):
+            return torch.tensor(x, dtype=torch.int64)
+
+        def i32(x):
+            return torch.tensor(x, dtype=torch.int32)
+
+        every = len(dense) == len(ql)
+        uniform = len(set(dq)) == 1 and len(set(dp)) == 1
+        slots = slot_mapping if isinstance(slot_mapping, torch.Tensor) else i64(slot_mapping)
+        plan = cls(
+            slots=slots.to(torch.int32),
+            dense_seqs=None if every else i64(dense), dense_rows=None if every else i64(dense_rows),
+            decode_seqs=i64(decode) if decode else None,
+            decode_rows=i64(decode_rows) if decode else None,
+            cu_q=i32(cu_q), cu_k=i32(cu_k), prefix_lens=i32(dp), cu_prefix=i32(cu_p),
+            new_rows=i64(new_rows), max_q=max(dq), max_k=max(p + n for p, n in zip(dp, dq)),
+            max_prefix=max(dp), total_k=cu_k[-1],
+            shape=(len(dense), dq[0], dp[0]) if uniform else None, q_lens=ql, seq_lens=sl)
+        return plan if device is None else plan.to(device)
+
+    @classmethod
+    def from_meta(cls, meta, device=None) -> "PrefillPlan | None":
+        """From a step's AttentionMetadata. Host tensors are read directly; device ones are
+        copied to the host first (one sync: give the host copies where the step has them)."""
+        return cls.build(meta.q_lens.tolist(), meta.seq_lens.tolist(),
+                         meta.slot_mapping.cpu(), device)
+
+    def to(self, device) -> "PrefillPlan":
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
+
+# -- dense attention backends -------------------------------------------------------------------
+_refused: set[str] = set()     # backends that raised once in this process (not asked again)
+
+
+def _sdpa_cudnn_4d(q4, k4, v4, causal: bool, scale: float):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q4, k4, v4, is_causal=causal, scale=scale,
+                                              enable_gqa=True)
+
+
+def _cudnn_lse(q4, k4, v4, causal: bool, scale: float):
+    """(out [B, H, L, D], lse [B, H, L] natural log) from cuDNN."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, causal,
+                                                             False, scale=scale)
+    return res[0], res[1].reshape(res[0].shape[:-1])   # lse [B, H, L] (some versions: [..., 1])
+
+
+def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
+    """Causal (bottom-right aligned) variable-length attention: q [Tq, Hq, D], k/v [Tk, Hkv, D],
+    sequences back to back by cu_q / cu_k; returns [Tq, Hq, D]."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True,
+                                                   False, scale=scale)[0]
+
+
+def _merge(o1, lse1, o2, lse2):
+    """Two partial attentions over disjoint key sets -> one, by log-sum-exp (o [B, H, L, D],
+    lse [B, H, L] natural log)."""
+    m = torch.maximum(lse1, lse2)
+    w1 = torch.exp(lse1 - m).unsqueeze(-1)
+    w2 = torch.exp(lse2 - m).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+
+
+def choose_backend(plan: PrefillPlan, backend: str = "auto") -> str:
+    """Which dense call serves this plan. auto: cuDNN for fresh prompts of one length, flash
+    varlen otherwise (measured: sawtrt.bench.prefill)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"dense prefill backend {backend!r}: one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "cudnn" if plan.shape is not None and plan.shape[2] == 0 else "flash"
+    if backend in ("cudnn", "cudnn-split") and plan.shape is None:
+        backend = "flash"                  # cuDNN calls here take 4-D (uniform) batches only
+    if backend == "cudnn-split" and plan.shape[2] == 0:
+        backend = "cudnn"
+    if backend == "cudnn" and plan.shape[2] > 0:
+        backend = "cudnn-split"            # one causal cuDNN call cannot align bottom-right
+    return "flash" if backend in _refused else backend
+
+
+def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
+    """Attention of the dense rows: q [Tp, Hq, D], their fresh kn/vn [Tp, Hkv, D]; prefix_kv is
+    a callable giving the dequantized prefixes (k, v) [rows, Hkv, D] at rows `layout`:
+    "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows only, by cu_prefix)."""
+    name = choose_backend(plan, backend)
+    hq, hkv, d = q.shape[1], kn.shape[1], q.shape[2]
+    if name != "flash":
+        try:
+            b, lq, lp = plan.shape
+            q4 = q.view(b, lq, hq, d).transpose(1, 2)
+            k4 = kn.view(b, lq, hkv, d).transpose(1, 2)
+            v4 = vn.view(b, lq, hkv, d).transpose(1, 2)
+            if name == "cudnn":
+                o = _sdpa_cudnn_4d(q4, k4, v4, True, scale)
+            else:
+                kp, vp = prefix_kv("prefix")
+                kp4 = kp.view(b, lp, hkv, d).transpose(1, 2)
+                vp4 = vp.view(b, lp, hkv, d).transpose(1, 2)
+                o1, l1 = _cudnn_lse(q4, kp4, vp4, False, scale)
+                o2, l2 = _cudnn_lse(q4, k4, v4, True, scale)
+                o = _merge(o1, l1, o2, l2).to(q.dtype)
+            return o.transpose(1, 2).reshape(b * lq, hq, d)
+        except RuntimeError:
+            if backend != "auto":
+                raise
+            _refused.add(name)
+    if plan.max_prefix == 0:
+        k, v = kn, vn
+    else:
+        k, v = prefix_kv("cat")
+        k.index_copy_(0, plan.new_rows, kn)
+        v.index_copy_(0, plan.new_rows, vn)
+    return flash_varlen(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scale)
+
+
+# -- the step -----------------------------------------------------------------------------------
+def gather_prefix(pool_layer, layout: PageLayout, cfg, block_tables, prefix_lens, row_starts,
+                  total_rows: int, max_prefix: int, dtype):
+    """Dequantized, un-rotated cached prefixes (k, v) [total_rows, Hkv, D] in `dtype`: sequence
+    b's positions 0 .. prefix_lens[b]-1 at rows row_starts[b] + p (other rows: left unset)."""
+    hkv, d = layout.num_kv_heads, layout.head_dim
+    dev = block_tables.device
+    k = torch.empty(total_rows, hkv, d, dtype=dtype, device=dev)
+    v = torch.empty(total_rows, hkv, d, dtype=dtype, device=dev)
+    lib = library.load()
+    library.check(lib.saw_gather_kv(
+        ctypes.byref(cfg), pool_layer.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        prefix_lens.data_ptr(), row_starts.data_ptr(), prefix_lens.shape[0], max_prefix,
+        k.data_ptr(), v.data_ptr(), hkv * d, ops._stream(dev)), lib)
+    return k, v
+
+
+def gpu_serves(layout: PageLayout, num_q_heads: int, dtype, device) -> bool:
+    """Whether attention_step runs on the GPU path for this layer (else the CPU reference)."""
+    cfg = ops.fused_step_config(layout, num_q_heads, dtype, device)
+    return cfg is not None and hasattr(library.load(), "saw_gather_kv") \
+        and hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+def attention_step(qkv, pool_layer, layout: PageLayout, num_q_heads: int, block_tables, seq_lens,
+                   plan: PrefillPlan, max_seq_len: int | None = None, sm_scale=None, out=None,
+                   backend: str = "auto"):
+    """ops.attention_step with the fresh semantics: write every new token's K/V from
+    qkv [T, (Hq + 2 Hkv) D] (after RoPE) into its slot, attend (dense rows: fresh K/V + cached
+    prefix; decode rows: the decode kernel over the cache). Returns out [T, Hq*D]."""
+    d, hkv, hq = layout.head_dim, layout.num_kv_heads, num_q_heads
+    t = qkv.shape[0]
+    sm_scale = ops.default_sm_scale(layout) if sm_scale is None else sm_scale
+    if not gpu_serves(layout, hq, qkv.dtype, qkv.device) or qkv.stride(-1) != 1:
+        q = qkv[:, :hq * d].reshape(t, hq, d)
+        k = qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d)
+        v = qkv[:, (hq + hkv) * d:(hq + 2 * hkv) * d].reshape(t, hkv, d)
+        kv_cache.write_kv(pool_layer, layout, k, v, plan.slots.long())
+        res = reference.fresh_prefill_attention(q, k, v, pool_layer, layout, block_tables,
+                                                seq_lens.cpu(), plan.q_lens, sm_scale)
+        res = res.reshape(t, hq * d)
+        return res if out is None else out.copy_(res)
+    dev = qkv.device
+    cfg = ops.kernel_config(layout, hq, qkv.dtype, dev, sm_scale)
+    lib = library.load()
+    stream = ops._stream(dev)
+    tables = ops._i32(block_tables, dev)
+    max_pages = tables.shape[1]
+    max_seq_len = max_pages * layout.page_size if max_seq_len is None else max_seq_len
+    # 1. the cache holds exactly what the spec says: every new token's K/V, rotated + quantized
+    library.check(lib.saw_write_kv(ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0),
+                                   plan.slots.data_ptr(), t, pool_layer.data_ptr(), stream), lib)
+    if out is None and plan.decode_seqs is not None:
+        out = torch.empty(t, hq * d, dtype=qkv.dtype, device=dev)
+    # 2. decode rows: the INT4 decode kernel over the cache (never a dense copy of a prefix)
+    if plan.decode_seqs is not None:
+        lens = ops._i32(seq_lens, dev)
+        qd = qkv.index_select(0, plan.decode_rows)
+        td = tables.index_select(0, plan.decode_seqs)
+        ld = lens.index_select(0, plan.decode_seqs)
+        n = qd.shape[0]
+        od = torch.empty(n, hq * d, dtype=qkv.dtype, device=dev)
+        ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), n, n, max_seq_len))
+        ws = ops._workspace(dev, ws_bytes)
+        library.check(lib.saw_decode(ctypes.byref(cfg), qd.data_ptr(), qd.stride(0),
+                                     pool_layer.data_ptr(), td.data_ptr(), max_pages, ld.data_ptr(),
+                                     n, max_seq_len, od.data_ptr(), ws.data_ptr(), ws.numel(),
+                                     stream), lib)
+        out.index_copy_(0, plan.decode_rows, od)
+    # 3. dense rows: fresh K/V + dequantized prefix, one tensor-core attention call
+    x = qkv if plan.dense_rows is None else qkv.index_select(0, plan.dense_rows)
+    q = x[:, :hq * d].unflatten(1, (hq, d))
+    kn = x[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
+    vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
+    tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
+
+    def prefix_kv(rows: str):
+        if rows == "cat":
+            return gather_prefix(pool_layer, layout, cfg, tables_p, plan.prefix_lens,
+                                 plan.cu_k[:-1], plan.total_k, plan.max_prefix, qkv.dtype)
+        return gather_prefix(pool_layer, layout, cfg, tables_p, plan.prefix_lens,
+                             plan.cu_prefix[:-1], plan.total_k - x.shape[0], plan.max_prefix,
+                             qkv.dtype)
+
+    o = _dense(q, kn, vn, prefix_kv, plan, sm_scale, backend).reshape(-1, hq * d)
+    if plan.dense_rows is None:
+        return o if out is None else out.copy_(o)
+    out.index_copy_(0, plan.dense_rows, o)
+    return out
