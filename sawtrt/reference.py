@@ -116,7 +116,8 @@ def gather_kv_unrotated(pool_layer: torch.Tensor, layout: PageLayout, block_tabl
 def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             pool_layer: torch.Tensor, layout: PageLayout,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, q_lens,
-                            sm_scale: float | None = None) -> torch.Tensor:
+                            sm_scale: float | None = None,
+                            prefix_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention with the fresh-K/V prefill semantics (the runtime's default; paged_attention is
     the quantized-read semantics).
 
@@ -127,7 +128,8 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     paged_attention (its K/V must be written first).
 
     q [sum(q_lens), Hq, D], k / v [sum(q_lens), Hkv, D], sequences back to back; fp32 math;
-    returns [sum(q_lens), Hq, D] in q's dtype.
+    returns [sum(q_lens), Hq, D] in q's dtype. prefix_dtype: round the dequantized, un-rotated
+    prefix to it, as the GPU path's tensor-core operands are (None: exact fp32).
     """
     if q.shape[-1] != layout.head_dim or k.shape[-1] != layout.head_dim:
         raise ValueError(f"head_dim of q {q.shape[-1]} / k {k.shape[-1]} != cache head_dim "
@@ -149,6 +151,8 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                         seq_lens[b:b + 1], None, sm_scale)
         else:
             kp, vp = gather_kv_unrotated(pool_layer, layout, block_tables[b], length - n)
+            if prefix_dtype is not None:
+                kp, vp = kp.to(prefix_dtype).float(), vp.to(prefix_dtype).float()
             kk = torch.cat((kp, k[rows].float()), 0)
             vv = torch.cat((vp, v[rows].float()), 0)
             out[rows] = dense_attention(q[rows].float(), kk, vv, length - n, sm_scale).to(q.dtype)

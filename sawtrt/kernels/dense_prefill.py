@@ -139,7 +139,7 @@ class PrefillPlan:
 
 
 # -- dense attention backends -------------------------------------------------------------------
-_refused: set[str] = set()     # backends that raised once in this process (not asked again)
+_refused: set[tuple] = set()   # (backend, D, dtype) that raised once in this process
 
 
 def _sdpa_cudnn_4d(q4, k4, v4, causal: bool, scale: float):
@@ -173,7 +173,7 @@ def _merge(o1, lse1, o2, lse2):
     return (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
 
 
-def choose_backend(plan: PrefillPlan, backend: str = "auto") -> str:
+def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) -> str:
     """Which dense call serves this plan. auto: cuDNN for fresh prompts of one length, flash
     varlen otherwise (measured: sawtrt.bench.prefill)."""
     if backend not in BACKENDS:
@@ -186,15 +186,15 @@ def choose_backend(plan: PrefillPlan, backend: str = "auto") -> str:
         backend = "cudnn"
     if backend == "cudnn" and plan.shape[2] > 0:
         backend = "cudnn-split"            # one causal cuDNN call cannot align bottom-right
-    return "flash" if backend in _refused else backend
+    return "flash" if (backend, *key) in _refused else backend
 
 
 def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
     """Attention of the dense rows: q [Tp, Hq, D], their fresh kn/vn [Tp, Hkv, D]; prefix_kv is
     a callable giving the dequantized prefixes (k, v) [rows, Hkv, D] at rows `layout`:
     "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows only, by cu_prefix)."""
-    name = choose_backend(plan, backend)
     hq, hkv, d = q.shape[1], kn.shape[1], q.shape[2]
+    name = choose_backend(plan, backend, (d, q.dtype))
     if name != "flash":
         try:
             b, lq, lp = plan.shape
@@ -214,7 +214,7 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
         except RuntimeError:
             if backend != "auto":
                 raise
-            _refused.add(name)
+            _refused.add((name, d, q.dtype))
     if plan.max_prefix == 0:
         k, v = kn, vn
     else:
