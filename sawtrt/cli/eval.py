@@ -29,11 +29,15 @@ import click
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write results here")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG here")
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
+@click.option("--prefill-kv", type=click.Choice(["cache", "fresh"]), default="cache",
+              show_default=True,
+              help="runtime path: prompt tokens read the quantized cache (cache) or their own "
+                   "K/V, windows in 128-token chunks (fresh, the serving engine's semantics)")
 @click.option("--probe", is_flag=True,
               help="instead of perplexity: per-layer attention-output error of each policy from "
                    "exact inputs (no cascade; a low-noise screen for variants)")
 def eval_cmd(models, checkpoint, policies, tokens, window, offset, greedy_tokens, cross_check,
-             hf_paged, no_outliers, json_path, plot_path, threads, probe):
+             hf_paged, no_outliers, json_path, plot_path, threads, probe, prefill_kv):
     """Teacher-forced perplexity on real text with the KV cache in each policy.
 
     Text: the GPL-3 text shipped in yamllint 1.38.0's wheel and Python's language reference
@@ -61,7 +65,7 @@ def eval_cmd(models, checkpoint, policies, tokens, window, offset, greedy_tokens
     for m in (models or [None]):
         res = evaluate(m, checkpoint if m is None else None, schemes, tokens, window,
                        offset=offset, greedy_tokens=greedy_tokens, outliers=not no_outliers,
-                       cross_check=cross_check, hf_paged=hf_paged,
+                       cross_check=cross_check, hf_paged=hf_paged, prefill_kv=prefill_kv,
                        log=lambda s: click.echo(s, err=True))
         click.echo(format_table(res))
         results.append(res)
