@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from .. import kv_cache, reference
@@ -80,49 +81,48 @@ class PrefillPlan:
     def build(cls, q_lens, seq_lens, slot_mapping, device=None) -> "PrefillPlan | None":
         """From host-side q_lens / seq_lens [B] and slot_mapping [T]; None when no sequence has
         two or more new tokens (a decode step: nothing to do densely)."""
-        ql = [int(n) for n in q_lens]
-        sl = [int(n) for n in seq_lens]
-        dense = [b for b, n in enumerate(ql) if n >= 2]
-        if not dense:
+        ql = np.asarray([int(n) for n in q_lens], dtype=np.int64)
+        sl = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
+        dense = np.nonzero(ql >= 2)[0]
+        if dense.size == 0:
             return None
-        for b in dense:
-            if ql[b] > sl[b]:
-                raise ValueError(f"sequence {b}: {ql[b]} new tokens but only {sl[b]} in the cache")
-        starts = [0]
-        for n in ql:
-            starts.append(starts[-1] + n)
-        decode = [b for b, n in enumerate(ql) if n < 2]
-        dq = [ql[b] for b in dense]
-        dp = [sl[b] - ql[b] for b in dense]
-        cu_q, cu_k, cu_p = [0], [0], [0]
-        for n, p in zip(dq, dp):
-            cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + p + n)
-            cu_p.append(cu_p[-1] + p)
-        new_rows = [cu_k[i] + dp[i] + j for i, n in enumerate(dq) for j in range(n)]
-        dense_rows = [r for b in dense for r in range(starts[b], starts[b + 1])]
-        decode_rows = [starts[b] for b in decode if ql[b] == 1]
-        if len(decode_rows) != len(decode):
-            decode = [b for b in decode if ql[b] == 1]   # q_len 0: a sequence with nothing new
+        bad = dense[ql[dense] > sl[dense]]
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(f"sequence {b}: {ql[b]} new tokens but only {sl[b]} in the cache")
+        decode = np.nonzero(ql == 1)[0]          # q_len 0: a sequence with nothing new
+        starts = np.concatenate(([0], np.cumsum(ql)))
+        dq = ql[dense]
+        dp = sl[dense] - dq
 
-        def i64(x):
-            return torch.tensor(x, dtype=torch.int64)
+        def cum(x):
+            return np.concatenate(([0], np.cumsum(x)))
 
-        def i32(x):
-            return torch.tensor(x, dtype=torch.int32)
+        cu_q, cu_k, cu_p = cum(dq), cum(dp + dq), cum(dp)
+        tp = int(cu_q[-1])
+        # dense token j of dense sequence i: row j - cu_q[i] + starts[dense[i]] of the step,
+        # row j - cu_q[i] + cu_k[i] + dp[i] of the [prefix; new] buffer
+        new_rows = np.arange(tp) + np.repeat(cu_k[:-1] + dp - cu_q[:-1], dq)
+        dense_rows = np.arange(tp) + np.repeat(starts[dense] - cu_q[:-1], dq)
 
-        every = len(dense) == len(ql)
-        uniform = len(set(dq)) == 1 and len(set(dp)) == 1
-        slots = slot_mapping if isinstance(slot_mapping, torch.Tensor) else i64(slot_mapping)
+        def t(x, dtype=torch.int64):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+        every = dense.size == ql.size
+        uniform = np.all(dq == dq[0]) and np.all(dp == dp[0])
+        slots = slot_mapping if isinstance(slot_mapping, torch.Tensor) else \
+            torch.as_tensor(slot_mapping)
         plan = cls(
             slots=slots.to(torch.int32),
-            dense_seqs=None if every else i64(dense), dense_rows=None if every else i64(dense_rows),
-            decode_seqs=i64(decode) if decode else None,
-            decode_rows=i64(decode_rows) if decode else None,
-            cu_q=i32(cu_q), cu_k=i32(cu_k), prefix_lens=i32(dp), cu_prefix=i32(cu_p),
-            new_rows=i64(new_rows), max_q=max(dq), max_k=max(p + n for p, n in zip(dp, dq)),
-            max_prefix=max(dp), total_k=cu_k[-1],
-            shape=(len(dense), dq[0], dp[0]) if uniform else None, q_lens=ql, seq_lens=sl)
+            dense_seqs=None if every else t(dense), dense_rows=None if every else t(dense_rows),
+            decode_seqs=t(decode) if decode.size else None,
+            decode_rows=t(starts[decode]) if decode.size else None,
+            cu_q=t(cu_q, torch.int32), cu_k=t(cu_k, torch.int32),
+            prefix_lens=t(dp, torch.int32), cu_prefix=t(cu_p, torch.int32),
+            new_rows=t(new_rows), max_q=int(dq.max()), max_k=int((dp + dq).max()),
+            max_prefix=int(dp.max()), total_k=int(cu_k[-1]),
+            shape=(int(dense.size), int(dq[0]), int(dp[0])) if uniform else None,
+            q_lens=ql.tolist(), seq_lens=sl.tolist())
         return plan if device is None else plan.to(device)
 
     @classmethod
