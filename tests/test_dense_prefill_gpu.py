@@ -215,9 +215,11 @@ def test_engine_fresh_matches_reference_engine(tmp_path, monkeypatch):
     ref_outs, ref_rec = _run_recording(ref, prompts)
     for i in range(len(prompts)):
         a, b = rec[f"g{i}"], ref_rec[f"g{i}"]
-        n = min(len(a), len(b))
+        # compare while both runs fed the same tokens (a near-tie may pick different ones)
+        same = [x == y for x, y in zip(outs[i], ref_outs[i])]
+        n = same.index(False) + 1 if False in same else len(same)
         rel = ((a[:n] - b[:n]).norm() / b[:n].norm()).item()
-        print(f"prompt {len(prompts[i])}: rel. logit difference {rel:.4f}")
+        print(f"prompt {len(prompts[i])}: {n} steps compared, rel. logit difference {rel:.4f}")
         assert rel < 0.03
     cache = LLMEngine.from_engine_dir(d, prefill_kv="cache", **kw)
     assert cache.model.prefill_kv == "cache"
