@@ -9,14 +9,15 @@ chunks and decode steps read earlier chunks from INT4 pages. The quantized-read 
 (`ops.attention_step` without a plan) stays available for teacher-forced perplexity and the
 TensorRT plugin.
 
-How (GPU): the cached prefixes are dequantized and un-rotated into one bf16 scratch
-(saw_gather_kv, memory-bound: ~D/2 + 4 bytes read and 2 D written per K or V vector); the new
-tokens' K/V are copied in behind them; one tensor-core attention call over [prefix; new] with the
-causal mask aligned bottom-right. Fresh prompts of one length (no prefix) go to cuDNN through
-SDPA on 4-D views (the dense yardstick itself); everything else to flash-attention's
-variable-length entry point (`aten._flash_attention_forward` with cu_seqlens: GQA, ragged
-batches, bottom-right causal). Un-rotating the prefix instead of rotating q keeps the query
-exact (no rounding of a rotated query) and needs no inverse rotation of the output.
+How (GPU): the cached prefixes are dequantized and un-rotated into a bf16 scratch
+(saw_gather_kv, memory-bound: ~D/2 + 4 bytes read and 2 D written per K or V vector), then
+tensor-core attention with the causal mask aligned bottom-right. Dense sequences of one length
+go to cuDNN on 4-D views: without a prefix one causal SDPA call (the dense yardstick itself),
+with one two calls (prefix non-causal, new tokens causal, each with its log-sum-exp) merged by
+LSE; ragged batches go to flash-attention's variable-length entry point
+(`aten._flash_attention_forward` with cu_seqlens: GQA, bottom-right causal) over [prefix; new]
+per sequence. Un-rotating the prefix instead of rotating q keeps the query exact (no rounding of
+a rotated query) and needs no inverse rotation of the output.
 
 A step is described once by a PrefillPlan (host-built, then moved to the device), read by every
 layer; the GPU path never reads device data (no sync).
@@ -177,8 +178,9 @@ def _merge(o1, lse1, o2, lse2):
 
 
 def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) -> str:
-    """Which dense call serves this plan. auto: cuDNN for fresh prompts of one length, flash
-    varlen otherwise (measured: sawtrt.bench.prefill)."""
+    """Which dense call serves this plan. auto: cuDNN when every dense sequence has the same
+    q_len and prefix (one causal call without a prefix, the LSE split with one), flash varlen
+    for ragged batches. `key` (D, dtype) skips a cuDNN form that raised before."""
     if backend not in BACKENDS:
         raise ValueError(f"dense prefill backend {backend!r}: one of {', '.join(BACKENDS)}")
     if backend == "auto":   # H200, qwen3-4b shape: cuDNN 1.8x faster than flash varlen on
