@@ -57,17 +57,17 @@ def bench_point(torch, shape, batch, q_len, seq_len, page_size, reps, flush, gen
         pool = random_pool(torch, layout, batch * pages_per, gen)
         for be in backends:
             key = f"fresh {policy}" + ("" if be == "auto" else f" [{be}]")
-            serial = be == "serial-write"      # the page write on the main stream
-            be = "auto" if serial else be
+            overlap = be == "overlap-write"    # the page write on a side stream
+            be = "auto" if overlap else be
             row["backend"][key] = dense_prefill.choose_backend(plan, be)
-            dense_prefill.OVERLAP_WRITE = not serial
+            dense_prefill.OVERLAP_WRITE = overlap
             try:
                 row["ms"][key] = time_ms(torch, lambda: dense_prefill.attention_step(
                     qkv, pool, layout, hq, bt, lens, plan, seq_len, backend=be), reps, flush)
             except RuntimeError as e:
                 print(f"  {key}: {type(e).__name__}: {str(e)[:100]}")
             finally:
-                dense_prefill.OVERLAP_WRITE = True
+                dense_prefill.OVERLAP_WRITE = False
         if policy == "int4-bdr" and plan.max_prefix:
             cfg = ops.kernel_config(layout, hq, torch.bfloat16, torch.device(dev))
             tables = bt
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--backends", default="auto",
                     help="comma list of dense backends to time (auto, flash, cudnn, cudnn-split; "
-                         "serial-write: auto with the page write on the main stream)")
+                         "overlap-write: auto with the page write on a side stream)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch

@@ -232,7 +232,10 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
 
 
 # -- the step -----------------------------------------------------------------------------------
-OVERLAP_WRITE = True                      # the page write on a side stream (see attention_step)
+# the page write on a side stream (see attention_step): off until measured on the H200 (the
+# serial write is what the published numbers ran); `sawtrt.bench.prefill --backends
+# auto,overlap-write` compares the two
+OVERLAP_WRITE = False
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
@@ -292,8 +295,8 @@ def attention_step(qkv, pool_layer, layout: PageLayout, num_q_heads: int, block_
     tables = ops._i32(block_tables, dev)
     max_pages = tables.shape[1]
     # 1. the cache holds exactly what the spec says: every new token's K/V, rotated + quantized.
-    # The dense rows never read what this writes (positions >= their prefix), so the write runs
-    # on a side stream beside the prefix gather and the attention; decode rows wait for it.
+    # The dense rows never read what this writes (positions >= their prefix), so the write may
+    # run on a side stream beside the prefix gather and the attention; decode rows wait for it.
     main = torch.cuda.current_stream(dev)
     side = _side_stream(dev) if OVERLAP_WRITE else main
     if side is not main:
