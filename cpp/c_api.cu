@@ -254,4 +254,29 @@ int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride
                             out, attn_ws, attn_bytes, stream);
 }
 
+int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* block_tables,
+                  int32_t max_pages_per_seq, const int32_t* prefix_lens,
+                  const int32_t* row_starts, int32_t num_seqs, int32_t max_prefix_len,
+                  void* k_out, void* v_out, int64_t out_stride, cudaStream_t stream) {
+  SAW_CHECK_CONFIG(cfg);
+  const SawConfig& c = *cfg;
+  SAW_REQUIRE(num_seqs >= 0 && max_pages_per_seq >= 0, SAW_ERR_BAD_ARGUMENT,
+              "num_seqs %d / max_pages_per_seq %d is negative", num_seqs, max_pages_per_seq);
+  SAW_REQUIRE(max_prefix_len >= 0 &&
+                  int64_t(max_prefix_len) <= int64_t(max_pages_per_seq) * c.page_size,
+              SAW_ERR_BAD_ARGUMENT, "max_prefix_len %d outside [0, max_pages_per_seq %d * "
+              "page_size %d]", max_prefix_len, max_pages_per_seq, c.page_size);
+  SAW_REQUIRE(out_stride >= int64_t(c.num_kv_heads) * c.head_dim, SAW_ERR_BAD_ARGUMENT,
+              "out stride %lld < num_kv_heads * head_dim = %d", (long long)out_stride,
+              c.num_kv_heads * c.head_dim);
+  if (num_seqs == 0 || max_prefix_len == 0) return 0;
+  SAW_REQUIRE(pool_layer && block_tables && prefix_lens && row_starts && k_out && v_out,
+              SAW_ERR_BAD_ARGUMENT, "NULL pointer among pool %p, block_tables %p, prefix_lens "
+              "%p, row_starts %p, k_out %p, v_out %p", pool_layer, (const void*)block_tables,
+              (const void*)prefix_lens, (const void*)row_starts, k_out, v_out);
+  return saw::LaunchGatherKV(c, pool_layer, block_tables, max_pages_per_seq, prefix_lens,
+                             row_starts, num_seqs, max_prefix_len, k_out, v_out, out_stride,
+                             stream);
+}
+
 }  // extern "C"

@@ -97,3 +97,64 @@ def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayou
         out[start:start + n] = dense_attention(qr[start:start + n], k, v, length - n, sm_scale)
         start += n
     return unrotate_output(out, layout).to(q.dtype)
+
+
+def gather_kv_unrotated(pool_layer: torch.Tensor, layout: PageLayout, block_table: torch.Tensor,
+                        length: int):
+    """gather_kv in the original basis: fp32 (K, V) [length, Hkv, D] with the BDR rotation undone
+    (K always, V when rotate_v), what the dense prefill's prefix rows hold before rounding."""
+    k, v = gather_kv(pool_layer, layout, block_table, length)
+    p = layout.policy
+    if p.rotated:
+        signs = p.signs(layout.head_dim)
+        k = hadamard.inverse_rotate(k, p.rotation_block, signs)
+        if p.rotate_v:
+            v = hadamard.inverse_rotate(v, p.rotation_block, signs)
+    return k, v
+
+
+def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            pool_layer: torch.Tensor, layout: PageLayout,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, q_lens,
+                            sm_scale: float | None = None,
+                            prefix_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Attention with the fresh-K/V prefill semantics (the runtime's default; paged_attention is
+    the quantized-read semantics).
+
+    A sequence with q_lens[b] >= 2 new tokens (a prompt or a prompt chunk): its queries attend
+    causally to the cached prefix (positions < seq_lens[b] - q_lens[b], read from the cache and
+    dequantized) and to the step's own k, v as given, unquantized. A sequence with one new token
+    (decode) reads its whole context from the cache, its own token included, exactly as
+    paged_attention (its K/V must be written first).
+
+    q [sum(q_lens), Hq, D], k / v [sum(q_lens), Hkv, D], sequences back to back; fp32 math;
+    returns [sum(q_lens), Hq, D] in q's dtype. prefix_dtype: round the dequantized, un-rotated
+    prefix to it, as the GPU path's tensor-core operands are (None: exact fp32).
+    """
+    if q.shape[-1] != layout.head_dim or k.shape[-1] != layout.head_dim:
+        raise ValueError(f"head_dim of q {q.shape[-1]} / k {k.shape[-1]} != cache head_dim "
+                         f"{layout.head_dim}")
+    lens = [int(n) for n in q_lens]
+    if sum(lens) != q.shape[0] or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"q / k / v have {q.shape[0]} / {k.shape[0]} / {v.shape[0]} tokens but "
+                         f"q_lens sums to {sum(lens)}")
+    sm_scale = 1.0 / math.sqrt(layout.head_dim) if sm_scale is None else sm_scale
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    start = 0
+    for b, n in enumerate(lens):
+        length = int(seq_lens[b])
+        if n > length:
+            raise ValueError(f"sequence {b}: {n} new tokens but only {length} in the cache")
+        rows = slice(start, start + n)
+        if n == 1:
+            out[rows] = paged_attention(q[rows], pool_layer, layout, block_tables[b:b + 1],
+                                        seq_lens[b:b + 1], None, sm_scale)
+        else:
+            kp, vp = gather_kv_unrotated(pool_layer, layout, block_tables[b], length - n)
+            if prefix_dtype is not None:
+                kp, vp = kp.to(prefix_dtype).float(), vp.to(prefix_dtype).float()
+            kk = torch.cat((kp, k[rows].float()), 0)
+            vv = torch.cat((vp, v[rows].float()), 0)
+            out[rows] = dense_attention(q[rows].float(), kk, vv, length - n, sm_scale).to(q.dtype)
+        start += n
+    return out

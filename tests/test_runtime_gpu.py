@@ -78,13 +78,15 @@ def test_qwen3_gpu_matches_transformers(tmp_path, policy, monkeypatch):
     d = build_tiny(tmp_path, spec, kv_cache=policy, max_seq_len=256, name="q3")
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (1, 17, 97, 150)]
-    eng = LLMEngine.from_engine_dir(d, device="cuda", max_num_batched_tokens=64, max_num_seqs=8)
+    # the oracle stores every K/V like the cache: prompt tokens read the cache too
+    eng = LLMEngine.from_engine_dir(d, device="cuda", max_num_batched_tokens=64, max_num_seqs=8,
+                                    prefill_kv="cache")
     assert all(eng.model.layer_fused)       # every layer's format, int8 included, is fused
     outs, rec = _run_recording(eng, prompts)
     import sawtrt.models.model as M
     monkeypatch.setattr(M, "ops", _ReferenceOps)
     ref_eng = LLMEngine.from_engine_dir(d, device="cuda", max_num_batched_tokens=64,
-                                        max_num_seqs=8, cuda_graphs=False)
+                                        max_num_seqs=8, cuda_graphs=False, prefill_kv="cache")
     assert not ref_eng.model.fused
     ref_outs, ref_rec = _run_recording(ref_eng, prompts)
     monkeypatch.undo()
@@ -172,8 +174,11 @@ def test_thousand_requests_preemption_gpu(tmp_path):
                 outs[o.request_id] += o.new_token_ids
         return outs
 
-    big = LLMEngine.from_engine_dir(d, device="cuda")
-    small = LLMEngine.from_engine_dir(d, device="cuda", num_pages=16)
+    # quantized-read prefill: a recompute then reads the same INT4 K/V the decode steps read
+    # (with the fresh-K/V prefill a recomputed sequence attends to its unquantized K/V, which
+    # moves logits by the cache's quantization noise, not by rounding)
+    big = LLMEngine.from_engine_dir(d, device="cuda", prefill_kv="cache")
+    small = LLMEngine.from_engine_dir(d, device="cuda", num_pages=16, prefill_kv="cache")
     margins: dict = {}
     a, b = run(big, margins), run(small)
     diff = [r for r in a if a[r] != b[r]]

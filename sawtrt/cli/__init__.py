@@ -54,7 +54,7 @@ def engine_options(f):
     """--kv-cache / --kv-memory-gib / --max-num-batched-tokens / --max-num-seqs for commands that
     start an engine inside tritonserver; the command gets them as one `engine_options`
     (sawtrt.engine.options.EngineOptions) argument."""
-    def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs):
+    def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, prefill_kv):
         from ..engine.options import EngineOptions
         if kv_cache:
             from ..spec import KVPolicy
@@ -64,13 +64,14 @@ def engine_options(f):
                 raise click.BadParameter(str(e), ctx=ctx, param_hint="--kv-cache") from None
         return EngineOptions(kv_policy=kv_cache or None, kv_memory_gib=kv_memory_gib,
                              max_num_batched_tokens=max_num_batched_tokens,
-                             max_num_seqs=max_num_seqs)
+                             max_num_seqs=max_num_seqs, prefill_kv=prefill_kv)
 
     @functools.wraps(f)
-    def wrapper(*args, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, **kw):
+    def wrapper(*args, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs,
+                prefill_kv, **kw):
         ctx = click.get_current_context()
         return f(*args, engine_options=make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens,
-                                            max_num_seqs), **kw)
+                                            max_num_seqs, prefill_kv), **kw)
     for opt in reversed((
             click.option("--kv-cache", default=None, metavar="POLICY",
                          help="Override the engine's KV policy (e.g. bf16, int4, int4-bdr:h=32); "
@@ -80,7 +81,12 @@ def engine_options(f):
             click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
                          help="Token budget of one engine step [default: the engine's]."),
             click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
-                         help="Running sequences at most [default: the engine's --max-batch]."))):
+                         help="Running sequences at most [default: the engine's --max-batch]."),
+            click.option("--prefill-kv", type=click.Choice(["auto", "fresh", "cache"]),
+                         default=None,
+                         help="What prompt tokens attend to: their own K/V at dense speed "
+                              "(fresh) or the quantized cache (cache) [default: auto, fresh "
+                              "where the compiled kernels serve every layer]."))):
         wrapper = opt(wrapper)
     return wrapper
 

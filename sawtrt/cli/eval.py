@@ -58,13 +58,17 @@ import click
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG here")
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads [heldout: 1, fixed and printed: results depend on it]")
+@click.option("--prefill-kv", type=click.Choice(["cache", "fresh"]), default="cache",
+              show_default=True,
+              help="runtime path: prompt tokens read the quantized cache (cache) or their own "
+                   "K/V, windows in 128-token chunks (fresh, the serving engine's semantics)")
 @click.option("--probe", is_flag=True,
               help="instead of perplexity: per-layer attention-output error of each policy from "
                    "exact inputs (no cascade; a low-noise screen for variants)")
 def eval_cmd(models, checkpoint, protocol, policies, tokens, window, seeds, eval_texts,
              calib_texts, calib_tokens, shrink, overfit_check, prompts, gen_tokens, offset,
              greedy_tokens,
-             cross_check, hf_paged, no_outliers, json_path, plot_path, threads, probe):
+             cross_check, hf_paged, no_outliers, json_path, plot_path, threads, probe, prefill_kv):
     """Teacher-forced perplexity on real text with the KV cache in each policy.
 
     Held-out protocol (default): K transforms are calibrated on technical, legal and
@@ -86,7 +90,7 @@ def eval_cmd(models, checkpoint, protocol, policies, tokens, window, seeds, eval
     if protocol == "heldout" and not probe:
         return _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts,
                         calib_texts, calib_tokens, shrink, prompts, gen_tokens, json_path,
-                        plot_path, threads or 1, overfit_check)
+                        plot_path, threads or 1, overfit_check, prefill_kv)
     tokens, window = tokens or 2048, window or 512
     schemes = split_schemes(policies or
                             "fp32,bf16,int8,int4,int4-bdr:h=16,int4-bdr:h=32,int4-bdr:h=64")
@@ -103,7 +107,7 @@ def eval_cmd(models, checkpoint, protocol, policies, tokens, window, seeds, eval
     for m in (models or [None]):
         res = evaluate(m, checkpoint if m is None else None, schemes, tokens, window,
                        offset=offset, greedy_tokens=greedy_tokens, outliers=not no_outliers,
-                       cross_check=cross_check, hf_paged=hf_paged,
+                       cross_check=cross_check, hf_paged=hf_paged, prefill_kv=prefill_kv,
                        log=lambda s: click.echo(s, err=True))
         click.echo(format_table(res))
         results.append(res)
@@ -127,7 +131,7 @@ def _text(arg: str):
 
 def _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts, calib_texts,
              calib_tokens, shrink, prompts, gen_tokens, json_path, plot_path, threads,
-             overfit_check=True):
+             overfit_check=True, prefill_kv="cache"):
     from ..data import corpus
     from ..eval.heldout import format_heldout, heldout
     from ..eval.kvquant import split_schemes
@@ -154,7 +158,7 @@ def _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts, ca
             res = heldout(m, checkpoint if m is None else None, pols, seeds, ev, ca,
                           tokens or 1024, calib_tokens, win, shrink, overfit=overfit_check,
                           prompts=prompts,
-                          gen_tokens=gen_tokens, threads=threads,
+                          gen_tokens=gen_tokens, threads=threads, prefill_kv=prefill_kv,
                           log=lambda s: click.echo(s, err=True))
         except (corpus.CorpusError, ValueError) as e:
             raise click.ClickException(str(e)) from None

@@ -131,13 +131,16 @@ class LLMEngine:
 
     @classmethod
     def from_engine_dir(cls, engine_dir, device=None, dtype: torch.dtype | None = None,
-                        kv_policy: str | KVPolicy | None = None, **kwargs) -> "LLMEngine":
+                        kv_policy: str | KVPolicy | None = None, prefill_kv: str = "auto",
+                        **kwargs) -> "LLMEngine":
         """Load an engine directory made by `sawtrt build`.
 
         device: "cpu", "cuda", ... (default: cuda when available); dtype of the weights and
         activations: bf16 on GPU, fp32 on CPU unless given. kwargs go to __init__ (num_pages,
         max_num_batched_tokens, kv_memory_bytes, cuda_graphs, max_num_seqs). kv_policy
         overrides the engine's KV policy (e.g. "int4-bdr:h=32"); the weights do not depend on it.
+        prefill_kv: what prompt tokens attend to (CausalLM): "fresh" their own unquantized K/V,
+        "cache" the quantized cache, "auto" fresh where the compiled kernels serve every layer.
         """
         engine_dir = Path(engine_dir)
         cfg = EngineConfig.load(engine_dir)
@@ -152,7 +155,8 @@ class LLMEngine:
         weights = load_weights(cfg, engine_dir, device, dtype)
         model = CausalLM(cfg.model, cfg.layout, weights, dtype=dtype, device=device,
                          max_positions=cfg.max_seq_len,
-                         kv_transform=load_kv_transform(cfg, engine_dir, dtype, device))
+                         kv_transform=load_kv_transform(cfg, engine_dir, dtype, device),
+                         prefill_kv=prefill_kv)
         del weights
         tok = tokenizers.load(engine_dir)
         return cls(cfg, model, tok, device, **kwargs)

@@ -16,6 +16,8 @@ class EngineOptions:
     kv_memory_gib: float | None = None        # KV pool budget; None: the engine's default
     max_num_batched_tokens: int | None = None  # tokens per step (chunked prefill)
     max_num_seqs: int | None = None           # running sequences; None: the engine's max_batch
+    prefill_kv: str | None = None             # "fresh" / "cache" / "auto" (None: auto), see
+                                              # CausalLM: what prompt tokens attend to
 
     def __post_init__(self):
         if self.kv_memory_gib is not None and not self.kv_memory_gib > 0:
@@ -24,6 +26,8 @@ class EngineOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.prefill_kv not in (None, "fresh", "cache", "auto"):
+            raise ValueError(f"prefill_kv must be fresh, cache or auto, got {self.prefill_kv!r}")
 
     def engine_kwargs(self) -> dict:
         """Keyword arguments of LLMEngine.from_engine_dir (defaults left out)."""
@@ -36,6 +40,8 @@ class EngineOptions:
             kw["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.max_num_seqs is not None:
             kw["max_num_seqs"] = self.max_num_seqs
+        if self.prefill_kv is not None:
+            kw["prefill_kv"] = self.prefill_kv
         return kw
 
     def load(self, engine_dir, device=None):
@@ -51,7 +57,7 @@ class EngineOptions:
     def from_params(cls, params: dict) -> "EngineOptions":
         """Inverse of to_params; missing or empty values are defaults."""
         conv = {"kv_policy": str, "kv_memory_gib": float, "max_num_batched_tokens": int,
-                "max_num_seqs": int}
+                "max_num_seqs": int, "prefill_kv": str}
         kw = {}
         for name, f in conv.items():
             v = params.get(name, "")

@@ -51,12 +51,15 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
              schemes=DEFAULT_SCHEMES, tokens: int = 2048, window: int = 512,
              sources=SOURCES, offset: int = 0, greedy_tokens: int = 64,
              greedy_prompt: int = 128, outliers: bool = True, cross_check: bool = False,
-             hf_paged: bool = False, log=print, on_row=None) -> dict:
+             hf_paged: bool = False, log=print, on_row=None, prefill_kv: str = "cache") -> dict:
     """Evaluate one model under each scheme. Returns a JSON-able dict (see docs/accuracy.md).
 
     cross_check: also run every served policy through the fake-quant path.
     hf_paged: for runtime models, also run served policies through the hf-paged path.
     on_row(row): called after each perplexity row (to checkpoint partial results).
+    prefill_kv: what the runtime model's prompt tokens attend to ("cache": the quantized cache,
+    what teacher-forced perplexity measures; "fresh": their own K/V, windows in 128-token
+    chunks so later chunks read earlier ones from the cache, as a serving engine does).
     """
     t0 = time.time()
     hf, tok, label = load(model, checkpoint)
@@ -75,7 +78,7 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
             f"in {s['windows']} windows of {window}")
     log(f"{len(ws)} windows, {sum(w.scored for w in ws)} scored tokens"
         f"{' (+BOS each)' if tok.bos_token_id is not None else ''}")
-    runtime = RuntimeModel(label, tokenizer=tok) \
+    runtime = RuntimeModel(label, tokenizer=tok, prefill_kv=prefill_kv) \
         if (checkpoint is None and label in RUNTIME_MODELS) else None
     parsed = {s: (None if s == FP32 else KVScheme.parse(s)) for s in schemes}
     calib = None

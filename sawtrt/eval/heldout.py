@@ -90,7 +90,7 @@ class _Scorer:
     """Scores windows under a policy on the model's path (runtime or hf-paged)."""
 
     def __init__(self, model: str | None, checkpoint: str | None, calib_sources, calib_tokens,
-                 window, shrink, log):
+                 window, shrink, log, prefill_kv: str = "cache"):
         from .hf_models import load
         from .runtime_path import RUNTIME_MODELS, RuntimeModel
         self.hf, self.tok, self.label = load(model, checkpoint)
@@ -100,7 +100,8 @@ class _Scorer:
         self.calib_sources, self.calib_tokens, self.window = calib_sources, calib_tokens, window
         self.shrink = shrink
         self.runtime = RuntimeModel(self.label, tokenizer=self.tok, calib_sources=calib_sources,
-                                    calib_tokens=calib_tokens, shrink=shrink) \
+                                    calib_tokens=calib_tokens, shrink=shrink,
+                                    prefill_kv=prefill_kv) \
             if (checkpoint is None and self.label in RUNTIME_MODELS) else None
         self.path = "runtime" if self.runtime else "hf-paged"
         self._hf_calib: dict = {}
@@ -182,6 +183,7 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
             calib_sources=corpus.CALIB_SOURCES, tokens: int = 1024, calib_tokens: int = 1024,
             window: int = 512, shrink: float = 0.0, overfit: bool = True, prompts: int = 0,
             gen_tokens: int = 32, threads: int = 1, log=print, scorer=None,
+            prefill_kv: str = "cache",
             memo: dict | None = None, first_seed: int = 1) -> dict:
     """Run the held-out protocol (module doc); returns a JSON-able dict (`format_heldout`).
 
@@ -193,7 +195,8 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
     pols = [KVPolicy.parse(p) if isinstance(p, str) else p for p in policies]
     if not any(p.kind == "bf16" and not p.mixed for p in pols):
         pols.insert(0, KVPolicy("bf16"))
-    sc = scorer or _Scorer(model, checkpoint, calib_sources, calib_tokens, window, shrink, log)
+    sc = scorer or _Scorer(model, checkpoint, calib_sources, calib_tokens, window, shrink, log,
+                           prefill_kv)
     if scorer is not None:
         sc.configure(calib_sources, calib_tokens, shrink)
     sw = getattr(sc.cfg, "sliding_window", None)

@@ -24,7 +24,7 @@ class RuntimeModel:
 
     def __init__(self, name: str, page_size: int = 64, dtype=torch.float32, weights=None,
                  tokenizer=None, calib_sources=None, calib_tokens: int | None = None,
-                 shrink: float = 0.0):
+                 shrink: float = 0.0, prefill_kv: str = "cache"):
         """weights: HF-named tensors to use instead of loading the GGUF with the runtime's
         loader (tests pass the transformers model's state dict: the same de-quantized numbers).
         tokenizer: the transformers tokenizer, for policies with center / balance / whiten (their K
@@ -40,6 +40,7 @@ class RuntimeModel:
             from ..models.specs import get_spec
             self.spec, self.weights = get_spec(name), weights
         self.page_size, self.dtype, self.tokenizer = page_size, dtype, tokenizer
+        self.prefill_kv = prefill_kv     # CausalLM's switch; "fresh" prefills in chunks
         self._models: dict[str, object] = {}
         self._calibration = None
         self.calib_sources, self.calib_tokens, self.shrink = calib_sources, calib_tokens, shrink
@@ -81,7 +82,8 @@ class RuntimeModel:
             kvt = KVTransform(policy, self.calibration(), self.spec.num_heads, self.dtype) \
                 if policy.transforms_k else None
             self._models = {key: CausalLM(self.spec, layout, self.weights, dtype=self.dtype,
-                                          max_positions=8192, kv_transform=kvt)}
+                                          max_positions=8192, kv_transform=kvt,
+                                          prefill_kv=self.prefill_kv)}
         return self._models[key]
 
     def _pool(self, m, tokens: int):
@@ -102,7 +104,14 @@ class RuntimeModel:
         m = self.model(policy)
         ids = torch.tensor(window.ids)
         pool, table = self._pool(m, len(ids))
-        logits = m(ids, self._meta(table, 0, len(ids), torch.arange(len(ids) - 1)), pool)
+        if self.prefill_kv == "cache":    # chunking changes nothing here: one prefill
+            logits = m(ids, self._meta(table, 0, len(ids), torch.arange(len(ids) - 1)), pool)
+        else:   # fresh K/V within a chunk, earlier chunks from the cache
+            parts = []
+            for s in range(0, len(ids) - 1, chunk):
+                n = min(chunk, len(ids) - 1 - s)
+                parts.append(m(ids[s:s + n], self._meta(table, s, n, torch.arange(n)), pool))
+            logits = torch.cat(parts)
         target = ids[1:]
         lp = torch.log_softmax(logits, -1)
         return -float(lp.gather(-1, target[:, None]).sum()), int(target.numel())

@@ -111,6 +111,9 @@ EXPORTS = tuple(_PROTOTYPES)
 # newer than some libraries in the field: set when present, asked through the functions below
 _OPTIONAL = {
     "saw_decode_supported": (_c_int, [ctypes.POINTER(SawConfig)]),
+    "saw_gather_kv": (_c_int, [ctypes.POINTER(SawConfig), _ptr, _i32p, ctypes.c_int32, _i32p,
+                               _i32p, ctypes.c_int32, ctypes.c_int32, _ptr, _ptr,
+                               ctypes.c_int64, _ptr]),
 }
 EXPORTS += tuple(_OPTIONAL)     # what this checkout's library exports
 

@@ -210,11 +210,19 @@ def step_slots(layout: PageLayout, block_tables, seq_lens, cu_q_lens, num_tokens
 
 
 def attention_step(qkv, pool_layer, layout, num_q_heads, block_tables, seq_lens, cu_q_lens,
-                   max_q_len: int, max_seq_len: int | None = None, sm_scale=None, out=None):
+                   max_q_len: int, max_seq_len: int | None = None, sm_scale=None, out=None,
+                   plan=None):
     """One attention layer for a mixed batch, fused (what the runtime and the TensorRT plugin
     run): write the new tokens' K/V from qkv [T, (Hq + 2 Hkv) D] (after RoPE) into their slots
     (derived from block_tables / seq_lens / cu_q_lens), then attend. Returns out [T, Hq*D].
-    max_q_len: host-side max of the q_lens (1 selects the decode kernel when T == batch)."""
+    max_q_len: host-side max of the q_lens (1 selects the decode kernel when T == batch).
+    plan: a dense_prefill.PrefillPlan of the step for the fresh-K/V prefill semantics (prompt
+    tokens attend to their own unquantized K/V at dense speed); None: every position is read
+    from the quantized cache."""
+    if plan is not None:
+        from . import dense_prefill
+        return dense_prefill.attention_step(qkv, pool_layer, layout, num_q_heads, block_tables,
+                                            seq_lens, plan, max_seq_len, sm_scale, out)
     d, hkv = layout.head_dim, layout.num_kv_heads
     t = qkv.shape[0]
     cfg = kernel_config(layout, num_q_heads, qkv.dtype, qkv.device, sm_scale)

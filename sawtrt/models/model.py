@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops
+from ..kernels import dense_prefill, ops
 from ..spec import PageLayout
 from . import kv_transform
 from .specs import ModelSpec
@@ -40,6 +40,8 @@ class AttentionMetadata:
     is_decode      all q_lens are 1 (the CUDA-graph path)
     max_q_len      host-side max of q_lens; max_seq_len host-side bound of seq_lens (the GPU
                    path must not read device data to size its launch)
+    prefill        kernels.dense_prefill.PrefillPlan of a step with prompt tokens (built from
+                   the host tensors by `to`), None for decode steps
     """
 
     positions: torch.Tensor
@@ -52,10 +54,16 @@ class AttentionMetadata:
     is_decode: bool = False
     max_q_len: int = 0
     max_seq_len: int = 0
+    prefill: object | None = None
 
     def to(self, device) -> "AttentionMetadata":
         moved = {f: getattr(self, f).to(device, non_blocking=True) for f in self._TENSORS
                  if getattr(self, f) is not None}
+        if self.prefill is None and not self.is_decode and self.q_lens.device.type == "cpu":
+            moved["prefill"] = dense_prefill.PrefillPlan.build(
+                self.q_lens.tolist(), self.seq_lens.tolist(), self.slot_mapping, device)
+        elif self.prefill is not None:
+            moved["prefill"] = self.prefill.to(device)
         return dataclasses.replace(self, **moved)
 
     _TENSORS = ("positions", "slot_mapping", "block_tables", "seq_lens", "q_lens",
@@ -180,7 +188,7 @@ class CausalLM(torch.nn.Module):
 
     def __init__(self, spec: ModelSpec, layout: PageLayout, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.bfloat16, device=None, max_positions: int | None = None,
-                 kv_transform=None, compile: bool | None = None):
+                 kv_transform=None, compile: bool | None = None, prefill_kv: str = "cache"):
         super().__init__()
         if spec.arch not in ("llama", "qwen3"):
             raise ValueError(f"the torch model supports llama and qwen3, not {spec.arch!r}")
@@ -243,6 +251,15 @@ class CausalLM(torch.nn.Module):
         self._attn_in = _MaybeCompiled(attn_in, enabled)
         self._attn_out_mlp = _MaybeCompiled(attn_out_mlp, enabled)
         self._final_logits = _MaybeCompiled(final_logits, enabled)
+        # "fresh": prompt tokens attend to their own unquantized K/V (dense speed); "cache":
+        # every position is read from the quantized cache (what teacher-forced perplexity
+        # measures; the default here and in `sawtrt eval`); "auto" (the engine's default):
+        # fresh where every layer runs the compiled kernels, else cache
+        if prefill_kv not in dense_prefill.SEMANTICS + ("auto",):
+            raise ValueError(f"prefill_kv must be one of {dense_prefill.SEMANTICS + ('auto',)}, "
+                             f"got {prefill_kv!r}")
+        self.prefill_kv = prefill_kv if prefill_kv != "auto" else \
+            "fresh" if self.fused else "cache"
 
     @property
     def compile_note(self) -> str:
@@ -252,6 +269,9 @@ class CausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_pool) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         rope_cs = self.rope.tables(meta.positions, self.dtype)
+        if self.prefill_kv == "fresh" and meta.prefill is None and not meta.is_decode:
+            meta = dataclasses.replace(meta, prefill=dense_prefill.PrefillPlan.from_meta(
+                meta, self.device))
         for i in range(len(self.layers)):
             x = self.layer(i, x, meta, kv_pool[i], rope_cs)
         return self.logits(x, meta)
@@ -280,10 +300,11 @@ class CausalLM(torch.nn.Module):
         if tr is not None and params is None:       # a stand-in (calibration's recorder)
             q, k = tr(i, q, k)
             qkv_r = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), -1)
-        if self.layer_fused[i]:
+        plan = meta.prefill if self.prefill_kv == "fresh" else None
+        if self.layer_fused[i] or plan is not None:
             o = ops.attention_step(qkv_r, pool, layout, hq, meta.block_tables,
                                    meta.seq_lens, meta.cu_q_lens, meta.max_q_len,
-                                   meta.max_seq_len, self.sm_scale)
+                                   meta.max_seq_len or None, self.sm_scale, plan=plan)
         else:
             ops.write_kv(pool, layout, k, v, meta.slot_mapping)
             bounds = {"max_q_len": meta.max_q_len, "max_seq_len": meta.max_seq_len} \

@@ -85,6 +85,15 @@ int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride
                        int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
                        void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// Dense-prefill helper: dequantize positions 0 .. prefix_lens[b]-1 of each sequence b into rows
+// row_starts[b] + p of k_out / v_out ([rows, out_stride] in act_dtype, head h at column h*D),
+// in the original basis (the BDR rotation undone: K always, V when rotate_v). max_prefix_len:
+// host-side upper bound of prefix_lens (grid sizing).
+int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* block_tables,
+                  int32_t max_pages_per_seq, const int32_t* prefix_lens,
+                  const int32_t* row_starts, int32_t num_seqs, int32_t max_prefix_len,
+                  void* k_out, void* v_out, int64_t out_stride, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -37,4 +37,11 @@ cudaError_t LaunchPrefill(const SawConfig& cfg, const void* q, int64_t q_stride,
                           int32_t max_q_len, int32_t max_seq_len, void* out, void* workspace,
                           size_t workspace_bytes, cudaStream_t stream);
 
+// cpp/kernels/gather_kv.cu — cached prefixes dequantized (and un-rotated) into contiguous rows.
+cudaError_t LaunchGatherKV(const SawConfig& cfg, const void* pool_layer,
+                           const int32_t* block_tables, int32_t max_pages_per_seq,
+                           const int32_t* prefix_lens, const int32_t* row_starts,
+                           int32_t num_seqs, int32_t max_prefix_len, void* k_out, void* v_out,
+                           int64_t out_stride, cudaStream_t stream);
+
 }  // namespace saw

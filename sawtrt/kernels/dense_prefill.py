@@ -1,0 +1,348 @@
+"""Prefill at dense-attention speed: a step's new tokens attend to their own fresh K/V.
+
+Semantics ("fresh", the runtime's default; reference: sawtrt.reference.fresh_prefill_attention):
+a sequence with >= 2 new tokens attends causally to its cached prefix, read from the pages and
+dequantized, and to the step's own K/V as computed (not quantized); a sequence with one new
+token (a decode row) reads everything from the cache through the INT4 decode kernel. The step
+still writes every new token's K/V into its pages (rotate + quantize, as the spec says), so later
+chunks and decode steps read earlier chunks from INT4 pages. The quantized-read semantics
+(`ops.attention_step` without a plan) stays available for teacher-forced perplexity and the
+TensorRT plugin.
+
+How (GPU): the cached prefixes are dequantized and un-rotated into a bf16 scratch
+(saw_gather_kv, memory-bound: ~D/2 + 4 bytes read and 2 D written per K or V vector), then
+tensor-core attention with the causal mask aligned bottom-right. Dense sequences of one length
+go to cuDNN on 4-D views: without a prefix one causal SDPA call (the dense yardstick itself),
+with one two calls (prefix non-causal, new tokens causal, each with its log-sum-exp) merged by
+LSE; ragged batches go to flash-attention's variable-length entry point
+(`aten._flash_attention_forward` with cu_seqlens: GQA, bottom-right causal) over [prefix; new]
+per sequence. Un-rotating the prefix instead of rotating q keeps the query exact (no rounding of
+a rotated query) and needs no inverse rotation of the output.
+
+A step is described once by a PrefillPlan (host-built, then moved to the device), read by every
+layer; the GPU path never reads device data (no sync).
+
+Shapes: T tokens in the step, B sequences, P of them dense (q_len >= 2), Hq / Hkv heads, D.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from .. import kv_cache, reference
+from ..spec import PageLayout
+from . import library, ops
+
+SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
+BACKENDS = ("auto", "flash", "cudnn", "cudnn-split")
+
+
+@dataclass
+class PrefillPlan:
+    """One step's split into dense (q_len >= 2) and decode (q_len == 1) sequences.
+
+    slots        [T] int32    cache slot of every new token (-1: skip)
+    dense_seqs   [P] int64    the dense sequences (None: all B are dense)
+    dense_rows   [Tp] int64   their token rows in the step (None: all T rows)
+    decode_seqs  [B-P] int64  the decode sequences (None: there are none)
+    decode_rows  [B-P] int64  their token rows
+    cu_q         [P+1] int32  prefix sums of the dense q_lens
+    cu_k         [P+1] int32  prefix sums of prefix + q_len: rows of [prefix; new] per sequence
+    prefix_lens  [P] int32    cached tokens before the step's first new token
+    cu_prefix    [P+1] int32  prefix sums of prefix_lens (the split backend's prefix rows)
+    new_rows     [Tp] int64   row of each new token in the [prefix; new] buffer
+    max_q, max_k, max_prefix, total_k: host-side sizes; max_decode: longest decode sequence
+                 (the decode kernel's split-KV plan is sized by it)
+    shape        (P, q_len, prefix) when every dense sequence has the same q_len and prefix
+                 (4-D dense calls), else None
+    q_lens, seq_lens: host lists (the CPU reference)
+    """
+
+    slots: torch.Tensor
+    dense_seqs: torch.Tensor | None
+    dense_rows: torch.Tensor | None
+    decode_seqs: torch.Tensor | None
+    decode_rows: torch.Tensor | None
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    prefix_lens: torch.Tensor
+    cu_prefix: torch.Tensor
+    new_rows: torch.Tensor
+    max_q: int
+    max_k: int
+    max_prefix: int
+    total_k: int
+    max_decode: int
+    shape: tuple[int, int, int] | None
+    q_lens: list[int]
+    seq_lens: list[int]
+
+    @classmethod
+    def build(cls, q_lens, seq_lens, slot_mapping, device=None) -> "PrefillPlan | None":
+        """From host-side q_lens / seq_lens [B] and slot_mapping [T]; None when no sequence has
+        two or more new tokens (a decode step: nothing to do densely)."""
+        ql = np.asarray([int(n) for n in q_lens], dtype=np.int64)
+        sl = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
+        dense = np.nonzero(ql >= 2)[0]
+        if dense.size == 0:
+            return None
+        bad = dense[ql[dense] > sl[dense]]
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(f"sequence {b}: {ql[b]} new tokens but only {sl[b]} in the cache")
+        decode = np.nonzero(ql == 1)[0]          # q_len 0: a sequence with nothing new
+        starts = np.concatenate(([0], np.cumsum(ql)))
+        dq = ql[dense]
+        dp = sl[dense] - dq
+
+        def cum(x):
+            return np.concatenate(([0], np.cumsum(x)))
+
+        cu_q, cu_k, cu_p = cum(dq), cum(dp + dq), cum(dp)
+        tp = int(cu_q[-1])
+        # dense token j of dense sequence i: row j - cu_q[i] + starts[dense[i]] of the step,
+        # row j - cu_q[i] + cu_k[i] + dp[i] of the [prefix; new] buffer
+        new_rows = np.arange(tp) + np.repeat(cu_k[:-1] + dp - cu_q[:-1], dq)
+        dense_rows = np.arange(tp) + np.repeat(starts[dense] - cu_q[:-1], dq)
+
+        def t(x, dtype=torch.int64):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+        every = dense.size == ql.size
+        uniform = np.all(dq == dq[0]) and np.all(dp == dp[0])
+        slots = slot_mapping if isinstance(slot_mapping, torch.Tensor) else \
+            torch.as_tensor(slot_mapping)
+        plan = cls(
+            slots=slots.to(torch.int32),
+            dense_seqs=None if every else t(dense), dense_rows=None if every else t(dense_rows),
+            decode_seqs=t(decode) if decode.size else None,
+            decode_rows=t(starts[decode]) if decode.size else None,
+            cu_q=t(cu_q, torch.int32), cu_k=t(cu_k, torch.int32),
+            prefix_lens=t(dp, torch.int32), cu_prefix=t(cu_p, torch.int32),
+            new_rows=t(new_rows), max_q=int(dq.max()), max_k=int((dp + dq).max()),
+            max_prefix=int(dp.max()), total_k=int(cu_k[-1]),
+            max_decode=int(sl[decode].max()) if decode.size else 0,
+            shape=(int(dense.size), int(dq[0]), int(dp[0])) if uniform else None,
+            q_lens=ql.tolist(), seq_lens=sl.tolist())
+        return plan if device is None else plan.to(device)
+
+    @classmethod
+    def from_meta(cls, meta, device=None) -> "PrefillPlan | None":
+        """From a step's AttentionMetadata. Host tensors are read directly; device ones are
+        copied to the host first (one sync: give the host copies where the step has them)."""
+        return cls.build(meta.q_lens.tolist(), meta.seq_lens.tolist(),
+                         meta.slot_mapping.cpu(), device)
+
+    def to(self, device) -> "PrefillPlan":
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
+
+# -- dense attention backends -------------------------------------------------------------------
+_refused: set[tuple] = set()   # (backend, D, dtype) that raised once in this process
+
+
+def _sdpa_cudnn_4d(q4, k4, v4, causal: bool, scale: float):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q4, k4, v4, is_causal=causal, scale=scale,
+                                              enable_gqa=True)
+
+
+def _cudnn_lse(q4, k4, v4, causal: bool, scale: float):
+    """(out [B, H, L, D], lse [B, H, L] natural log) from cuDNN."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, causal,
+                                                             False, scale=scale)
+    return res[0], res[1].reshape(res[0].shape[:-1])   # lse [B, H, L] (some versions: [..., 1])
+
+
+def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
+    """Causal (bottom-right aligned) variable-length attention: q [Tq, Hq, D], k/v [Tk, Hkv, D],
+    sequences back to back by cu_q / cu_k; returns [Tq, Hq, D]."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True,
+                                                   False, scale=scale)[0]
+
+
+def _merge(o1, lse1, o2, lse2):
+    """Two partial attentions over disjoint key sets -> one, by log-sum-exp (o [B, H, L, D],
+    lse [B, H, L] natural log)."""
+    m = torch.maximum(lse1, lse2)
+    w1 = torch.exp(lse1 - m).unsqueeze(-1)
+    w2 = torch.exp(lse2 - m).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+
+
+def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) -> str:
+    """Which dense call serves this plan. auto: cuDNN when every dense sequence has the same
+    q_len and prefix (one causal call without a prefix, the LSE split with one), flash varlen
+    for ragged batches. `key` (D, dtype) skips a cuDNN form that raised before."""
+    if backend not in BACKENDS:
+        raise ValueError(f"dense prefill backend {backend!r}: one of {', '.join(BACKENDS)}")
+    if backend == "auto":   # H200, qwen3-4b shape: cuDNN 1.8x faster than flash varlen on
+        # fresh prompts; on a 2048-token chunk over 8192 cached, cuDNN split (prefix +
+        # causal new, merged by LSE) 0.74 ms vs flash varlen 1.03 ms (sawtrt.bench.prefill)
+        backend = "cudnn" if plan.shape is not None else "flash"
+    if backend in ("cudnn", "cudnn-split") and plan.shape is None:
+        backend = "flash"                  # cuDNN calls here take 4-D (uniform) batches only
+    if backend == "cudnn-split" and plan.shape[2] == 0:
+        backend = "cudnn"
+    if backend == "cudnn" and plan.shape[2] > 0:
+        backend = "cudnn-split"            # one causal cuDNN call cannot align bottom-right
+    return "flash" if (backend, *key) in _refused else backend
+
+
+def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
+    """Attention of the dense rows: q [Tp, Hq, D], their fresh kn/vn [Tp, Hkv, D]; prefix_kv is
+    a callable giving the dequantized prefixes (k, v) [rows, Hkv, D] at rows `layout`:
+    "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows only, by cu_prefix)."""
+    hq, hkv, d = q.shape[1], kn.shape[1], q.shape[2]
+    name = choose_backend(plan, backend, (d, q.dtype))
+    if name != "flash":
+        try:
+            b, lq, lp = plan.shape
+            q4 = q.view(b, lq, hq, d).transpose(1, 2)
+            k4 = kn.view(b, lq, hkv, d).transpose(1, 2)
+            v4 = vn.view(b, lq, hkv, d).transpose(1, 2)
+            if name == "cudnn":
+                o = _sdpa_cudnn_4d(q4, k4, v4, True, scale)
+            else:
+                kp, vp = prefix_kv("prefix")
+                kp4 = kp.view(b, lp, hkv, d).transpose(1, 2)
+                vp4 = vp.view(b, lp, hkv, d).transpose(1, 2)
+                o1, l1 = _cudnn_lse(q4, kp4, vp4, False, scale)
+                o2, l2 = _cudnn_lse(q4, k4, v4, True, scale)
+                o = _merge(o1, l1, o2, l2).to(q.dtype)
+            return o.transpose(1, 2).reshape(b * lq, hq, d)
+        except RuntimeError:
+            if backend != "auto":
+                raise
+            _refused.add((name, d, q.dtype))
+    if plan.max_prefix == 0:
+        k, v = kn, vn
+    else:
+        k, v = prefix_kv("cat")
+        k.index_copy_(0, plan.new_rows, kn)
+        v.index_copy_(0, plan.new_rows, vn)
+    return flash_varlen(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scale)
+
+
+# -- the step -----------------------------------------------------------------------------------
+# the page write on a side stream (see attention_step): off until measured on the H200 (the
+# serial write is what the published numbers ran); `sawtrt.bench.prefill --backends
+# auto,overlap-write` compares the two
+OVERLAP_WRITE = False
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev) -> "torch.cuda.Stream":
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    s = _side_streams.get(idx)
+    if s is None:
+        s = _side_streams[idx] = torch.cuda.Stream(device=dev)
+    return s
+
+def gather_prefix(pool_layer, layout: PageLayout, cfg, block_tables, prefix_lens, row_starts,
+                  total_rows: int, max_prefix: int, dtype):
+    """Dequantized, un-rotated cached prefixes (k, v) [total_rows, Hkv, D] in `dtype`: sequence
+    b's positions 0 .. prefix_lens[b]-1 at rows row_starts[b] + p (other rows: left unset)."""
+    hkv, d = layout.num_kv_heads, layout.head_dim
+    dev = block_tables.device
+    k = torch.empty(total_rows, hkv, d, dtype=dtype, device=dev)
+    v = torch.empty(total_rows, hkv, d, dtype=dtype, device=dev)
+    lib = library.load()
+    library.check(lib.saw_gather_kv(
+        ctypes.byref(cfg), pool_layer.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        prefix_lens.data_ptr(), row_starts.data_ptr(), prefix_lens.shape[0], max_prefix,
+        k.data_ptr(), v.data_ptr(), hkv * d, ops._stream(dev)), lib)
+    return k, v
+
+
+def gpu_serves(layout: PageLayout, num_q_heads: int, dtype, device) -> bool:
+    """Whether attention_step runs on the GPU path for this layer (else the CPU reference)."""
+    cfg = ops.fused_step_config(layout, num_q_heads, dtype, device)
+    return cfg is not None and hasattr(library.load(), "saw_gather_kv") \
+        and hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+def attention_step(qkv, pool_layer, layout: PageLayout, num_q_heads: int, block_tables, seq_lens,
+                   plan: PrefillPlan, max_seq_len: int | None = None, sm_scale=None, out=None,
+                   backend: str = "auto"):
+    """ops.attention_step with the fresh semantics: write every new token's K/V from
+    qkv [T, (Hq + 2 Hkv) D] (after RoPE) into its slot, attend (dense rows: fresh K/V + cached
+    prefix; decode rows: the decode kernel over the cache). Returns out [T, Hq*D].
+    max_seq_len: unused (the plan holds the host-side bounds); ops.attention_step's argument."""
+    d, hkv, hq = layout.head_dim, layout.num_kv_heads, num_q_heads
+    t = qkv.shape[0]
+    sm_scale = ops.default_sm_scale(layout) if sm_scale is None else sm_scale
+    if not gpu_serves(layout, hq, qkv.dtype, qkv.device) or qkv.stride(-1) != 1:
+        q = qkv[:, :hq * d].reshape(t, hq, d)
+        k = qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d)
+        v = qkv[:, (hq + hkv) * d:(hq + 2 * hkv) * d].reshape(t, hkv, d)
+        kv_cache.write_kv(pool_layer, layout, k, v, plan.slots.long())
+        res = reference.fresh_prefill_attention(q, k, v, pool_layer, layout, block_tables,
+                                                seq_lens.cpu(), plan.q_lens, sm_scale)
+        res = res.reshape(t, hq * d)
+        return res if out is None else out.copy_(res)
+    dev = qkv.device
+    cfg = ops.kernel_config(layout, hq, qkv.dtype, dev, sm_scale)
+    lib = library.load()
+    stream = ops._stream(dev)
+    tables = ops._i32(block_tables, dev)
+    max_pages = tables.shape[1]
+    # 1. the cache holds exactly what the spec says: every new token's K/V, rotated + quantized.
+    # The dense rows never read what this writes (positions >= their prefix), so the write may
+    # run on a side stream beside the prefix gather and the attention; decode rows wait for it.
+    main = torch.cuda.current_stream(dev)
+    side = _side_stream(dev) if OVERLAP_WRITE else main
+    if side is not main:
+        side.wait_stream(main)
+    library.check(lib.saw_write_kv(ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0),
+                                   plan.slots.data_ptr(), t, pool_layer.data_ptr(),
+                                   side.cuda_stream), lib)
+    if out is None and plan.decode_seqs is not None:
+        out = torch.empty(t, hq * d, dtype=qkv.dtype, device=dev)
+    # 2. decode rows: the INT4 decode kernel over the cache (never a dense copy of a prefix)
+    if plan.decode_seqs is not None:
+        if side is not main:
+            main.wait_stream(side)
+            side = main
+        lens = ops._i32(seq_lens, dev)
+        qd = qkv.index_select(0, plan.decode_rows)
+        td = tables.index_select(0, plan.decode_seqs)
+        ld = lens.index_select(0, plan.decode_seqs)
+        n = qd.shape[0]
+        od = torch.empty(n, hq * d, dtype=qkv.dtype, device=dev)
+        ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), n, n, plan.max_decode))
+        ws = ops._workspace(dev, ws_bytes)
+        library.check(lib.saw_decode(ctypes.byref(cfg), qd.data_ptr(), qd.stride(0),
+                                     pool_layer.data_ptr(), td.data_ptr(), max_pages, ld.data_ptr(),
+                                     n, plan.max_decode, od.data_ptr(), ws.data_ptr(),
+                                     ws.numel(), stream), lib)
+        out.index_copy_(0, plan.decode_rows, od)
+    # 3. dense rows: fresh K/V + dequantized prefix, one tensor-core attention call
+    x = qkv if plan.dense_rows is None else qkv.index_select(0, plan.dense_rows)
+    q = x[:, :hq * d].unflatten(1, (hq, d))
+    kn = x[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
+    vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
+    tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
+
+    def prefix_kv(rows: str):
+        if rows == "cat":
+            return gather_prefix(pool_layer, layout, cfg, tables_p, plan.prefix_lens,
+                                 plan.cu_k[:-1], plan.total_k, plan.max_prefix, qkv.dtype)
+        return gather_prefix(pool_layer, layout, cfg, tables_p, plan.prefix_lens,
+                             plan.cu_prefix[:-1], plan.total_k - x.shape[0], plan.max_prefix,
+                             qkv.dtype)
+
+    o = _dense(q, kn, vn, prefix_kv, plan, sm_scale, backend).reshape(-1, hq * d)
+    if side is not main:
+        main.wait_stream(side)     # the next layer / step reads the pages
+    if plan.dense_rows is None:
+        return o if out is None else out.copy_(o)
+    out.index_copy_(0, plan.dense_rows, o)
+    return out
