@@ -11,13 +11,11 @@ def sanitize(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-CLAMP, CLAMP)
 
 
-_INF = {True: torch.tensor(float("inf")), False: torch.tensor(float("-inf"))}
-
-
 def _half_bits_step(h: torch.Tensor, up: bool) -> torch.Tensor:
     """The fp16 neighbour of every element of `h` towards +inf (up) or -inf; stepping up from
     the smallest negative subnormal gives +0 (what CUDA's __float2half_ru gives there)."""
-    step = torch.nextafter(h, _INF[up].to(h.dtype))
+    # a 0-dim tensor on h's device: nextafter does not take a CPU scalar tensor with CUDA input
+    step = torch.nextafter(h, h.new_full((), float("inf") if up else float("-inf")))
     if up:      # nextafter gives -0 there; the cache stores +0
         step = torch.where(step == 0, 0.0, step)
     return step
