@@ -63,6 +63,23 @@ def test_plan_splits_dense_and_decode_rows():
         dense_prefill.PrefillPlan.build([6], [5], list(range(6)))
 
 
+def test_backend_choice_by_step_shape():
+    """auto: cuDNN for uniform steps (the split with a prefix), cuDNN per sequence for a few
+    ragged ones (a serving step: a prompt's tail chunk + the next prompt), flash for many."""
+    plan = dense_prefill.PrefillPlan.build
+    ragged = plan([3, 1, 5, 1, 2], [10, 7, 5, 4, 9], list(range(12)))
+    assert ragged.dense_lens() == [(3, 7), (5, 0), (2, 7)]
+    assert dense_prefill.choose_backend(ragged) == "cudnn-seq"
+    n = dense_prefill.SEQ_CALLS_MAX + 1
+    many = plan([2 + i for i in range(n)], [9 + i for i in range(n)], list(range(99)))
+    assert dense_prefill.choose_backend(many) == "flash"
+    assert dense_prefill.choose_backend(plan([4, 4], [4, 4], list(range(8)))) == "cudnn"
+    assert dense_prefill.choose_backend(plan([4, 4], [9, 9], list(range(8)))) == "cudnn-split"
+    assert dense_prefill.choose_backend(ragged, "flash") == "flash"
+    with pytest.raises(ValueError, match="one of"):
+        dense_prefill.choose_backend(ragged, "fa3")
+
+
 @pytest.mark.parametrize("policy", ["int4-bdr:h=16,kv,seed=3", "int4", "int8", "bf16"])
 def test_fresh_reference_matches_rotated_basis(policy):
     """The reference un-rotates the cached prefix; computing in the cache's rotated basis

@@ -107,6 +107,7 @@ STEPS = [  # (seq_lens, q_lens): chunk over a prefix + decode rows + a fresh pro
     ([17, 300, 5], [5, 129, 5]),
     ([77, 77], [77, 77]),                    # one length: the cuDNN path
     ([300, 300], [45, 45]),                  # one length over one prefix: split / flash
+    ([40, 90, 70, 21, 95, 12], [40, 9, 70, 21, 3, 12]),  # many ragged: flash varlen
 ]
 GROUPS = [1, 2, 4, 8, 16]
 
@@ -146,7 +147,7 @@ def test_fresh_step_matches_reference(d, policy_i, dtype):
                     unit=torch.bfloat16 if 1 in q_lens else None)
 
 
-@pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn-split"])
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn-split", "cudnn-seq"])
 def test_backends_agree_on_chunks(backend):
     """Every dense backend on the shapes it serves; several chunks of one prompt, each over the
     INT4 pages the previous chunks wrote."""

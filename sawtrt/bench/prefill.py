@@ -122,6 +122,48 @@ def bench_point(torch, shape, batch, q_len, seq_len, page_size, reps, flush, gen
     return row
 
 
+def bench_serving_step(torch, shape, budget, page_size, reps, gen,
+                       backends=("flash", "cudnn-seq")) -> dict:
+    """The chunked-prefill serving step: the tail of one prompt (its first budget - tail tokens
+    cached) and the head of the next, budget new tokens in all, int4-bdr pages. The tail length
+    changes every rep (as it does from step to step in serving), so a backend's per-shape
+    set-up (cuDNN's graph build) is inside the timing. Returns ms per backend (median)."""
+    import statistics
+
+    from ..kernels import dense_prefill
+    from ..spec import KVPolicy, PageLayout
+    hq, hkv, d = SHAPES[shape]
+    dev = "cuda"
+    layout = PageLayout(KVPolicy.parse("int4-bdr"), d, hkv, page_size)
+    pages = 2 * (-(-budget // page_size))
+    pool = random_pool(torch, layout, pages, gen)
+    bt = torch.randperm(pages, device=dev, generator=gen).to(torch.int32).view(2, -1)
+    qkv = torch.randn(budget, (hq + 2 * hkv) * d, device=dev, generator=gen).to(torch.bfloat16)
+    out = {}
+    for be in backends:
+        times = []
+        for r in range(reps + 1):
+            tail = 61 + 7 * r + 3 * len(out)       # a shape this process has not seen yet
+            q_lens, seq_lens = [tail, budget - tail], [budget, budget - tail]
+            slots = [int(bt[0, p // page_size]) * page_size + p % page_size
+                     for p in range(budget - tail, budget)]
+            slots += [int(bt[1, p // page_size]) * page_size + p % page_size
+                      for p in range(budget - tail)]
+            plan = dense_prefill.PrefillPlan.build(q_lens, seq_lens, slots, dev)
+            lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dense_prefill.attention_step(qkv, pool, layout, hq, bt, lens, plan, budget,
+                                         backend=be)
+            e1.record()
+            torch.cuda.synchronize()
+            if r:                                  # rep 0: the backend's first call ever
+                times.append(e0.elapsed_time(e1))
+        out[be] = statistics.median(times)
+    return {"budget": budget, "ms": out}
+
+
 def format_row(r: dict) -> str:
     ms = r["ms"]
     nan = float("nan")
@@ -175,9 +217,13 @@ def main(argv=None) -> None:
         print(f"  {r['batch']} x {r['q_len']}/{r['seq_len']}: {cells}; backends {r['backend']}"
               + (f"; gather {r['gather_tbps']:.2f} TB/s = {r['gather_tbps'] / COPY_TBPS:.0%} "
                  f"of copy" if "gather_tbps" in r else ""))
+    step = bench_serving_step(torch, args.shape, 8192, args.page_size, args.reps, gen)
+    print("\nserving step (a prompt's tail chunk + the next prompt's head, 8 192 new tokens, "
+          "int4-bdr, a new tail length every rep): " +
+          ", ".join(f"{be} {ms:.3f} ms" for be, ms in step["ms"].items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "gpu": torch.cuda.get_device_name(),
+            json.dump({"rows": rows, "serving_step": step, "gpu": torch.cuda.get_device_name(),
                        "torch": torch.__version__}, f, indent=1)
 
 

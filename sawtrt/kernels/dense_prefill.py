@@ -37,7 +37,11 @@ from ..spec import PageLayout
 from . import library, ops
 
 SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
-BACKENDS = ("auto", "flash", "cudnn", "cudnn-split")
+BACKENDS = ("auto", "flash", "cudnn", "cudnn-split", "cudnn-seq")
+# ragged steps with at most this many dense sequences run one cuDNN call (or split pair) per
+# sequence: a serving step under a token budget holds one or two prompt chunks, where cuDNN is
+# ~1.8x flash varlen's rate on the H200; many short prompts go to one flash varlen call
+SEQ_CALLS_MAX = 4
 
 
 @dataclass
@@ -129,6 +133,10 @@ class PrefillPlan:
             q_lens=ql.tolist(), seq_lens=sl.tolist())
         return plan if device is None else plan.to(device)
 
+    def dense_lens(self) -> list[tuple[int, int]]:
+        """(q_len, prefix) of every dense sequence, in order (host-side)."""
+        return [(q, s - q) for q, s in zip(self.q_lens, self.seq_lens) if q >= 2]
+
     @classmethod
     def from_meta(cls, meta, device=None) -> "PrefillPlan | None":
         """From a step's AttentionMetadata. Host tensors are read directly; device ones are
@@ -179,14 +187,18 @@ def _merge(o1, lse1, o2, lse2):
 
 def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) -> str:
     """Which dense call serves this plan. auto: cuDNN when every dense sequence has the same
-    q_len and prefix (one causal call without a prefix, the LSE split with one), flash varlen
-    for ragged batches. `key` (D, dtype) skips a cuDNN form that raised before."""
+    q_len and prefix (one causal call without a prefix, the LSE split with one), cuDNN per
+    sequence for ragged steps of a few sequences, flash varlen for ragged batches of many.
+    `key` (D, dtype) skips a cuDNN form that raised before."""
     if backend not in BACKENDS:
         raise ValueError(f"dense prefill backend {backend!r}: one of {', '.join(BACKENDS)}")
     if backend == "auto":   # H200, qwen3-4b shape: cuDNN 1.8x faster than flash varlen on
         # fresh prompts; on a 2048-token chunk over 8192 cached, cuDNN split (prefix +
         # causal new, merged by LSE) 0.74 ms vs flash varlen 1.03 ms (sawtrt.bench.prefill)
-        backend = "cudnn" if plan.shape is not None else "flash"
+        backend = "cudnn" if plan.shape is not None else \
+            "cudnn-seq" if len(plan.dense_lens()) <= SEQ_CALLS_MAX else "flash"
+    if backend == "cudnn-seq":
+        return "flash" if (backend, *key) in _refused else backend
     if backend in ("cudnn", "cudnn-split") and plan.shape is None:
         backend = "flash"                  # cuDNN calls here take 4-D (uniform) batches only
     if backend == "cudnn-split" and plan.shape[2] == 0:
@@ -196,13 +208,45 @@ def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) ->
     return "flash" if (backend, *key) in _refused else backend
 
 
+def _cudnn_per_sequence(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float):
+    """Dense rows of a ragged step, one cuDNN call per sequence: causal over its new tokens,
+    plus (with a cached prefix) a non-causal call over the prefix merged by log-sum-exp."""
+    kp, vp = prefix_kv("prefix") if plan.max_prefix else (None, None)
+    o = torch.empty_like(q)
+    a = p = 0
+
+    def bhld(x, rows):          # [rows, H, D] -> [1, H, rows, D] view
+        return x[rows].unsqueeze(0).transpose(1, 2)
+
+    for lq, lp in plan.dense_lens():
+        new = slice(a, a + lq)
+        q4, k4, v4 = bhld(q, new), bhld(kn, new), bhld(vn, new)
+        if lp == 0:
+            oi = _sdpa_cudnn_4d(q4, k4, v4, True, scale)
+        else:
+            pre = slice(p, p + lp)
+            o1, l1 = _cudnn_lse(q4, bhld(kp, pre), bhld(vp, pre), False, scale)
+            o2, l2 = _cudnn_lse(q4, k4, v4, True, scale)
+            oi = _merge(o1, l1, o2, l2)
+        o[new] = oi[0].transpose(0, 1)
+        a, p = a + lq, p + lp
+    return o
+
+
 def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
     """Attention of the dense rows: q [Tp, Hq, D], their fresh kn/vn [Tp, Hkv, D]; prefix_kv is
     a callable giving the dequantized prefixes (k, v) [rows, Hkv, D] at rows `layout`:
     "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows only, by cu_prefix)."""
     hq, hkv, d = q.shape[1], kn.shape[1], q.shape[2]
     name = choose_backend(plan, backend, (d, q.dtype))
-    if name != "flash":
+    if name == "cudnn-seq":
+        try:
+            return _cudnn_per_sequence(q, kn, vn, prefix_kv, plan, scale)
+        except RuntimeError:
+            if backend != "auto":
+                raise
+            _refused.add((name, d, q.dtype))
+    elif name != "flash":
         try:
             b, lq, lp = plan.shape
             q4 = q.view(b, lq, hq, d).transpose(1, 2)
