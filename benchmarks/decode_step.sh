@@ -11,4 +11,4 @@ ENG=${ENG:-/tmp/qwen3-4b-random}-whiten
 qwen3_engine "$ENG" --kv-cache int4-bdr:kv,center,whiten
 python3 -m sawtrt.bench.decode_step --engine "$ENG" --batch 1,64,256 --context 8192 \
   --steps 10 --compile "${COMPILE:-on}" --kv-policy 'int4-bdr;int4-bdr:kv,center,whiten' \
-  --json "$OUT/decode-step-h200.json"
+  --kv-memory-gib 100 --json "$OUT/decode-step-h200.json"
