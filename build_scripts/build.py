@@ -74,15 +74,42 @@ def source_hash(archs, nvcc: str, extra: list[str]) -> str:
     return h.hexdigest()
 
 
-def _run(cmd: list[str], verbose: bool) -> None:
+def run_checked(cmd: list[str], verbose: bool, what: str = "command") -> None:
+    """Run one compiler command; BuildError with its output when it fails."""
     if verbose:
         print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise BuildError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
+        raise BuildError(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n"
                          f"{proc.stdout}{proc.stderr}")
     if verbose and (proc.stdout or proc.stderr):
         print(proc.stdout + proc.stderr, flush=True)
+
+
+def is_current(lib: Path, stamp: Path, digest: str, force: bool = False) -> bool:
+    """The library exists and its stamp records `digest`: nothing to rebuild."""
+    return (not force and lib.is_file() and stamp.is_file()
+            and stamp.read_text().strip() == digest)
+
+
+def publish(tmp: Path, lib: Path, stamp: Path, digest: str) -> Path:
+    """Move a finished build into place, then stamp it."""
+    os.replace(tmp, lib)  # atomic: a concurrent loader never sees half a library
+    stamp.write_text(digest + "\n")
+    return lib
+
+
+def cli_result(make) -> int:
+    """Exit status of a command line build: print the library made by `make()` (None: a
+    skip the builder already reported), or the BuildError."""
+    try:
+        lib = make()
+    except BuildError as e:
+        print(f"build failed: {e}", file=sys.stderr)
+        return 1
+    if lib is not None:
+        print(lib)
+    return 0
 
 
 def build(archs=DEFAULT_ARCHS, out: str | os.PathLike = ROOT / "build", jobs: int | None = None,
@@ -96,7 +123,7 @@ def build(archs=DEFAULT_ARCHS, out: str | os.PathLike = ROOT / "build", jobs: in
     out = Path(out).resolve()
     lib, stamp = out / LIB_NAME, out / "build.stamp"
     digest = source_hash(archs, nvcc, flags)
-    if not force and lib.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+    if is_current(lib, stamp, digest, force):
         return lib
     obj_dir = out / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)
@@ -104,18 +131,16 @@ def build(archs=DEFAULT_ARCHS, out: str | os.PathLike = ROOT / "build", jobs: in
     objs = [obj_dir / (s.stem + ".o") for s in srcs]
     jobs = jobs or max(1, min(len(srcs), os.cpu_count() or 1))
     with futures.ThreadPoolExecutor(jobs) as pool:
-        todo = [pool.submit(_run, [nvcc, *flags, f"-I{CPP / 'include'}", "-c", str(s), "-o",
-                                   str(o)], verbose) for s, o in zip(srcs, objs)]
+        todo = [pool.submit(run_checked, [nvcc, *flags, f"-I{CPP / 'include'}", "-c", str(s),
+                                          "-o", str(o)], verbose) for s, o in zip(srcs, objs)]
         for f in futures.as_completed(todo):
             f.result()
     script = obj_dir / "exports.map"
     script.write_text("{ global: saw_*; local: *; };\n")
     tmp = out / (LIB_NAME + ".tmp")
-    _run([nvcc, "-shared", *[gencode(a) for a in archs], "-cudart", "static", "-o", str(tmp),
-          *map(str, objs), f"-Xlinker=--version-script={script}"], verbose)
-    os.replace(tmp, lib)  # atomic: a concurrent loader never sees half a library
-    stamp.write_text(digest + "\n")
-    return lib
+    run_checked([nvcc, "-shared", *[gencode(a) for a in archs], "-cudart", "static", "-o",
+                 str(tmp), *map(str, objs), f"-Xlinker=--version-script={script}"], verbose)
+    return publish(tmp, lib, stamp, digest)
 
 
 def main(argv=None) -> int:
@@ -132,26 +157,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     archs = DEV_ARCHS if args.dev else tuple(a.strip() for a in (args.arch or "").split(",")
                                              if a.strip()) or DEFAULT_ARCHS
-    try:
-        lib = build(archs, args.out, args.jobs, args.force, args.verbose,
-                    ["-lineinfo"] if args.lineinfo else None)
-    except BuildError as e:
-        print(f"build failed: {e}", file=sys.stderr)
-        return 1
-    print(lib)
-    if not args.no_trt_plugin:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import build_trt_plugin
-        try:
-            plugin = build_trt_plugin.build_or_skip(args.out, args.trt_include, args.force,
-                                                    args.verbose,
-                                                    log=lambda m: print(m, file=sys.stderr))
-        except build_trt_plugin.BuildError as e:
-            print(f"build failed: {e}", file=sys.stderr)
-            return 1
-        if plugin is not None:
-            print(plugin)
-    return 0
+    status = cli_result(lambda: build(archs, args.out, args.jobs, args.force, args.verbose,
+                                      ["-lineinfo"] if args.lineinfo else None))
+    if status or args.no_trt_plugin:
+        return status
+    # the plugin builder shares this module's helpers: let it import this very module
+    sys.modules.setdefault("build", sys.modules[__name__])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import build_trt_plugin
+    return cli_result(lambda: build_trt_plugin.build_or_skip(
+        args.out, args.trt_include, args.force, args.verbose,
+        log=lambda m: print(m, file=sys.stderr)))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ import argparse
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build import BuildError, cli_result, is_current, publish, run_checked  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "trt_plugin" / "src"
@@ -30,10 +32,6 @@ SYSTEM_TRT_INCLUDES = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-li
                        "/usr/include", "/usr/local/tensorrt/include", "/opt/tensorrt/include",
                        "/usr/local/include")
 CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra"]
-
-
-class BuildError(RuntimeError):
-    pass
 
 
 class HeadersNotFound(BuildError):
@@ -131,7 +129,7 @@ def build(out: str | os.PathLike = ROOT / "build", trt_include: str | os.PathLik
     flags = CXX_FLAGS + [f"-isystem{include}", f"-isystem{cuda / 'include'}",
                          f"-I{ROOT / 'cpp' / 'include'}"]
     digest = _digest(cxx, flags, include)
-    if not force and lib.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+    if is_current(lib, stamp, digest, force):
         return lib
     script = out / "trt_plugin.exports.map"
     script.write_text("{ global: " + "; ".join(EXPORTS) + "; local: *; };\n")
@@ -140,17 +138,8 @@ def build(out: str | os.PathLike = ROOT / "build", trt_include: str | os.PathLik
     cmd = [cxx, *flags, "-shared", "-o", str(tmp), *map(str, sources()), str(_cudart_static(cuda)),
            "-ldl", "-lpthread", "-lrt", f"-Wl,--version-script={script}", "-Wl,--no-undefined",
            "-Wl,-soname," + LIB_NAME]
-    if verbose:
-        print(" ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise BuildError(f"plugin compile failed ({proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stdout}{proc.stderr}")
-    if verbose and (proc.stdout or proc.stderr):
-        print(proc.stdout + proc.stderr, flush=True)
-    os.replace(tmp, lib)   # atomic: a process loading the plugin never sees half a library
-    stamp.write_text(digest + "\n")
-    return lib
+    run_checked(cmd, verbose, "plugin compile")
+    return publish(tmp, lib, stamp, digest)
 
 
 def build_or_skip(out, trt_include=None, force=False, verbose=False, log=print) -> Path | None:
@@ -171,15 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        lib = build_or_skip(args.out, args.trt_include, args.force, args.verbose,
-                            log=lambda m: print(m, file=sys.stderr))
-    except BuildError as e:
-        print(f"build failed: {e}", file=sys.stderr)
-        return 1
-    if lib is not None:
-        print(lib)
-    return 0
+    return cli_result(lambda: build_or_skip(args.out, args.trt_include, args.force,
+                                            args.verbose, log=lambda m: print(m, file=sys.stderr)))
 
 
 if __name__ == "__main__":

@@ -131,22 +131,33 @@ def _licence_in(dist_name: str, start_mark: str, version_mark: str, name: str):
     return None
 
 
-def gpl3_text() -> Text:
-    for dist_name in GPL3_PACKAGES:
-        t = _licence_in(dist_name, GPL_START, GPL_VERSION, "gpl3")
+# name -> (packages whose wheel may ship the text, its first line, its version line, what to
+# install when none does)
+_LICENCES = {
+    "gpl3": (GPL3_PACKAGES, GPL_START, GPL_VERSION,
+             "the GPL-3 text was not found: pip install yamllint==1.38.0 "
+             "(or the project's [eval] extra)"),
+    "apache2": (APACHE_PACKAGES, APACHE_START, APACHE_VERSION,
+                "the Apache-2.0 text was not found in transformers' wheel: "
+                "pip install the project's [eval] extra"),
+}
+
+
+def _licence_text(name: str) -> Text:
+    packages, start_mark, version_mark, missing = _LICENCES[name]
+    for dist_name in packages:
+        t = _licence_in(dist_name, start_mark, version_mark, name)
         if t is not None:
             return t
-    raise CorpusError("the GPL-3 text was not found: pip install yamllint==1.38.0 "
-                      "(or the project's [eval] extra)")
+    raise CorpusError(missing)
+
+
+def gpl3_text() -> Text:
+    return _licence_text("gpl3")
 
 
 def apache2_text() -> Text:
-    for dist_name in APACHE_PACKAGES:
-        t = _licence_in(dist_name, APACHE_START, APACHE_VERSION, "apache2")
-        if t is not None:
-            return t
-    raise CorpusError("the Apache-2.0 text was not found in transformers' wheel: "
-                      "pip install the project's [eval] extra")
+    return _licence_text("apache2")
 
 
 def _topics(name: str, keys) -> Text:

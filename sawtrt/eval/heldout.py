@@ -318,6 +318,26 @@ def _cut(tokens: list[int], eos: set) -> list[int]:
     return tokens
 
 
+def row_cells(row: dict, srcs: list[str]) -> dict:
+    """One policy row of a held-out result as formatted cells, for the text and Markdown
+    tables: delta (mean ± sd), per-source means, and the overfit check's numbers (None
+    where the row was not checked)."""
+    d, cd = row["delta"], row.get("calib_delta")
+    return {"delta": f"{d['mean']:+.2f} ± {d['sd']:.2f} %",
+            "sources": [f"{row['per_source'][s]['mean']:+.2f} %" for s in srcs],
+            "calib": f"{cd['mean']:+.2f} %" if cd else None,
+            "gain": (f"{row['gain_calib']['mean']:+.2f}", f"{row['gain_heldout']['mean']:+.2f}")
+            if cd else None,
+            "overfit": bool(row.get("overfit"))}
+
+
+def generation_summary(g: dict) -> str:
+    """Greedy agreement of one policy with bf16, in one phrase."""
+    return (f"token match {g['token_match_pct']:.1f} %, identical {g['identical_prompts']}/"
+            f"{g['prompts']}, first divergence median {g['first_divergence_median']:g} "
+            f"(mean {g['first_divergence_mean']:.1f})")
+
+
 def format_heldout(res: dict) -> str:
     srcs = [s["source"] for s in res["eval_text"]]
     lines = [f"model {res['model']} ({res['path']} path), held-out text: "
@@ -328,24 +348,18 @@ def format_heldout(res: dict) -> str:
              f"{res['threads']}, whiten shrinkage {res['shrink']:g}"]
     w = max([34] + [len(r["policy"]) + 2 for r in res["results"]])
     lines.append(f"{'policy':<{w}}{'B/token':>8}  {'held-out vs bf16':>18}  "
-                 + "".join(f"{s:>9}" for s in srcs)
+                 + "".join(f"{s:>10}" for s in srcs)
                  + "  calib-text  gain calib/held-out  overfit")
     for r in res["results"]:
-        d = r["delta"]
-        cd = r.get("calib_delta")
-        lines.append(f"{r['policy']:<{w}}{r['bytes_per_token']:>8}  "
-                     f"{d['mean']:>+8.2f} ± {d['sd']:.2f} %  "
-                     + "".join(f"{r['per_source'][s]['mean']:>+8.2f}%" for s in srcs)
-                     + (f"  {cd['mean']:>+8.2f}%  {r['gain_calib']['mean']:>+8.2f} / "
-                        f"{r['gain_heldout']['mean']:<+8.2f}  "
-                        f"{'FLAGGED' if r['overfit'] else 'ok'}" if cd else ""))
+        c = row_cells(r, srcs)
+        lines.append(f"{r['policy']:<{w}}{r['bytes_per_token']:>8}  {c['delta']:>18}  "
+                     + "".join(f"{x:>10}" for x in c["sources"])
+                     + (f"  {c['calib']:>10}  {c['gain'][0]:>8} / {c['gain'][1]:<8}  "
+                        f"{'FLAGGED' if c['overfit'] else 'ok'}" if c["calib"] else ""))
     if res["generation"]:
         g0 = res["generation"][0]
         lines.append(f"greedy vs bf16 over {g0['prompts']} chat prompts, {g0['tokens']} new tokens "
                      f"(to the end of turn):")
         for g in res["generation"]:
-            lines.append(f"  {g['policy']:<{w}} token match {g['token_match_pct']:6.2f} %  "
-                         f"identical {g['identical_prompts']}/{g['prompts']}  first divergence "
-                         f"median {g['first_divergence_median']:g} mean "
-                         f"{g['first_divergence_mean']:.1f}")
+            lines.append(f"  {g['policy']:<{w}} {generation_summary(g)}")
     return "\n".join(lines)

@@ -161,6 +161,7 @@ def main(argv=None) -> None:
 
 def markdown(results: dict) -> str:
     """Markdown tables of a study's JSON (`python -m sawtrt.eval.heldout_study --markdown F`)."""
+    from .heldout import generation_summary, row_cells
     lines = []
     for step, r in results.items():
         srcs = [s["source"] for s in r["eval_text"]]
@@ -172,22 +173,15 @@ def markdown(results: dict) -> str:
                   + " | ".join(srcs) + " | calib-text | overfit |",
                   "|---|---:|---:|---|" + "---:|" * len(srcs) + "---:|---|"]
         for row in r["results"]:
-            d = row["delta"]
+            c = row_cells(row, srcs)
             reals = ", ".join(f"{x['delta_pct']:+.2f}" for x in row["realisations"])
-            cd = row.get("calib_delta")
-            lines.append(f"| `{row['policy']}` | {row['bytes_per_token']} | "
-                         f"{d['mean']:+.2f} ± {d['sd']:.2f} % | {reals} | "
-                         + " | ".join(f"{row['per_source'][s]['mean']:+.2f} %" for s in srcs)
-                         + (f" | {cd['mean']:+.2f} % | "
-                            f"{'flagged' if row['overfit'] else 'no'} (gain "
-                            f"{row['gain_calib']['mean']:+.2f} → {row['gain_heldout']['mean']:+.2f})"
-                            " |" if cd else " | — | — |"))
+            lines.append(f"| `{row['policy']}` | {row['bytes_per_token']} | {c['delta']} | "
+                         f"{reals} | " + " | ".join(c["sources"])
+                         + (f" | {c['calib']} | {'flagged' if c['overfit'] else 'no'} (gain "
+                            f"{c['gain'][0]} → {c['gain'][1]}) |" if c["calib"] else " | — | — |"))
         for g in r.get("generation") or ():
-            lines.append(f"\ngreedy `{g['policy']}` vs bf16: token match "
-                         f"{g['token_match_pct']:.1f} %, identical {g['identical_prompts']}/"
-                         f"{g['prompts']}, first divergence median "
-                         f"{g['first_divergence_median']:g} (mean "
-                         f"{g['first_divergence_mean']:.1f}) of {g['tokens']} tokens")
+            lines.append(f"\ngreedy `{g['policy']}` vs bf16: {generation_summary(g)} "
+                         f"of {g['tokens']} tokens")
         lines.append("")
     return "\n".join(lines)
 
