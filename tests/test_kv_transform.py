@@ -162,6 +162,12 @@ def test_calibration_file_round_trip_and_errors(tmp_path, tiny):
     for name in kvt.STATS:
         assert torch.equal(getattr(back, name), getattr(cal, name))
     assert back.meta["source"] == "test"
+    # the same numbers give the same bytes (config.json records the sha256), also with
+    # several metadata entries
+    cal.meta.update(tokens=1024, texts="a,b", whiten_shrink=0.1)
+    first = cal.save(tmp_path / "again.safetensors")
+    assert all(cal.save(tmp_path / f"again{i}.safetensors") == first for i in range(8))
+    assert kvt.KVCalibration.load(tmp_path / "again.safetensors", spec).meta["tokens"] == "1024"
     s = back.scales(0.5)
     assert torch.allclose(s.log().mean(-1), torch.zeros(()), atol=1e-5)   # geometric mean 1
     assert torch.allclose(s[..., 1:] / s[..., :-1],

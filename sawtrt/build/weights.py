@@ -113,7 +113,9 @@ def _convert(plan: BuildPlan, out: Path, log, progress: bool) -> tuple[dict, dic
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in items}
     path = out / WEIGHTS_FILE
     tmp = out / (WEIGHTS_FILE + ".part")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "sawtrt"})
+    # one metadata key: safetensors writes several in a random order, and the file's sha256
+    # must not change when the same weights are converted again
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
     digest = sha256_file(path)
     log(f"weights: wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, sha256 {digest[:12]}…)")

@@ -31,6 +31,7 @@ from the eval text); mu, s and A are derived at load, so one file serves every a
 """
 from __future__ import annotations
 
+import json
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,11 @@ class KVCalibration:
         from safetensors.torch import save_file
         tmp = path.with_suffix(".part")
         names = STATS + (MOMENTS if moments else ())
+        # the metadata as one JSON value: safetensors writes several keys in a random order,
+        # and the file's sha256 (recorded in config.json) must depend on the numbers only
+        meta = json.dumps({k: str(v) for k, v in self.meta.items()}, sort_keys=True)
         save_file({n: getattr(self, n).float().contiguous() for n in names}, str(tmp),
-                  metadata={k: str(v) for k, v in self.meta.items()})
+                  metadata={"sawtrt": meta})
         tmp.replace(path)
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -119,6 +123,7 @@ class KVCalibration:
                 tensors = {n: f.get_tensor(n).float() for n in STATS + MOMENTS
                            if n in f.keys()}
                 meta = f.metadata() or {}
+                meta = json.loads(meta["sawtrt"]) if "sawtrt" in meta else meta
         except (SafetensorError, OSError) as e:
             raise KVCalibrationError(f"K calibration {str(path)!r} is not a readable "
                                      f"safetensors file: {e}") from None
