@@ -233,3 +233,35 @@ def test_step_timer_reads_lazily(eng_dir):
     assert timer.records[0].idle_before_ms is None
     assert all(r.idle_before_ms >= 0 for r in timer.records[1:])
     assert any(r.is_decode for r in timer.records)
+
+
+def test_recovers_from_a_failed_step(eng_dir):
+    """A step that raises (here: the launch, with the previous step's tokens unread) loses
+    those tokens, not the requests: the sequences recompute their last token and greedy
+    outputs match the synchronous engine's."""
+    reqs = _requests(40, seed=5, mixed=False)
+    reqs = [(r, p, SamplingParams(max_tokens=sp.max_tokens, ignore_eos=True)) for r, p, sp in reqs]
+    ref = _run(_engine(eng_dir, False), reqs)
+    e = _engine(eng_dir, True)
+    orig, calls = e.runner.launch, [0]
+
+    def launch(batch, prev=None):
+        calls[0] += 1
+        if calls[0] in (4, 9):
+            raise RuntimeError("injected")
+        return orig(batch, prev)
+    e.runner.launch = launch
+    for r in reqs:
+        e.add_request(*r)
+    outs, failures = {r: [] for r, _, _ in reqs}, 0
+    while e.has_unfinished():
+        try:
+            for o in e.step():
+                outs[o.request_id].append(o)
+        except RuntimeError as err:
+            assert "injected" in str(err)
+            failures += 1
+    assert failures == 2
+    assert {r: _summary(o) for r, o in outs.items()} == {r: _summary(o) for r, o in ref.items()}
+    assert e.kv_cache_usage()["used_pages"] == 0
+    e.block_manager.check([])

@@ -132,6 +132,8 @@ def run_level(engine, lv: Level, progress=None) -> dict:
             if not outs and not engine.has_unfinished():
                 raise RuntimeError("engine went idle with requests outstanding")
     wall = time.perf_counter() - t0
+    while engine.has_unfinished():     # async scheduling: a step may still be in flight
+        engine.step()
 
     ttft, itl, lat, per_user, n_out = [], [], [], [], 0
     for rid, times in tok_times.items():

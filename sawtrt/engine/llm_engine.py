@@ -258,31 +258,51 @@ class LLMEngine:
 
     def _step_async(self) -> list[StepOutput]:
         with self._lock:
-            outputs, self._pending = self._pending, []
-            prev = self._inflight
-            if prev is not None:
-                for seq in prev.sampled:
-                    if seq.status == Status.RUNNING and self._last_token_in_flight(seq):
-                        self.scheduler.retire(seq)
-            batch = self.scheduler.schedule()
-            step = None
-            if batch.seqs:
-                step = self.runner.launch(batch, prev)
-                for seq, n in zip(batch.seqs, batch.num_tokens):
-                    seq.num_computed += n
-                for seq in step.sampled:
-                    seq.num_pending += 1
-            elif prev is None and self.scheduler.has_unfinished() and not outputs:
-                raise RuntimeError("scheduler made no progress (pool too small?)")
-            self._inflight = step
-            if prev is not None:
-                for seq, tok in zip(prev.sampled, prev.results()):
-                    seq.num_pending -= 1
-                    if seq.is_finished:     # aborted, or its EOS / stop string came a step late
-                        continue
-                    seq.token_ids.append(tok)
-                    outputs.append(self._process_token(seq, tok))
-            return outputs
+            try:
+                return self._step_async_locked()
+            except BaseException:
+                self._drop_inflight()
+                raise
+
+    def _drop_inflight(self) -> None:
+        """After a failed step: forget the tokens of launched steps, so that every live sequence
+        can be scheduled again (its last token is recomputed and sampled anew; a retiring one
+        goes back to the waiting queue)."""
+        self._inflight = None
+        for seq in self._seqs.values():
+            if seq.num_pending:
+                seq.num_pending = 0
+                seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+            if seq.status == Status.RETIRING:
+                seq.num_computed = 0
+                self.scheduler.add(seq)
+
+    def _step_async_locked(self) -> list[StepOutput]:
+        outputs, self._pending = self._pending, []
+        prev = self._inflight
+        if prev is not None:
+            for seq in prev.sampled:
+                if seq.status == Status.RUNNING and self._last_token_in_flight(seq):
+                    self.scheduler.retire(seq)
+        batch = self.scheduler.schedule()
+        step = None
+        if batch.seqs:
+            step = self.runner.launch(batch, prev)
+            for seq, n in zip(batch.seqs, batch.num_tokens):
+                seq.num_computed += n
+            for seq in step.sampled:
+                seq.num_pending += 1
+        elif prev is None and self.scheduler.has_unfinished() and not outputs:
+            raise RuntimeError("scheduler made no progress (pool too small?)")
+        self._inflight = step
+        if prev is not None:
+            for seq, tok in zip(prev.sampled, prev.results()):
+                seq.num_pending -= 1
+                if seq.is_finished:     # aborted, or its EOS / stop string came a step late
+                    continue
+                seq.token_ids.append(tok)
+                outputs.append(self._process_token(seq, tok))
+        return outputs
 
     def _last_token_in_flight(self, seq: Sequence) -> bool:
         """The token seq waits for ends it by length whatever it is (what _process_token checks
