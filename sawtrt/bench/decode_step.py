@@ -5,9 +5,10 @@
 
 Prints, per batch size, the median wall time of one `LLMEngine.step()` (schedule + metadata +
 forward + sampling + detokenization; on GPU the forward is a CUDA-graph replay when the kernels
-are present) and of the forward alone (CUDA events), tokens/s, and the KV bytes the step reads
-(B * context * bytes/token over all layers) with the bandwidth that implies, and the step's byte
-floor (weights + that KV at the copy bandwidth measured at start) with the forward's multiple of
+are present; with async scheduling, the default on GPU, the step period) and of the forward
+alone (CUDA events), the device's idle time before each step (host time not hidden), tokens/s,
+and the KV bytes the step reads (B * context * bytes/token over all layers) with the bandwidth
+that implies, and the step's byte floor (weights + that KV at the copy bandwidth measured at start) with the forward's multiple of
 it. `--compile on,off` and `--kv-policy 'a;b'` compare settings in one process.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ def bench(engine: LLMEngine, batch: int, context: int, steps: int, warmup: int =
     if not all(r.is_decode and r.batch_size == batch for r in timer.records):
         raise RuntimeError("a timed step was not a decode step of the whole batch")
     fwd_ms = [r.forward_ms for r in timer.records]
+    idle_ms = [r.idle_before_ms for r in timer.records[warmup:] if r.idle_before_ms is not None]
     for r in rids:
         engine.abort_request(r)
     engine.step()
@@ -50,6 +52,8 @@ def bench(engine: LLMEngine, batch: int, context: int, steps: int, warmup: int =
         cfg.layout.bytes_per_token(cfg.model.num_layers)
     return {"batch": batch, "context": context, "step_ms": round(step, 3),
             "forward_ms": round(fwd, 3), "tokens_per_s": round(batch / step * 1e3, 1),
+            "async_scheduling": engine.async_scheduling,
+            "gpu_idle_ms": round(statistics.median(idle_ms), 3) if idle_ms else None,
             "kv_bytes_per_step": kv_bytes,
             "kv_GBps_in_forward": round(kv_bytes / (fwd * 1e-3) / 1e9, 1)}
 
@@ -80,12 +84,13 @@ def main(argv=None):
             print(json.dumps(runs[-1], indent=1), flush=True)
     print(f"copy bandwidth {copy_tbps:.2f} TB/s")
     print(f"{'policy':<34} {'compile':<8} {'batch':>5} {'step ms':>8} {'fwd ms':>8} "
-          f"{'floor ms':>8} {'fwd/floor':>9} {'tok/s':>8}")
+          f"{'floor ms':>8} {'fwd/floor':>9} {'tok/s':>8} {'idle ms':>7}")
     for r in runs:
         for row in r["rows"]:
             print(f"{r['kv_policy']:<34} {r['compile']:<8} {row['batch']:>5} {row['step_ms']:>8.3f} "
                   f"{row['forward_ms']:>8.3f} {row['roofline_step_ms']:>8.3f} "
-                  f"{row['forward_vs_roofline']:>9.2f} {row['tokens_per_s']:>8.1f}")
+                  f"{row['forward_vs_roofline']:>9.2f} {row['tokens_per_s']:>8.1f} "
+                  f"{row['gpu_idle_ms'] if row['gpu_idle_ms'] is not None else '-':>7}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"copy_tbps": copy_tbps, "runs": runs}, f, indent=1)
