@@ -265,3 +265,23 @@ def test_recovers_from_a_failed_step(eng_dir):
     assert {r: _summary(o) for r, o in outs.items()} == {r: _summary(o) for r, o in ref.items()}
     assert e.kv_cache_usage()["used_pages"] == 0
     e.block_manager.check([])
+
+
+def test_llm_api_generate_and_stream(eng_dir):
+    """LLM.generate / LLM.stream over the async engine: the synchronous engine's texts, tokens
+    and reasons, call after call (a step still in flight after one call is absorbed by the
+    next)."""
+    from sawtrt.engine.llm import LLM
+    reqs = _requests(12, seed=6)
+    prompts, params = [p for _, p, _ in reqs], [sp for _, _, sp in reqs]
+    eos = _common_tokens(eng_dir, reqs)
+    llms = {m: LLM(eng_dir, device="cpu", async_scheduling=m) for m in (False, True)}
+    for llm in llms.values():
+        llm.engine.eos_token_ids = set(eos)
+    for _ in range(2):
+        a, b = (llms[m].generate(prompts, params) for m in (False, True))
+        assert [(o.text, o.token_ids, o.finish_reason) for o in a] == \
+            [(o.text, o.token_ids, o.finish_reason) for o in b]
+    s = [list(llms[m].stream(prompts[0], SamplingParams(max_tokens=9, ignore_eos=True)))
+         for m in (False, True)]
+    assert s[0] == s[1]

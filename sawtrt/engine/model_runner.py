@@ -148,8 +148,10 @@ class ModelRunner:
                 slots.append(table[start // ps] * ps + start % ps)
             else:
                 chunk = seq.token_ids[start:start + n]
-                for j in range(len(chunk), n):
-                    self._hole(holes, len(ids) + j, seq)
+                if len(chunk) < n:                  # only the launched step's token is missing
+                    if len(chunk) != n - 1:
+                        raise RuntimeError(f"{seq!r}: {n - len(chunk)} tokens not sampled yet")
+                    self._hole(holes, len(ids) + n - 1, seq)
                 ids.extend(chunk + [0] * (n - len(chunk)))
                 span = range(start, start + n)
                 pos.extend(span)

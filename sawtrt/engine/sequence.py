@@ -79,4 +79,5 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, len={len(self)}, "
-                f"computed={self.num_computed}, pending={self.num_pending}, pages={len(self.block_table)})")
+                f"computed={self.num_computed}, pending={self.num_pending}, "
+                f"pages={len(self.block_table)})")
