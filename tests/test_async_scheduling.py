@@ -285,3 +285,15 @@ def test_llm_api_generate_and_stream(eng_dir):
     s = [list(llms[m].stream(prompts[0], SamplingParams(max_tokens=9, ignore_eos=True)))
          for m in (False, True)]
     assert s[0] == s[1]
+
+
+def test_decode_step_bench_both_modes(eng_dir):
+    """bench.decode_step over both engines: every timed step a decode step of the whole batch,
+    the engine idle afterwards, times positive."""
+    from sawtrt.bench.decode_step import bench
+    for mode in (False, True):
+        e = _engine(eng_dir, mode)
+        row = bench(e, 4, 20, 5, warmup=2)
+        assert row["async_scheduling"] is mode and row["gpu_idle_ms"] >= 0
+        assert row["step_ms"] > 0 and row["device_ms"] > 0 and row["step_vs_device"] > 0
+        assert not e.has_unfinished() and e.kv_cache_usage()["used_pages"] == 0
