@@ -8,9 +8,9 @@ forward + sampling + detokenization; on GPU the forward is a CUDA-graph replay w
 are present; with async scheduling, the default on GPU, the step period) and of the forward
 alone (CUDA events), the device's idle time before each step (host time not hidden), tokens/s,
 and the KV bytes the step reads (B * context * bytes/token over all layers) with the bandwidth
-that implies, and the step's byte floor (weights + that KV at the copy bandwidth measured at start) with the forward's multiple of
-it. `--compile on,off`, `--scheduling async,sync` and `--kv-policy 'a;b'` compare settings in
-one process.
+that implies, and the step's byte floor (weights + that KV at the copy bandwidth measured at
+start) with the forward's multiple of it. `--compile on,off`, `--scheduling async,sync` and
+`--kv-policy 'a;b'` compare settings in one process.
 """
 from __future__ import annotations
 

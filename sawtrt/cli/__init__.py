@@ -52,8 +52,8 @@ def kv_memory_gib_option(default: str):
 
 def engine_options(f):
     """--kv-cache / --kv-memory-gib / --max-num-batched-tokens / --max-num-seqs / --prefill-kv /
-    --scheduling for commands that start an engine inside tritonserver; the command gets them as one `engine_options`
-    (sawtrt.engine.options.EngineOptions) argument."""
+    --scheduling for commands that start an engine inside tritonserver; the command gets them
+    as one `engine_options` (sawtrt.engine.options.EngineOptions) argument."""
     def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, prefill_kv,
              scheduling):
         from ..engine.options import EngineOptions
