@@ -79,3 +79,31 @@ def test_bench_throughput_and_plot(tmp_path):
     assert levels == {"bf16": [1, 2], "int4-bdr": [1, 2, 3]}
     assert "roof tok/s" in r.output and "%roof" in r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_throughput_compares_scheduling_modes(tmp_path):
+    """`--scheduling async,sync`: one engine per mode in one process, labelled; both complete
+    every request; the device idle time before decode steps is reported (CPU: host marks)."""
+    import json
+
+    from runtime_helpers import build_tiny, tiny_spec
+    eng = build_tiny(tmp_path, tiny_spec("qwen3"), kv_cache="int4-bdr", max_seq_len=64,
+                     max_batch=4)
+    out = tmp_path / "tp.json"
+    r = CliRunner().invoke(main, ["bench", "throughput", "--engine", str(eng), "--policies",
+                                  "int4-bdr", "--concurrency", "2", "--num-requests", "4",
+                                  "--prompt-len", "12", "--output-len", "6", "--kv-memory-gib",
+                                  "0.01", "--scheduling", "async,sync", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert [(run["label"], run["async_scheduling"]) for run in rec["runs"]] == \
+        [("int4-bdr async", True), ("int4-bdr sync", False)]
+    for run in rec["runs"]:
+        (lv,) = run["levels"]
+        assert lv["output_tokens"] == 4 * 6
+        s = lv["steps"]
+        assert s["decode"] > 0 and s["gpu_idle_ms_p50"] >= 0 and 0 <= s["gpu_idle_fraction"] < 1
+    assert "int4-bdr async" in r.output and "idle ms" in r.output
+    r = CliRunner().invoke(main, ["bench", "throughput", "--engine", str(eng), "--scheduling",
+                                  "fast"])
+    assert r.exit_code != 0 and "--scheduling" in r.output

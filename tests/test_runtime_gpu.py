@@ -257,3 +257,107 @@ def test_compiled_engine_matches_eager(tmp_path, monkeypatch):
             assert err < 0.02, (i, j, err)
             compared += 1
     assert compared >= len(prompts) * 4, compared
+
+
+def _drive(engine, reqs, arrivals=16, aborts=None):
+    """{rid: (tokens, text, finish reason)}; aborts: {step() call: [rid]}."""
+    outs = {r: [] for r, _, _ in reqs}
+    pending, step = list(reqs), 0
+    while pending or engine.has_unfinished():
+        for _ in range(arrivals):
+            if pending:
+                engine.add_request(*pending.pop(0))
+        for rid in (aborts or {}).get(step, []):
+            engine.abort_request(rid)
+        for o in engine.step():
+            outs[o.request_id].append(o)
+        step += 1
+    assert all(o and o[-1].finished for o in outs.values())
+    assert engine.kv_cache_usage()["used_pages"] == 0
+    engine.block_manager.check([])
+    return {r: ([t for o in os_ for t in o.new_token_ids], "".join(o.new_text for o in os_),
+                os_[-1].finish_reason) for r, os_ in outs.items()}
+
+
+def test_async_scheduling_matches_sync_gpu(tmp_path):
+    """Async scheduling on the GPU (CUDA-graph decode fed by the previous replay's sampled
+    tokens on the device, pinned copies, lazy token reads) against the synchronous engine:
+    with length finishes only, both run the same batches, so greedy and seeded outputs must be
+    bit-identical, with a large pool and under constant preemption. With EOS, stop strings and
+    aborts the batches differ (finishes seen a step late), which moves bf16 GEMM rounding: a
+    greedy request may then differ only where the synchronous run's top-2 logit gap was tiny."""
+    import random
+    spec = tiny_spec("qwen3", num_layers=2, head_dim=64, num_heads=4, num_kv_heads=2,
+                     hidden_size=128)
+    d = build_tiny(tmp_path, spec, kv_cache="int4-bdr", page_size=16, max_batch=64,
+                   max_seq_len=64)
+    rng = random.Random(0)
+    reqs = []
+    for i in range(400):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 40))]
+        kw = dict(max_tokens=rng.randint(1, 20), ignore_eos=True)
+        if i % 2:
+            kw.update(temperature=0.8, top_k=50, top_p=0.9, seed=rng.randrange(1 << 30))
+        reqs.append((f"a{i}", prompt, SamplingParams(**kw)))
+    for pages in (None, 16):
+        sync = LLMEngine.from_engine_dir(d, device="cuda", num_pages=pages,
+                                         async_scheduling=False)
+        asyn = LLMEngine.from_engine_dir(d, device="cuda", num_pages=pages)
+        assert asyn.async_scheduling and asyn.runner.graphs, asyn.runner.graph_note
+        a, b = _drive(sync, reqs), _drive(asyn, reqs)
+        diff = [r for r in a if a[r] != b[r]]
+        print(f"async vs sync, pool {pages}: {len(diff)} of {len(reqs)} differ, preemptions "
+              f"{sync.scheduler.num_preemptions} / {asyn.scheduler.num_preemptions}")
+        assert not diff, (diff[:3], [(a[r], b[r]) for r in diff[:2]])
+        if pages:
+            assert sync.scheduler.num_preemptions == asyn.scheduler.num_preemptions > 20
+        del sync, asyn
+
+    # EOS (the most frequent greedy token), stop strings, aborts in flight: greedy only
+    from collections import Counter
+    probe = _drive(LLMEngine.from_engine_dir(d, device="cuda", async_scheduling=False),
+                   [(r, p, SamplingParams(max_tokens=8, ignore_eos=True))
+                    for r, p, _ in reqs[:60]])
+    eos = Counter(t for toks, _, _ in probe.values() for t in toks).most_common(1)[0][0]
+    mixed = []
+    for i, (r, p, sp) in enumerate(reqs):
+        mixed.append((f"m{i}", p, SamplingParams(
+            max_tokens=sp.max_tokens, ignore_eos=i % 3 == 0,
+            stop=tuple(rng.sample("etaoinshrdlu0123456789", 8)) if i % 3 == 1 else ())))
+    aborts: dict = {}
+    for r, _, _ in rng.sample(mixed, 60):
+        aborts.setdefault(rng.randrange(1, 40), []).append(r)
+    sync = LLMEngine.from_engine_dir(d, device="cuda", async_scheduling=False)
+    sync.eos_token_ids = {eos}
+    margins: dict = {}                  # (rid, output index) -> the sync run's top-2 logit gap
+    orig = sync.runner.forward
+
+    def forward(batch):
+        logits = orig(batch)
+        rows = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
+        top2 = logits.float().topk(2, dim=-1).values
+        for s, g in zip(rows, (top2[:, 0] - top2[:, 1]).tolist()):
+            margins[(s.request_id, s.num_output_tokens)] = g
+        return logits
+    sync.runner.forward = forward
+    ref = _drive(sync, mixed)                           # no aborts: the full outputs
+    asyn = LLMEngine.from_engine_dir(d, device="cuda")
+    asyn.eos_token_ids = {eos}
+    got = _drive(asyn, mixed, aborts=aborts)
+    why = Counter(w for _, _, w in got.values())
+    assert why["abort"] >= 20 and why["stop"] >= 20 and why["length"] >= 50, why
+    bad = []
+    for r in ref:
+        (t, x, w), (rt, rx, rw) = got[r], ref[r]
+        n = len(t) if w == "abort" else max(len(t), len(rt))
+        first = next((j for j in range(n) if j >= len(rt) or j >= len(t) or t[j] != rt[j]), None)
+        if first is None:
+            if w == "abort" or (x, w) == (rx, rw):
+                continue
+            bad.append((r, None, float("inf")))          # same tokens, other text or reason
+        else:
+            bad.append((r, first, margins.get((r, first), float("inf"))))
+    print(f"async with EOS/stop/aborts: {dict(why)}; {len(bad)} of {len(mixed)} differ from "
+          f"sync, top-2 gaps at first divergence {sorted(g for _, _, g in bad)[-5:]}")
+    assert all(g < 0.15 for _, _, g in bad), bad[:5]   # half the median gap (test above)
+    assert len(bad) <= len(mixed) // 20, bad[:5]

@@ -107,16 +107,18 @@ def test_stub_python_env_gives_the_stub_this_sys_path(tmp_path, monkeypatch):
 def test_engine_options_round_trip_through_config():
     from sawtrt.engine.options import EngineOptions
     from sawtrt.serving.triton_repo import render_config
-    o = EngineOptions(kv_policy="int4-bdr:h=32", kv_memory_gib=1.5, max_num_seqs=16)
+    o = EngineOptions(kv_policy="int4-bdr:h=32", kv_memory_gib=1.5, max_num_seqs=16,
+                      async_scheduling=False)
     params = o.to_params()
     assert EngineOptions.from_params(params) == o
     assert EngineOptions.from_params({}) == EngineOptions()
     assert o.engine_kwargs() == {"kv_policy": "int4-bdr:h=32", "kv_memory_bytes": 3 << 29,
-                                 "max_num_seqs": 16}
+                                 "max_num_seqs": 16, "async_scheduling": False}
     cfg = render_config("/e", options=o)
     assert 'key: "kv_policy" value: { string_value: "int4-bdr:h=32" }' in cfg
     assert 'key: "kv_memory_gib" value: { string_value: "1.5" }' in cfg
     assert 'key: "max_num_batched_tokens" value: { string_value: "" }' in cfg
+    assert 'key: "async_scheduling" value: { string_value: "False" }' in cfg
     assert "kv_policy" not in render_config("/e")          # the template stays as it was
     with pytest.raises(ValueError, match="kv_memory_gib"):
         EngineOptions.from_params({"kv_memory_gib": "lots"})
@@ -128,7 +130,8 @@ def test_serve_commands_share_the_engine_options(tmp_path, monkeypatch):
     from sawtrt.cli import main
     for cmd in (["serve"], ["bench", "serve"]):
         out = CliRunner().invoke(main, [*cmd, "--help"]).output
-        for opt in ("--kv-cache", "--kv-memory-gib", "--max-num-batched-tokens", "--max-num-seqs"):
+        for opt in ("--kv-cache", "--kv-memory-gib", "--max-num-batched-tokens", "--max-num-seqs",
+                    "--scheduling"):
             assert opt in out, (cmd, opt)
     r = CliRunner().invoke(main, ["bench", "serve", "--engine", str(tmp_path), "--kv-cache",
                                   "int5"])
@@ -141,9 +144,10 @@ def test_serve_commands_share_the_engine_options(tmp_path, monkeypatch):
         raise srv.TritonNotFound("stop here")
     monkeypatch.setattr(srv.TritonServer, "start", no_server)
     r = CliRunner().invoke(main, ["bench", "serve", "--engine", str(tmp_path), "--kv-cache",
-                                  "int4", "--kv-memory-gib", "2"])
+                                  "int4", "--kv-memory-gib", "2", "--scheduling", "sync"])
     assert r.exit_code == 1 and "stop here" in r.output, r.output
     assert 'string_value: "int4"' in seen["cfg"] and 'string_value: "2.0"' in seen["cfg"]
+    assert 'key: "async_scheduling" value: { string_value: "False" }' in seen["cfg"]
 
 
 def test_prompts_sized_in_tokens():

@@ -11,6 +11,8 @@ generated so far, all decoding), the two per-step host stages that grow with B:
   step         a whole LLMEngine.step() (schedule, prepare, forward, sample, detokenize,
                outputs) around a forward that costs nothing (a stub returning logits over the
                first 256 ids), after `--output` decode steps: all host time of a decode step
+  async step   the same with async scheduling (the token holes, the launched step's
+               bookkeeping): the host time that, on a GPU, runs while the previous step computes
 Medians of `--reps` repetitions; this is the CPU work that the GPU waits for in serving.
 """
 from __future__ import annotations
@@ -92,7 +94,8 @@ class _FreeForward:
         return torch.rand(len(meta.logits_indices), 256, generator=self.gen)
 
 
-def engine_step_ms(engine_dir, batch: int, context: int, output: int, reps: int = 20) -> float:
+def engine_step_ms(engine_dir, batch: int, context: int, output: int, reps: int = 20,
+                   async_scheduling: bool = False) -> float:
     """Median host time of LLMEngine.step() with `batch` sequences decoding after `output`
     steps, the model replaced by _FreeForward (one layer of one tiny KV head: a small pool)."""
     import dataclasses
@@ -109,7 +112,7 @@ def engine_step_ms(engine_dir, batch: int, context: int, output: int, reps: int 
     pages = batch * -(-cfg.max_seq_len // page)
     engine = LLMEngine(cfg, _FreeForward(cfg.layout, torch.device("cpu")), tok, "cpu",
                        num_pages=pages, max_num_batched_tokens=max(8192, batch),
-                       max_num_seqs=batch, cuda_graphs=False)
+                       max_num_seqs=batch, cuda_graphs=False, async_scheduling=async_scheduling)
     # the first sequences decode while later ones prefill: room for all to stay running
     params = SamplingParams(max_tokens=output + 3 * batch + reps + 2, ignore_eos=True)
     for i in range(batch):
@@ -132,12 +135,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cfg = EngineConfig.load(a.engine)
     tok = tokenizers.load(a.engine)
-    print(f"{'B':>4} {'prepare ms':>11} {'detokenize ms':>14} {'step ms':>8}   "
+    print(f"{'B':>4} {'prepare ms':>11} {'detokenize ms':>14} {'step ms':>8} "
+          f"{'async step ms':>13}   "
           f"({type(tok).__name__}, context {a.context}, {a.output} output tokens)")
     for r in measure(tok, cfg.layout.page_size, cfg.max_seq_len,
                      [int(x) for x in a.batch.split(",")], a.context, a.output, a.reps):
         step = engine_step_ms(a.engine, r["batch"], a.context, a.output, a.reps)
-        print(f"{r['batch']:>4} {r['prepare_ms']:>11.3f} {r['detokenize_ms']:>14.3f} {step:>8.3f}")
+        step_async = engine_step_ms(a.engine, r["batch"], a.context, a.output, a.reps, True)
+        print(f"{r['batch']:>4} {r['prepare_ms']:>11.3f} {r['detokenize_ms']:>14.3f} {step:>8.3f} "
+              f"{step_async:>13.3f}")
 
 
 if __name__ == "__main__":

@@ -1,72 +1,37 @@
-"""Times the forward of every engine step without changing what the engine does.
+"""Times every model step of an engine without changing what the engine does or when it waits.
 
-`ForwardTimer(engine)` wraps `engine.runner.forward` (CUDA events on GPU, perf_counter on CPU)
-and `engine.runner.prepare` (perf_counter), and records one `ForwardRecord` per forward call:
-whether the batch was a pure decode batch (the CUDA-graph path), its size, its token count, the
-forward's time from its first to its last GPU event, and the host time of the metadata build
-(`prepare`) inside it, during which the GPU has nothing to do. `device_ms` = forward - prepare
-is the GPU's share; the rest of a step's wall time is host work. The extra synchronisation
-costs nothing measurable: the sampler reads the logits back right after.
+`ForwardTimer(engine)` turns on the runner's step marks (`ModelRunner.step_marks`) and collects
+one `ForwardRecord` per step: whether the batch was a pure decode batch (the CUDA-graph path),
+its size, its token count, the host time of its metadata build (`prepare_ms`), and two marks:
+when the step's device work was enqueued and when its sampling was. On GPU the marks are CUDA
+events, read lazily (only when a record's time is asked for, normally after the timed run), so
+the timer adds no synchronisation and the async engine keeps running ahead of the GPU.
+
+  device_ms       first device work of the step to its sampled tokens: the GPU's share
+  forward_ms      prepare_ms + device_ms (the synchronous engine's forward)
+  idle_before_ms  the device's idle time between the previous step's end and this step's start:
+                  the host time that is not hidden behind the GPU (all of it for the
+                  synchronous engine; what async scheduling fails to overlap otherwise)
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from ..engine.model_runner import StepMarks
 
-import torch
-
-
-@dataclass
-class ForwardRecord:
-    is_decode: bool
-    batch_size: int
-    num_tokens: int
-    forward_ms: float
-    prepare_ms: float = 0.0
-
-    @property
-    def device_ms(self) -> float:
-        return self.forward_ms - self.prepare_ms
+ForwardRecord = StepMarks
 
 
 class ForwardTimer:
     def __init__(self, engine):
         self.runner = engine.runner
-        self.cuda = engine.device.type == "cuda"
         self.records: list[ForwardRecord] = []
-        self._orig = None
-        self._orig_prepare = None
-        self._prepare_ms = 0.0
-
-    def _timed_prepare(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = self._orig_prepare(*args, **kwargs)
-        self._prepare_ms += (time.perf_counter() - t0) * 1e3
-        return out
-
-    def _timed(self, batch):
-        rec = ForwardRecord(batch.is_decode, len(batch), batch.total_tokens, 0.0)
-        self._prepare_ms = 0.0
-        if self.cuda:
-            e0 = torch.cuda.Event(enable_timing=True)
-            e1 = torch.cuda.Event(enable_timing=True)
-            e0.record()
-            out = self._orig(batch)
-            e1.record()
-            e1.synchronize()
-            rec.forward_ms = e0.elapsed_time(e1)
-        else:
-            t0 = time.perf_counter()
-            out = self._orig(batch)
-            rec.forward_ms = (time.perf_counter() - t0) * 1e3
-        rec.prepare_ms = self._prepare_ms
-        self.records.append(rec)
-        return out
+        self._saved = None
 
     def __enter__(self) -> "ForwardTimer":
-        self._orig, self._orig_prepare = self.runner.forward, self.runner.prepare
-        self.runner.forward, self.runner.prepare = self._timed, self._timed_prepare
+        self._saved = self.runner.step_marks
+        self.records = []
+        self.runner.step_marks = self.records
+        self.runner._last_end = None
         return self
 
     def __exit__(self, *exc) -> None:
-        self.runner.forward, self.runner.prepare = self._orig, self._orig_prepare
+        self.runner.step_marks = self._saved

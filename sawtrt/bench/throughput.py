@@ -16,7 +16,10 @@ Per level:
                           median wall, forward and device time (forward minus its metadata
                           build); host_overhead_ms = median (wall - device) of decode steps =
                           the Python time the GPU waits for (scheduling, metadata, sampling,
-                          detokenization)
+                          detokenization); gpu_idle_ms = the device's idle time before each
+                          decode step (CUDA events, read after the level): the host time not
+                          hidden behind the GPU, which async scheduling (on by default on CUDA)
+                          shrinks, p50 and mean, and as a fraction of the decode step
 With num_requests == concurrency (the CLI default) a level is one wave: every user's request
 starts at t = 0, so TTFT includes queueing behind the other prompts and tok/s includes the
 ramp-up and the drain; several requests per user approach the steady state.
@@ -129,6 +132,8 @@ def run_level(engine, lv: Level, progress=None) -> dict:
             if not outs and not engine.has_unfinished():
                 raise RuntimeError("engine went idle with requests outstanding")
     wall = time.perf_counter() - t0
+    while engine.has_unfinished():     # async scheduling: a step may still be in flight
+        engine.step()
 
     ttft, itl, lat, per_user, n_out = [], [], [], [], 0
     for rid, times in tok_times.items():
@@ -142,9 +147,13 @@ def run_level(engine, lv: Level, progress=None) -> dict:
             per_user.append((len(times) - 1) / (times[-1] - times[0]))
     dec = [(w, r) for w, r in steps if r.is_decode]
     mixed = [(w, r) for w, r in steps if not r.is_decode]
+    idle = [r.idle_before_ms for _, r in dec if r.idle_before_ms is not None]
 
     def med(xs):
         return statistics.median(xs) if xs else None
+
+    def mean(xs):
+        return statistics.fmean(xs) if xs else None
 
     return {
         **asdict(lv), "wall_s": wall, "output_tokens": n_out,
@@ -163,6 +172,9 @@ def run_level(engine, lv: Level, progress=None) -> dict:
                   "decode_batch_mean": statistics.fmean([r.batch_size for _, r in dec])
                   if dec else None,
                   "host_overhead_ms_p50": med([w - r.device_ms for w, r in dec]),
+                  "gpu_idle_ms_p50": med(idle), "gpu_idle_ms_mean": mean(idle),
+                  "gpu_idle_fraction": sum(idle) / (sum(idle) + sum(r.device_ms for _, r in dec))
+                  if idle else None,
                   "decode_time_s": sum(w for w, _ in dec) / 1e3,
                   "mixed_time_s": sum(w for w, _ in mixed) / 1e3,
                   "mixed_tokens": sum(r.num_tokens for _, r in mixed)},
@@ -184,12 +196,15 @@ def default_kv_gib(engine_dir, device=None, fraction: float = 0.8) -> float:
     return round(fraction * (free - weights) / GiB, 1)
 
 
+SCHEDULING = {"auto": None, "async": True, "sync": False}
+
+
 def make_engine(engine_dir, policy: str, max_num_seqs: int, kv_memory_gib: float,
-                max_num_batched_tokens: int, device=None):
+                max_num_batched_tokens: int, device=None, scheduling: str = "auto"):
     from ..engine.options import EngineOptions
     return EngineOptions(kv_policy=policy, kv_memory_gib=kv_memory_gib,
-                         max_num_batched_tokens=max_num_batched_tokens,
-                         max_num_seqs=max_num_seqs).load(engine_dir, device)
+                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                         async_scheduling=SCHEDULING[scheduling]).load(engine_dir, device)
 
 
 def level_roofline(engine, row: dict, hw: roofline.Hardware,
@@ -206,12 +221,17 @@ def level_roofline(engine, row: dict, hw: roofline.Hardware,
 
 def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: float,
         max_num_batched_tokens: int = 8192, device=None, log=print, progress=None,
-        checkpoint=None, tflops: float | None = None) -> dict:
+        checkpoint=None, tflops: float | None = None,
+        scheduling: tuple[str, ...] = ("auto",)) -> dict:
     """Every level for every policy, one engine per policy (same KV memory budget for all),
     each level with its roofline (bench.roofline: copy bandwidth measured here, before the
     first engine; `tflops` the tensor-core rate, default roofline.hardware's).
     checkpoint(record) is called with the record so far after every level (partial results
-    survive a run that is cut off)."""
+    survive a run that is cut off). scheduling: "auto", "async", "sync" (several: one engine
+    per policy and mode, labelled "policy mode")."""
+    for m in scheduling:
+        if m not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {sorted(SCHEDULING)}, got {m!r}")
     runs = []
     info = {}
     dev = torch.device(device) if device else torch.device(
@@ -224,11 +244,13 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
         return {"engine": str(engine_dir), **info, "kv_memory_gib": kv_memory_gib,
                 "max_num_batched_tokens": max_num_batched_tokens,
                 "hardware": roofline.to_dict(hw), "runs": runs}
-    for pol in policies:
+    for pol, mode in [(p, m) for p in policies for m in scheduling]:
+        label = pol if len(scheduling) == 1 else f"{pol} {mode}"
         t0 = time.perf_counter()
         engine = make_engine(engine_dir, pol, max(lv.concurrency for lv in levels),
                              kv_memory_gib, max(max_num_batched_tokens,
-                                                max(lv.concurrency for lv in levels)), device)
+                                                max(lv.concurrency for lv in levels)), device,
+                             mode)
         load_s = time.perf_counter() - t0
         from ..engine.llm_engine import freeze_gc
         freeze_gc()                     # as the server does after loading its engine
@@ -237,21 +259,23 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                 "gpu": torch.cuda.get_device_name(engine.device)
                 if engine.device.type == "cuda" else None,
                 "dtype": str(engine.model.dtype)}
-        log(f"{pol}: engine ready in {load_s:.0f} s ({engine.runner.graph_note}; "
+        log(f"{label}: engine ready in {load_s:.0f} s ({engine.runner.graph_note}; "
+            f"{'async' if engine.async_scheduling else 'synchronous'} scheduling; "
             f"{engine.block_manager.num_pages} pages of {cfg.layout.page_size} tokens, "
             f"{cfg.layout.bytes_per_token(cfg.model.num_layers)} B/token)")
         warm = Level(1, 1, min(levels[0].prompt_len, 512), 4, seed=99)
         run_level(engine, warm)                      # lazy inits, cuBLAS heuristics
         rows = []
-        runs.append({"policy": str(cfg.layout.policy), "policy_arg": pol,
+        runs.append({"policy": str(cfg.layout.policy), "policy_arg": pol, "label": label,
+                     "async_scheduling": engine.async_scheduling,
                      "kv_bytes_per_token": cfg.layout.bytes_per_token(cfg.model.num_layers),
                      "fused_kernels": engine.model.fused, "graphs": engine.runner.graph_note,
                      "engine_load_s": load_s, "levels": rows})
         for lv in levels:
-            row = run_level(engine, lv, progress=progress(pol, lv) if progress else None)
+            row = run_level(engine, lv, progress=progress(label, lv) if progress else None)
             roofline.annotate(row, level_roofline(engine, row, hw, max_num_batched_tokens))
             rows.append(row)
-            log(format_row(pol, row))
+            log(format_row(label, row))
             if checkpoint is not None:
                 checkpoint(record())
         del engine
@@ -264,7 +288,7 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
 
 HEADER = (f"{'policy':<10} {'conc':>4} {'tok/s/GPU':>9} {'tok/s/user':>10} {'TTFT p50/p99 s':>15} "
           f"{'ITL p50/p99 ms':>15} {'pages peak/total':>17} {'preempt':>7} "
-          f"{'dec step ms':>11} {'host ms':>7} {'roof tok/s':>10} {'%roof':>5} "
+          f"{'dec step ms':>11} {'host ms':>7} {'idle ms':>7} {'roof tok/s':>10} {'%roof':>5} "
           f"{'roof step ms':>12}")
 
 
@@ -279,6 +303,7 @@ def format_row(policy: str, r: dict) -> str:
             f"{str(kv['peak_pages_used']) + '/' + str(kv['total_pages']):>17} "
             f"{kv['preemptions']:>7} {f(s['decode_wall_ms_p50'], '{:.2f}'):>11} "
             f"{f(s['host_overhead_ms_p50'], '{:.2f}'):>7} "
+            f"{f(s.get('gpu_idle_ms_mean'), '{:.2f}'):>7} "
             f"{f(roof.get('tok_s'), '{:.0f}'):>10} {f(r.get('roofline_fraction'), '{:.0%}'):>5} "
             f"{f(roof.get('decode_step_ms'), '{:.2f}'):>12}")
 
@@ -286,8 +311,12 @@ def format_row(policy: str, r: dict) -> str:
 def format_table(record: dict) -> str:
     rows = [HEADER]
     for run_ in record["runs"]:
-        rows += [format_row(run_["policy_arg"], r) for r in run_["levels"]]
+        rows += [format_row(_label(run_), r) for r in run_["levels"]]
     return "\n".join(rows)
+
+
+def _label(run_: dict) -> str:
+    return run_.get("label", run_["policy_arg"])
 
 
 def merge(records: list[dict]) -> dict:
@@ -305,11 +334,11 @@ def merge(records: list[dict]) -> dict:
     runs: dict[str, dict] = {}          # runs of one policy (levels split over calls) join
     for r in records:
         for run_ in r["runs"]:
-            have = runs.setdefault(run_["policy_arg"], {**run_, "levels": []})
+            have = runs.setdefault(_label(run_), {**run_, "levels": []})
             key = lambda lv: (lv["prompt_len"], lv["output_len"], lv["concurrency"])  # noqa: E731
             dup = {key(lv) for lv in have["levels"]} & {key(lv) for lv in run_["levels"]}
             if dup:
-                raise ValueError(f"{run_['policy_arg']}: level(s) {sorted(dup)} (prompt, output, "
+                raise ValueError(f"{_label(run_)}: level(s) {sorted(dup)} (prompt, output, "
                                  "concurrency) appear in more than one record")
             have["levels"] = sorted(have["levels"] + run_["levels"], key=key)
     out["runs"] = list(runs.values())
@@ -333,7 +362,7 @@ def plot(record: dict, path) -> None:
             lvs.sort(key=lambda x: x["concurrency"])
             c = [x["concurrency"] for x in lvs]
             style = "-o" if p >= 1024 else "--s"
-            label = f"{run_['policy_arg']} ({p}/{o})"
+            label = f"{_label(run_)} ({p}/{o})"
             (line,) = axes[0].plot(c, [x["output_tok_s"] for x in lvs], style, label=label)
             roof = [(x.get("roofline") or {}).get("tok_s", float("nan")) for x in lvs]
             if any(r == r for r in roof):             # records from before the roofline lack it

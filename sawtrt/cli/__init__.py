@@ -51,10 +51,11 @@ def kv_memory_gib_option(default: str):
 
 
 def engine_options(f):
-    """--kv-cache / --kv-memory-gib / --max-num-batched-tokens / --max-num-seqs for commands that
-    start an engine inside tritonserver; the command gets them as one `engine_options`
-    (sawtrt.engine.options.EngineOptions) argument."""
-    def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, prefill_kv):
+    """--kv-cache / --kv-memory-gib / --max-num-batched-tokens / --max-num-seqs / --prefill-kv /
+    --scheduling for commands that start an engine inside tritonserver; the command gets them
+    as one `engine_options` (sawtrt.engine.options.EngineOptions) argument."""
+    def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, prefill_kv,
+             scheduling):
         from ..engine.options import EngineOptions
         if kv_cache:
             from ..spec import KVPolicy
@@ -64,14 +65,16 @@ def engine_options(f):
                 raise click.BadParameter(str(e), ctx=ctx, param_hint="--kv-cache") from None
         return EngineOptions(kv_policy=kv_cache or None, kv_memory_gib=kv_memory_gib,
                              max_num_batched_tokens=max_num_batched_tokens,
-                             max_num_seqs=max_num_seqs, prefill_kv=prefill_kv)
+                             max_num_seqs=max_num_seqs, prefill_kv=prefill_kv,
+                             async_scheduling={"auto": None, "async": True,
+                                               "sync": False}[scheduling or "auto"])
 
     @functools.wraps(f)
     def wrapper(*args, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs,
-                prefill_kv, **kw):
+                prefill_kv, scheduling, **kw):
         ctx = click.get_current_context()
         return f(*args, engine_options=make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens,
-                                            max_num_seqs, prefill_kv), **kw)
+                                            max_num_seqs, prefill_kv, scheduling), **kw)
     for opt in reversed((
             click.option("--kv-cache", default=None, metavar="POLICY",
                          help="Override the engine's KV policy (e.g. bf16, int4, int4-bdr:h=32); "
@@ -86,7 +89,11 @@ def engine_options(f):
                          default=None,
                          help="What prompt tokens attend to: their own K/V at dense speed "
                               "(fresh) or the quantized cache (cache) [default: auto, fresh "
-                              "where the compiled kernels serve every layer]."))):
+                              "where the compiled kernels serve every layer]."),
+            click.option("--scheduling", type=click.Choice(["auto", "async", "sync"]),
+                         default=None,
+                         help="async: schedule and prepare step N+1 while the GPU runs step N "
+                              "[default: auto, async on CUDA, sync on CPU]."))):
         wrapper = opt(wrapper)
     return wrapper
 

@@ -68,13 +68,16 @@ def kernels(json_path, shapes, batches, contexts, page_size, reps, max_tokens, l
               help="Matmul rate of the roofline in TFLOP/s [default: 790, the H200's measured "
                    "bf16 dense rate, on CUDA; a measured fp32 matmul on CPU]. The copy "
                    "bandwidth is measured at start.")
+@click.option("--scheduling", default="auto", show_default=True,
+              help="auto (async on CUDA, sync on CPU), async (schedule step N+1 while the GPU "
+                   "runs step N), sync, or a comma list (async,sync) to compare in one process.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write every level's numbers here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG of tok/s per GPU, tok/s per user and TTFT vs concurrency.")
 def throughput(engine_dir, policies, concurrency, num_requests, prompt_len, output_len,
-               kv_memory_gib, max_num_batched_tokens, device, tensor_tflops, json_path,
-               plot_path):
+               kv_memory_gib, max_num_batched_tokens, device, tensor_tflops, scheduling,
+               json_path, plot_path):
     """Engine-only serving throughput (Python API, no server): bf16 vs int4 vs int4-bdr, each
     level beside its roofline (weights + KV bytes at the copy bandwidth, prompt FLOPs at the
     matmul rate) and the fraction of it reached."""
@@ -83,6 +86,11 @@ def throughput(engine_dir, policies, concurrency, num_requests, prompt_len, outp
     levels = [tp.Level(c, num_requests or c, prompt_len, output_len)
               for c in positive_ints(concurrency, "concurrency levels")]
     pols = split_policy_list(policies)
+    modes = tuple(m.strip() for m in scheduling.split(",") if m.strip())
+    bad = [m for m in modes if m not in tp.SCHEDULING]
+    if bad or not modes:
+        raise click.BadParameter(f"{scheduling!r}: use auto, async, sync or a comma list",
+                                 param_hint="--scheduling")
     if kv_memory_gib is None:
         kv_memory_gib = tp.default_kv_gib(engine_dir, device)
     click.echo(f"bench throughput: {len(pols)} policies x {len(levels)} levels, prompt "
@@ -91,7 +99,7 @@ def throughput(engine_dir, policies, concurrency, num_requests, prompt_len, outp
     record = tp.run(engine_dir, pols, levels, kv_memory_gib, max_num_batched_tokens, device,
                     log=lambda m: click.echo(m, err=True), progress=_progress,
                     checkpoint=(lambda r: _write_json(r, json_path)) if json_path else None,
-                    tflops=tensor_tflops)
+                    tflops=tensor_tflops, scheduling=modes)
     click.echo(tp.format_table(record))
     _write_outputs(record, json_path, plot_path)
 

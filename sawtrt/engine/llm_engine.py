@@ -8,6 +8,17 @@
 
 Thread safety: add_request / abort_request / step take one lock, so a server thread may add or
 abort requests while another thread drives step().
+
+Async scheduling (`async_scheduling`, default on CUDA): step() schedules and launches step N+1
+while the GPU still runs step N, then waits for step N's tokens and turns them into outputs, so
+scheduling, metadata, detokenization and the caller's own work run behind the GPU. Each step()
+then returns the previous model step's outputs (the same outputs in the same order, one call
+later). A sequence decoding in step N is scheduled into N+1 with its step-N token as a hole
+that the runner fills on the device (seq.num_pending). Finishes the host can foresee (max_tokens,
+max_seq_len) retire the sequence before N+1 is scheduled, so batches are those of the
+synchronous engine; an EOS or stop string is seen one step late: that sequence's token from
+N+1 is dropped. Pages freed while a step that uses them is in flight (finish, abort,
+preemption) are safe to hand out again at once: every step runs on one stream, in order.
 """
 from __future__ import annotations
 
@@ -95,7 +106,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, model: CausalLM, tokenizer, device,
                  num_pages: int | None = None, max_num_batched_tokens: int | None = None,
                  kv_memory_bytes: int | None = None, cuda_graphs: bool | str = "auto",
-                 max_num_seqs: int | None = None):
+                 max_num_seqs: int | None = None, async_scheduling: bool | str = "auto"):
         self.config = cfg
         self.model = model
         self.tokenizer = tokenizer
@@ -120,6 +131,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, tokens, cfg.max_seq_len)
         self.runner = ModelRunner(model, self.kv_pool, self.max_num_seqs, cfg.max_seq_len,
                                   cuda_graphs)
+        if async_scheduling not in (True, False, "auto"):
+            raise ValueError("async_scheduling must be True, False or 'auto'")
+        # auto: on CUDA, where the host can run ahead of the device; on CPU every op already
+        # waits for its result, so overlap gains nothing (forcing it on there tests it)
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling == "auto" \
+            else bool(async_scheduling)
+        self._inflight = None           # the launched step whose tokens are not processed yet
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []
         self._arrivals = 0
@@ -211,7 +229,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._seqs or self._pending)
+            return bool(self._seqs or self._pending or self._inflight is not None)
 
     def kv_cache_usage(self) -> dict:
         return {"used_pages": self.block_manager.num_used,
@@ -220,6 +238,8 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         with self._lock:
             outputs, self._pending = self._pending, []
             batch = self.scheduler.schedule()
@@ -236,12 +256,66 @@ class LLMEngine:
                 outputs.append(self._process_token(seq, tok))
             return outputs
 
+    def _step_async(self) -> list[StepOutput]:
+        with self._lock:
+            try:
+                return self._step_async_locked()
+            except BaseException:
+                self._drop_inflight()
+                raise
+
+    def _drop_inflight(self) -> None:
+        """After a failed step: forget the tokens of launched steps, so that every live sequence
+        can be scheduled again (its last token is recomputed and sampled anew; a retiring one
+        goes back to the waiting queue)."""
+        self._inflight = None
+        for seq in self._seqs.values():
+            if seq.num_pending:
+                seq.num_pending = 0
+                seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+            if seq.status == Status.RETIRING:
+                seq.num_computed = 0
+                self.scheduler.add(seq)
+
+    def _step_async_locked(self) -> list[StepOutput]:
+        outputs, self._pending = self._pending, []
+        prev = self._inflight
+        if prev is not None:
+            for seq in prev.sampled:
+                if seq.status == Status.RUNNING and self._last_token_in_flight(seq):
+                    self.scheduler.retire(seq)
+        batch = self.scheduler.schedule()
+        step = None
+        if batch.seqs:
+            step = self.runner.launch(batch, prev)
+            for seq, n in zip(batch.seqs, batch.num_tokens):
+                seq.num_computed += n
+            for seq in step.sampled:
+                seq.num_pending += 1
+        elif prev is None and self.scheduler.has_unfinished() and not outputs:
+            raise RuntimeError("scheduler made no progress (pool too small?)")
+        self._inflight = step
+        if prev is not None:
+            for seq, tok in zip(prev.sampled, prev.results()):
+                seq.num_pending -= 1
+                if seq.is_finished:     # aborted, or its EOS / stop string came a step late
+                    continue
+                seq.token_ids.append(tok)
+                outputs.append(self._process_token(seq, tok))
+        return outputs
+
+    def _last_token_in_flight(self, seq: Sequence) -> bool:
+        """The token seq waits for ends it by length whatever it is (what _process_token checks
+        after appending it)."""
+        return seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens \
+            or len(seq) >= self.max_seq_len
+
     def _process_token(self, seq: Sequence, tok: int) -> StepOutput:
         p = seq.params
         reason = None
         if not p.ignore_eos and tok in self.eos_token_ids:
             reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_seq_len:
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len:
             reason = "length"
         text = self.detokenizer.text(seq, final=reason is not None)
         if p.stop:

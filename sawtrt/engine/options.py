@@ -10,6 +10,15 @@ from dataclasses import dataclass, fields
 GiB = 1 << 30
 
 
+def _bool(v) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(v)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     kv_policy: str | None = None              # e.g. "int4-bdr:h=32"; None: the engine's own
@@ -18,6 +27,8 @@ class EngineOptions:
     max_num_seqs: int | None = None           # running sequences; None: the engine's max_batch
     prefill_kv: str | None = None             # "fresh" / "cache" / "auto" (None: auto), see
                                               # CausalLM: what prompt tokens attend to
+    async_scheduling: bool | None = None      # schedule step N+1 while the GPU runs step N
+                                              # (None: on for CUDA, off on CPU); LLMEngine
 
     def __post_init__(self):
         if self.kv_memory_gib is not None and not self.kv_memory_gib > 0:
@@ -42,6 +53,8 @@ class EngineOptions:
             kw["max_num_seqs"] = self.max_num_seqs
         if self.prefill_kv is not None:
             kw["prefill_kv"] = self.prefill_kv
+        if self.async_scheduling is not None:
+            kw["async_scheduling"] = self.async_scheduling
         return kw
 
     def load(self, engine_dir, device=None):
@@ -57,7 +70,7 @@ class EngineOptions:
     def from_params(cls, params: dict) -> "EngineOptions":
         """Inverse of to_params; missing or empty values are defaults."""
         conv = {"kv_policy": str, "kv_memory_gib": float, "max_num_batched_tokens": int,
-                "max_num_seqs": int, "prefill_kv": str}
+                "max_num_seqs": int, "prefill_kv": str, "async_scheduling": _bool}
         kw = {}
         for name, f in conv.items():
             v = params.get(name, "")

@@ -21,14 +21,22 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits [S, V] (fp32), one SamplingParams and generator per row -> S token ids."""
-    out = torch.argmax(logits, dim=-1).tolist()          # greedy rows (ties: lowest id)
+def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits [S, V] (fp32), one SamplingParams and generator per row -> int64 [S] token ids on
+    the logits' device, without waiting for the device (async scheduling reads them a step
+    later)."""
+    out = torch.argmax(logits, dim=-1)                   # greedy rows (ties: lowest id)
     for i, p in enumerate(params):
         if p.greedy:
             continue
         row = _filter(logits[i].float() / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return out
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits [S, V] (fp32), one SamplingParams and generator per row -> S token ids."""
+    return sample_tensor(logits, params, generators).tolist()

@@ -117,8 +117,19 @@ class Scheduler:
             pos -= 1
         self.running.insert(pos, seq)
 
+    def retire(self, seq: Sequence) -> None:
+        """A running sequence whose token in flight is certainly its last (async scheduling:
+        max_tokens or max_seq_len reached): free its pages and its batch slot now, as the
+        synchronous engine would have before this schedule; `finish` follows when the token
+        arrives. The step in flight may still write the freed pages: it runs before any step
+        that hands them to another sequence (one stream)."""
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = Status.RETIRING
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark finished and release its pages (from running or waiting)."""
+        """Mark finished and release its pages (from running or waiting; a retiring sequence
+        has none)."""
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
         elif seq.status == Status.WAITING:

@@ -11,14 +11,19 @@ from .sampling import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"        # no pages (new, or preempted: its KV will be recomputed)
     RUNNING = "running"        # holds pages; prefilling (in chunks) or decoding
+    RETIRING = "retiring"      # async scheduling: its last token is in flight; no pages, not
+                               # scheduled again, finished when that token arrives
     FINISHED = "finished"
 
 
 class Sequence:
     """One request: prompt + generated tokens, its page table and its progress.
 
-    num_computed   tokens whose K/V are in the cache (a prefix of `token_ids`)
+    num_computed   tokens whose K/V are in the cache (or will be once the launched steps run)
     block_table    page ids owned (reference-counted by the block manager)
+    num_pending    async scheduling: tokens sampled by launched steps whose values have not
+                   reached the host yet; they count in len(seq) (the scheduler and the runner
+                   plan with them) but not in token_ids (what was generated and can be emitted)
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -31,6 +36,7 @@ class Sequence:
         self.generator = generator
         self.status = Status.WAITING
         self.num_computed = 0
+        self.num_pending = 0
         self.block_table: list[int] = []
         # ModelRunner.table_row's cache: (the block_table list it was built from, its length,
         # the int32 row of max_pages)
@@ -48,7 +54,7 @@ class Sequence:
         self.detok_read = 0
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_ids(self) -> list[int]:
@@ -61,7 +67,7 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         """Tokens still to be run through the model (prompt chunks or the last sampled one)."""
-        return len(self.token_ids) - self.num_computed
+        return len(self) - self.num_computed
 
     @property
     def num_pages(self) -> int:
@@ -73,4 +79,5 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, len={len(self)}, "
-                f"computed={self.num_computed}, pages={len(self.block_table)})")
+                f"computed={self.num_computed}, pending={self.num_pending}, "
+                f"pages={len(self.block_table)})")
