@@ -128,6 +128,14 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
     assert graphs.kv_cache_usage()["used_pages"] == 0
 
 
+def _tiny_int4_engine(tmp_path):
+    """A two-layer qwen3 engine on int4-bdr pages of 16 tokens, 64 sequences of <= 64 tokens."""
+    spec = tiny_spec("qwen3", num_layers=2, head_dim=64, num_heads=4, num_kv_heads=2,
+                     hidden_size=128)
+    return build_tiny(tmp_path, spec, kv_cache="int4-bdr", page_size=16, max_batch=64,
+                      max_seq_len=64)
+
+
 def test_thousand_requests_preemption_gpu(tmp_path):
     """1 000 greedy requests with and without forced preemption. A preempted sequence is
     recomputed by the prefill kernel where the other run decodes it with the decode kernel: the
@@ -139,10 +147,7 @@ def test_thousand_requests_preemption_gpu(tmp_path):
     gaps <= 0.094 (<= 6 bf16 steps); the median gap over all tokens was 0.31. (On the CPU, fp32
     and one attention implementation, the outputs are identical: tests/test_scheduler.py.)"""
     import random
-    spec = tiny_spec("qwen3", num_layers=2, head_dim=64, num_heads=4, num_kv_heads=2,
-                     hidden_size=128)
-    d = build_tiny(tmp_path, spec, kv_cache="int4-bdr", page_size=16, max_batch=64,
-                   max_seq_len=64)
+    d = _tiny_int4_engine(tmp_path)
     rng = random.Random(0)
     reqs = []
     for i in range(1000):
@@ -287,10 +292,7 @@ def test_async_scheduling_matches_sync_gpu(tmp_path):
     aborts the batches differ (finishes seen a step late), which moves bf16 GEMM rounding: a
     greedy request may then differ only where the synchronous run's top-2 logit gap was tiny."""
     import random
-    spec = tiny_spec("qwen3", num_layers=2, head_dim=64, num_heads=4, num_kv_heads=2,
-                     hidden_size=128)
-    d = build_tiny(tmp_path, spec, kv_cache="int4-bdr", page_size=16, max_batch=64,
-                   max_seq_len=64)
+    d = _tiny_int4_engine(tmp_path)
     rng = random.Random(0)
     reqs = []
     for i in range(400):
