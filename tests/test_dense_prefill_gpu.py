@@ -209,7 +209,17 @@ def test_engine_fresh_matches_reference_engine(tmp_path, monkeypatch):
     kw = dict(device="cuda", max_num_batched_tokens=64, max_num_seqs=8)
     eng = LLMEngine.from_engine_dir(d, **kw)
     assert eng.model.prefill_kv == "fresh"          # auto: the kernels serve every layer
+    assert eng.runner.graphs, eng.runner.graph_note  # decode steps replay CUDA graphs
+    # what ran: fresh-path steps with decode rows beside prompt chunks, graph-replayed decode
+    mixed, replayed = [], []
+    step = dense_prefill.fused_step
+    monkeypatch.setattr(dense_prefill, "fused_step", lambda kern, qkv, pool, layout, hq, tables,
+                        lens, plan, *a, **k: mixed.append(plan.decode_seqs is not None)
+                        or step(kern, qkv, pool, layout, hq, tables, lens, plan, *a, **k))
+    forward = eng.runner.forward
+    eng.runner.forward = lambda batch: replayed.append(batch.is_decode) or forward(batch)
     outs, rec = _run_recording(eng, prompts)
+    assert any(mixed) and any(replayed), (mixed, replayed)
     monkeypatch.setattr(dense_prefill, "gpu_serves", lambda *a: False)
     ref = LLMEngine.from_engine_dir(d, prefill_kv="fresh", cuda_graphs=False, **kw)
     ref_outs, ref_rec = _run_recording(ref, prompts)
@@ -296,3 +306,29 @@ def _decode_direct_rows(cfg, qd, pool, tables, lens, max_len, out):
     library.check(lib.saw_decode(ctypes.byref(cfg), qd.data_ptr(), qd.stride(0), pool.data_ptr(),
                                  tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, max_len,
                                  out.data_ptr(), ws.data_ptr(), ws_bytes, ops._stream(DEV)), lib)
+
+
+@pytest.mark.parametrize("policy", ["int4-bdr", "int4", "int8"])
+@pytest.mark.parametrize("step", [0, 3])          # mixed (decode rows), chunk over a prefix
+def test_side_stream_write_equals_serial(monkeypatch, policy, step):
+    """The page write on its side stream (OVERLAP_WRITE, the default) and first on the current
+    stream give the same pages and the same outputs bit for bit; the decode rows of the mixed
+    step read their own token from the pages the side stream wrote."""
+    dt, d, hkv, hq, page = torch.bfloat16, 128, 2, 8, 32
+    layout = PageLayout(KVPolicy.parse(policy), d, hkv, page)
+    seq_lens, q_lens = STEPS[step]
+    pool, tables, qkv, cu, slots, plan = _step_case(layout, hq, dt, seq_lens, q_lens, _gen(31))
+    lens = torch.tensor(seq_lens, device=DEV, dtype=torch.int32)
+    runs = {}
+    for overlap in (True, False):
+        monkeypatch.setattr(dense_prefill, "OVERLAP_WRITE", overlap)
+        p = pool.clone()
+        torch.cuda.synchronize()
+        out = ops.attention_step(qkv, p, layout, hq, tables, lens, cu, max(q_lens), plan=plan)
+        runs[overlap] = (out, p)      # no sync in between: the next run queues behind
+    torch.cuda.synchronize()
+    assert torch.equal(runs[True][1], runs[False][1]), "the pages differ"
+    assert torch.equal(runs[True][0], runs[False][0]), "the outputs differ"
+    ref = _reference(qkv, runs[True][1], layout, hq, tables, seq_lens, q_lens, dt)
+    check_close(runs[True][0].reshape(-1, hq, d), ref, dt, f"side-stream write {policy}",
+                unit=torch.bfloat16 if 1 in q_lens else None)
