@@ -19,6 +19,10 @@ LSE; ragged batches go to flash-attention's variable-length entry point
 per sequence. Un-rotating the prefix instead of rotating q keeps the query exact (no rounding of
 a rotated query) and needs no inverse rotation of the output.
 
+Order (fused_step): the page write on a side stream, the dense rows beside it (they read only
+positions before each prefix's end, which the write never touches), then, after the join, the
+decode rows, which read their own new token from the pages.
+
 A step is described once by a PrefillPlan (host-built, then moved to the device), read by every
 layer; the GPU path never reads device data (no sync).
 
@@ -27,6 +31,7 @@ Shapes: T tokens in the step, B sequences, P of them dense (q_len >= 2), Hq / Hk
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -237,14 +242,20 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
 # which read it, run after the join. False: the write on the current stream first (the order
 # of the first published numbers; `sawtrt.bench.prefill --backends auto,serial-write` times both).
 OVERLAP_WRITE = True
-_side_streams: dict[int, torch.cuda.Stream] = {}
+_side_streams: dict[tuple, tuple] = {}
 
 
-def _side_stream(dev) -> "torch.cuda.Stream":
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    s = _side_streams.get(idx)
+def _side_stream(dev) -> tuple:
+    """(stream, fork event, join event) of the device and calling thread: the events are made
+    once and recorded again every step (a wait takes the record current when it is enqueued),
+    so a fork and a join cost two event records, not two event creations."""
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(),
+           threading.get_ident())
+    s = _side_streams.get(key)
     if s is None:
-        s = _side_streams[idx] = torch.cuda.Stream(device=dev)
+        s = _side_streams[key] = (torch.cuda.Stream(device=dev),
+                                  torch.cuda.Event(enable_timing=False),
+                                  torch.cuda.Event(enable_timing=False))
     return s
 
 
@@ -282,12 +293,14 @@ class StepKernels:
         self.cfg = ops.kernel_config(layout, num_q_heads, dtype, device, sm_scale)
         self.lib = library.load()
         self.main = torch.cuda.current_stream(device)
-        self.side = _side_stream(device) if OVERLAP_WRITE else self.main
+        self.side, self._fork, self._join = _side_stream(device) if OVERLAP_WRITE else \
+            (self.main, None, None)
 
     def write(self, qkv, slots, pool_layer) -> None:
         """Rotate + quantize + store every new token's K/V (slots [T] int32, -1 skips)."""
-        if self.side is not self.main:
-            self.side.wait_stream(self.main)          # qkv and the pool's last readers
+        if self.side is not self.main:                # after qkv and the pool's last readers
+            self._fork.record(self.main)
+            self.side.wait_event(self._fork)
         library.check(self.lib.saw_write_kv(ctypes.byref(self.cfg), qkv.data_ptr(),
                                             qkv.stride(0), slots.data_ptr(), qkv.shape[0],
                                             pool_layer.data_ptr(), self.side.cuda_stream),
@@ -296,7 +309,8 @@ class StepKernels:
     def join(self) -> None:
         """Everything after this on the current stream sees the pages the write wrote."""
         if self.side is not self.main:
-            self.main.wait_stream(self.side)
+            self._join.record(self.side)
+            self.main.wait_event(self._join)
 
     def decode(self, q, pool_layer, tables, lens, max_len: int):
         """The INT4 decode kernel for one query row per sequence: q [n, >= Hq*D] (row stride
