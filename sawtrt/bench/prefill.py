@@ -175,6 +175,10 @@ def main(argv=None) -> None:
     print("\nper point, every timing (ms / causal TFLOP/s) and the backend each fresh column ran:")
     for r in rows:
         cells = ", ".join(f"{k} {ms:.3f}/{r['tflops'][k]:.0f}T" for k, ms in r["ms"].items())
+        cells += "; int4-bdr / int4: " + ", ".join(   # per backend (the 2 % goal)
+            f"{be} {r['ms'][f'fresh int4-bdr{sfx}'] / r['ms'][f'fresh int4{sfx}']:.3f}"
+            for be in backends for sfx in ["" if be == "auto" else f" [{be}]"]
+            if f"fresh int4-bdr{sfx}" in r["ms"] and f"fresh int4{sfx}" in r["ms"])
         print(f"  {r['batch']} x {r['q_len']}/{r['seq_len']}: {cells}; backends {r['backend']}"
               + (f"; gather {r['gather_tbps']:.2f} TB/s = {r['gather_tbps'] / COPY_TBPS:.0%} "
                  f"of copy" if "gather_tbps" in r else ""))
