@@ -243,14 +243,17 @@ def _worst(err_rows, what, rows):
     return f"{what}: max {err_rows.max().item():.2f} u at token {int(rows[i])} head {h}"
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_mixed_step_rows_by_path(dtype):
+def test_mixed_step_rows_by_path(monkeypatch, dtype, overlap):
     """The configuration of test_fresh_step_matches_reference[64-1-fp16] (int8 pages, D = 64,
     one KV head, GQA group 16, page 16, the mixed step), checked path by path so a failure
     names its source: the decode rows against saw_decode called alone on the same inputs (bit
     for bit, with the step's strided q and with a contiguous copy) and against the reference;
     the dense rows against the reference; no output row exactly zero where the reference's
-    is not (the decode kernel writes 0 for a head whose softmax sum is not > 0, NaN included)."""
+    is not (the decode kernel writes 0 for a head whose softmax sum is not > 0, NaN included).
+    Both write orders: the side stream (decode rows after the dense rows) and the serial one."""
+    monkeypatch.setattr(dense_prefill, "OVERLAP_WRITE", overlap)
     dt = DTYPES[dtype]
     d, hkv, group, page = 64, 1, 16, 16
     hq = hkv * group
