@@ -328,7 +328,7 @@ def test_side_stream_write_equals_serial(monkeypatch, policy, step):
         p = pool.clone()
         torch.cuda.synchronize()
         out = ops.attention_step(qkv, p, layout, hq, tables, lens, cu, max(q_lens), plan=plan)
-        runs[overlap] = (out, p)      # no sync in between: the next run queues behind
+        runs[overlap] = (out, p)
     torch.cuda.synchronize()
     assert torch.equal(runs[True][1], runs[False][1]), "the pages differ"
     assert torch.equal(runs[True][0], runs[False][0]), "the outputs differ"
