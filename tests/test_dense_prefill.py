@@ -189,3 +189,150 @@ def test_model_semantics_switch(tmp_path):
     chunked = run("int4-bdr", "fresh", [30, 10])
     rel = ((one - chunked).norm() / one.norm()).item()
     assert 0 < rel < 0.2, rel      # chunk 2 reads chunk 1 from INT4 pages, the one-shot fresh
+
+
+# -- the GPU step's order and row bookkeeping, with PyTorch stand-ins for the kernels -----------
+class _ReferenceKernels:
+    """dense_prefill.StepKernels with the PyTorch reference behind each call. The page write is
+    held back until join() (the side stream's latest finish), so a read of a new token's page
+    before the join sees the pool's poison; gathered rows the call does not own are NaN, so a
+    row the step never fills poisons what reads it."""
+
+    def __init__(self, layout, hq):
+        self.layout, self.hq, self.pending, self.calls = layout, hq, None, []
+
+    def write(self, qkv, slots, pool):
+        self.pending = (qkv.clone(), slots.clone(), pool)
+        self.calls.append("write")
+
+    def join(self):
+        if self.pending is not None:
+            qkv, slots, pool = self.pending
+            hq, hkv, d = self.hq, self.layout.num_kv_heads, self.layout.head_dim
+            t = qkv.shape[0]
+            kv_cache.write_kv(pool, self.layout,
+                              qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d),
+                              qkv[:, (hq + hkv) * d:(hq + 2 * hkv) * d].reshape(t, hkv, d),
+                              slots.long())
+            self.pending = None
+        self.calls.append("join")
+
+    def decode(self, q, pool, tables, lens, max_len):
+        assert self.pending is None, "decode rows read the pages before the write joined"
+        assert max_len >= int(lens.max()), (max_len, lens.tolist())
+        n, d = q.shape[0], self.layout.head_dim
+        self.calls.append(("decode", n))
+        o = reference.paged_attention(q[:, :self.hq * d].reshape(n, self.hq, d).float(), pool,
+                                      self.layout, tables, lens, None)
+        return o.reshape(n, -1).to(q.dtype)
+
+    def gather(self, pool, tables, prefix_lens, row_starts, total_rows, max_prefix, dtype):
+        hkv, d = self.layout.num_kv_heads, self.layout.head_dim
+        assert max_prefix >= int(prefix_lens.max())
+        k = torch.full((total_rows, hkv, d), float("nan"), dtype=dtype)
+        v = torch.full_like(k, float("nan"))
+        for b, (n, s) in enumerate(zip(prefix_lens.tolist(), row_starts.tolist())):
+            kb, vb = reference.gather_kv_unrotated(pool, self.layout, tables[b], n)
+            k[s:s + n], v[s:s + n] = kb.to(dtype), vb.to(dtype)
+        self.calls.append("gather")
+        return k, v
+
+
+def _gqa_scores(q4, k4, scale):
+    """[B, Hq, L, S] fp32 scores of q4 [B, Hq, L, D] over k4 [B, Hkv, S, D]."""
+    k4 = k4.float().repeat_interleave(q4.shape[1] // k4.shape[1], dim=1)
+    return torch.einsum("bhld,bhsd->bhls", q4.float(), k4) * scale
+
+
+def _attend(q4, k4, v4, causal, scale):
+    s = _gqa_scores(q4, k4, scale)
+    if causal:   # bottom-right aligned
+        lq, lk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1), float("-inf"))
+    v = v4.float().repeat_interleave(q4.shape[1] // v4.shape[1], dim=1)
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def _reference_backends(monkeypatch):
+    """flash varlen / cuDNN stand-ins on the CPU (fp32 math, outputs in the input dtype)."""
+    def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        out = torch.empty(q.shape, dtype=q.dtype)
+        for i in range(cu_q.shape[0] - 1):
+            a, b, c, e = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+            assert b - a <= max_q and e - c <= max_k
+            o, _ = _attend(q[a:b].transpose(0, 1)[None], k[c:e].transpose(0, 1)[None],
+                           v[c:e].transpose(0, 1)[None], True, scale)
+            out[a:b] = o[0].transpose(0, 1).to(q.dtype)
+        return out
+
+    def cudnn_lse(q4, k4, v4, causal, scale):
+        o, lse = _attend(q4, k4, v4, causal, scale)
+        return o.to(q4.dtype), lse
+
+    monkeypatch.setattr(dense_prefill, "flash_varlen", flash_varlen)
+    monkeypatch.setattr(dense_prefill, "_cudnn_lse", cudnn_lse)
+    monkeypatch.setattr(dense_prefill, "_sdpa_cudnn_4d",
+                        lambda q4, k4, v4, causal, scale: cudnn_lse(q4, k4, v4, causal, scale)[0])
+
+
+STEPS = [  # as tests/test_dense_prefill_gpu.py: mixed (decode rows, a one-token prompt
+    ([54, 97, 1, 200, 130], [54, 33, 1, 1, 64]),   # sequence), ragged, one length, one prefix
+    ([17, 300, 5], [5, 129, 5]),
+    ([77, 77], [77, 77]),
+    ([300, 300], [45, 45]),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn-split"])
+@pytest.mark.parametrize("policy,d,hkv,group,page,dtype", [
+    ("int8", 64, 1, 16, 16, torch.float16),        # the H200 failure's configuration
+    ("int4-bdr:h=32,kv,seed=5", 128, 2, 4, 32, torch.bfloat16),
+])
+def test_fused_step_order_on_cpu(monkeypatch, policy, d, hkv, group, page, dtype, backend):
+    """dense_prefill.fused_step (the GPU path's order and row bookkeeping) with reference
+    kernels: the write joins before the decode rows read, every gathered row that attention
+    reads is filled, each output row comes from its own path; against the fresh reference."""
+    _reference_backends(monkeypatch)
+    hq = hkv * group
+    layout = PageLayout(KVPolicy.parse(policy), d, hkv, page)
+    gen = torch.Generator().manual_seed(11)
+    for seq_lens, q_lens in STEPS:
+        pool, tables = _pool_with_prefix(layout, seq_lens, q_lens, gen)
+        n = sum(q_lens)
+        q = torch.randn(n, hq, d, generator=gen)
+        k, v = _outlier(n, hkv, d, gen), torch.randn(n, hkv, d, generator=gen)
+        qkv = torch.cat((q, k, v), 1).reshape(n, -1).to(dtype)
+        slots = _slots(layout, tables, seq_lens, q_lens)
+        # the new tokens' slots hold poison until the write joins
+        poison = kv_cache.new_pool(layout, 1, 1, poison=0x5A)[0][0]
+        for s in slots.tolist():
+            page_id, off = divmod(s, page)
+            for lo, size in ((layout.k_codes, layout.code_bytes), (layout.v_codes,
+                             layout.code_bytes), (layout.k_params, layout.param_bytes),
+                             (layout.v_params, layout.param_bytes)):
+                pool[page_id, :, lo + off * size:lo + (off + 1) * size] = \
+                    poison[:, lo:lo + size]
+        written = pool.clone()
+        plan = dense_prefill.PrefillPlan.build(q_lens, seq_lens, slots)
+        kern = _ReferenceKernels(layout, hq)
+        out = torch.full((n, hq * d), float("nan"), dtype=dtype)
+        res = dense_prefill.fused_step(kern, qkv, pool, layout, hq, tables,
+                                       torch.tensor(seq_lens, dtype=torch.int32), plan,
+                                       d ** -0.5, out=out, backend=backend)
+        assert res.data_ptr() == out.data_ptr()
+        assert kern.calls[0] == "write" and kern.calls.count("join") == 1
+        if 1 in q_lens:
+            assert kern.calls.index("join") < kern.calls.index(("decode", q_lens.count(1)))
+        kv_cache.write_kv(written, layout, qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d),
+                          qkv[:, (hq + hkv) * d:].reshape(n, hkv, d), slots)
+        assert torch.equal(pool, written)
+        want = reference.fresh_prefill_attention(
+            qkv[:, :hq * d].reshape(n, hq, d).float(),
+            qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d).float(),
+            qkv[:, (hq + hkv) * d:].reshape(n, hkv, d).float(), pool, layout, tables,
+            torch.tensor(seq_lens), q_lens, prefix_dtype=dtype)
+        got = out.reshape(n, hq, d).float()
+        assert torch.isfinite(got).all()
+        u = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
+        err = (got - want).abs() / (want.abs().amax(-1, keepdim=True) + 1e-5)
+        assert err.max() <= 4 * u, (seq_lens, q_lens, err.max().item() / u)

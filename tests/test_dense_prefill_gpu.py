@@ -210,7 +210,17 @@ def test_engine_fresh_matches_reference_engine(tmp_path, monkeypatch):
     kw = dict(device="cuda", max_num_batched_tokens=64, max_num_seqs=8)
     eng = LLMEngine.from_engine_dir(d, **kw)
     assert eng.model.prefill_kv == "fresh"          # auto: the kernels serve every layer
+    assert eng.runner.graphs, eng.runner.graph_note  # decode steps replay CUDA graphs
+    # what ran: fresh-path steps with decode rows beside prompt chunks, graph-replayed decode
+    mixed, replayed = [], []
+    step = dense_prefill.fused_step
+    monkeypatch.setattr(dense_prefill, "fused_step", lambda kern, qkv, pool, layout, hq, tables,
+                        lens, plan, *a, **k: mixed.append(plan.decode_seqs is not None)
+                        or step(kern, qkv, pool, layout, hq, tables, lens, plan, *a, **k))
+    forward = eng.runner.forward
+    eng.runner.forward = lambda batch: replayed.append(batch.is_decode) or forward(batch)
     outs, rec = _run_recording(eng, prompts)
+    assert any(mixed) and any(replayed), (mixed, replayed)
     monkeypatch.setattr(dense_prefill, "gpu_serves", lambda *a: False)
     ref = LLMEngine.from_engine_dir(d, prefill_kv="fresh", cuda_graphs=False, **kw)
     ref_outs, ref_rec = _run_recording(ref, prompts)
@@ -225,3 +235,104 @@ def test_engine_fresh_matches_reference_engine(tmp_path, monkeypatch):
     cache = LLMEngine.from_engine_dir(d, prefill_kv="cache", **kw)
     assert cache.model.prefill_kv == "cache"
     _run_recording(cache, prompts)
+
+
+def _worst(err_rows, what, rows):
+    """'what: max X u at token t head h' from per-row errors [len(rows), H] (u); rows: the
+    step's token index of each row."""
+    i, h = divmod(int(err_rows.flatten().argmax()), err_rows.shape[1])
+    return f"{what}: max {err_rows.max().item():.2f} u at token {int(rows[i])} head {h}"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_mixed_step_rows_by_path(monkeypatch, dtype, overlap):
+    """The configuration of test_fresh_step_matches_reference[64-1-fp16] (int8 pages, D = 64,
+    one KV head, GQA group 16, page 16, the mixed step), checked path by path so a failure
+    names its source: the decode rows against saw_decode called alone on the same inputs (bit
+    for bit, with the step's strided q and with a contiguous copy) and against the reference;
+    the dense rows against the reference; no output row exactly zero where the reference's
+    is not (the decode kernel writes 0 for a head whose softmax sum is not > 0, NaN included).
+    Both write orders: the side stream (decode rows after the dense rows) and the serial one."""
+    monkeypatch.setattr(dense_prefill, "OVERLAP_WRITE", overlap)
+    dt = DTYPES[dtype]
+    d, hkv, group, page = 64, 1, 16, 16
+    hq = hkv * group
+    layout = PageLayout(KVPolicy.parse("int8"), d, hkv, page)
+    gen = _gen(904)                          # test_fresh_step's seed for this configuration
+    seq_lens, q_lens = STEPS[0]
+    pool, tables, qkv, cu, slots, plan = _step_case(layout, hq, dt, seq_lens, q_lens, gen)
+    n = qkv.shape[0]
+    lens = torch.tensor(seq_lens, device=DEV, dtype=torch.int32)
+    out = torch.full((n, hq * d), float("nan"), dtype=dt, device=DEV)
+    ops.attention_step(qkv, pool, layout, hq, tables, lens, cu, max(q_lens), out=out, plan=plan)
+    torch.cuda.synchronize()
+    ref = _reference(qkv, pool, layout, hq, tables, seq_lens, q_lens, dt)
+    got = out.reshape(n, hq, d).float()
+    row = ref.float().abs().amax(-1)
+    err = (got - ref.float()).abs().amax(-1) / (row + 1e-5) / 2.0 ** -8      # [n, hq], bf16 u
+    zero = (got.abs().amax(-1) == 0) & (row > 0)
+    dec, seqs = plan.decode_rows, plan.decode_seqs
+    dense = torch.ones(n, dtype=torch.bool, device=DEV)
+    dense[dec] = False
+    # saw_decode alone, on the pool after the step, with the step's own arguments
+    cfg = ops.kernel_config(layout, hq, dt, DEV)
+    alone = {}
+    for name, qd in (("strided q", qkv.index_select(0, dec)),
+                     ("contiguous q", qkv.index_select(0, dec)[:, :hq * d].contiguous())):
+        od = torch.full((qd.shape[0], hq * d), float("nan"), dtype=dt, device=DEV)
+        td = tables.index_select(0, seqs)
+        _decode_direct_rows(cfg, qd, pool, td, lens.index_select(0, seqs), plan.max_decode, od)
+        alone[name] = od
+    torch.cuda.synchronize()
+    every = torch.arange(n, device=DEV)
+    report = [_worst(err[dec], "decode rows", dec),
+              _worst(err[dense], "dense rows", every[dense]),
+              f"exactly-zero (token, head) rows {zero.nonzero().tolist()}"]
+    for name, od in alone.items():
+        e = (od.reshape(-1, hq, d).float() - ref[dec].float()).abs().amax(-1)
+        report.append(_worst(e / (row[dec] + 1e-5) / 2.0 ** -8, f"saw_decode alone ({name})",
+                             dec))
+        report.append(f"  equal to the step's decode rows: {torch.equal(od, out[dec])}")
+    print("\n".join(report))
+    assert not zero.any(), "; ".join(report)
+    for name, od in alone.items():
+        assert torch.equal(od, out[dec]), "; ".join(report)
+    assert err[dec].max() <= 4 and err[dense].max() <= 4, "; ".join(report)
+
+
+def _decode_direct_rows(cfg, qd, pool, tables, lens, max_len, out):
+    import ctypes
+    lib = library.load()
+    b = qd.shape[0]
+    ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), b, b, max_len))
+    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=DEV)
+    library.check(lib.saw_decode(ctypes.byref(cfg), qd.data_ptr(), qd.stride(0), pool.data_ptr(),
+                                 tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, max_len,
+                                 out.data_ptr(), ws.data_ptr(), ws_bytes, ops._stream(DEV)), lib)
+
+
+@pytest.mark.parametrize("policy", ["int4-bdr", "int4", "int8"])
+@pytest.mark.parametrize("step", [0, 3])          # mixed (decode rows), chunk over a prefix
+def test_side_stream_write_equals_serial(monkeypatch, policy, step):
+    """The page write on its side stream (OVERLAP_WRITE, the default) and first on the current
+    stream give the same pages and the same outputs bit for bit; the decode rows of the mixed
+    step read their own token from the pages the side stream wrote."""
+    dt, d, hkv, hq, page = torch.bfloat16, 128, 2, 8, 32
+    layout = PageLayout(KVPolicy.parse(policy), d, hkv, page)
+    seq_lens, q_lens = STEPS[step]
+    pool, tables, qkv, cu, slots, plan = _step_case(layout, hq, dt, seq_lens, q_lens, _gen(31))
+    lens = torch.tensor(seq_lens, device=DEV, dtype=torch.int32)
+    runs = {}
+    for overlap in (True, False):
+        monkeypatch.setattr(dense_prefill, "OVERLAP_WRITE", overlap)
+        p = pool.clone()
+        torch.cuda.synchronize()
+        out = ops.attention_step(qkv, p, layout, hq, tables, lens, cu, max(q_lens), plan=plan)
+        runs[overlap] = (out, p)
+    torch.cuda.synchronize()
+    assert torch.equal(runs[True][1], runs[False][1]), "the pages differ"
+    assert torch.equal(runs[True][0], runs[False][0]), "the outputs differ"
+    ref = _reference(qkv, runs[True][1], layout, hq, tables, seq_lens, q_lens, dt)
+    check_close(runs[True][0].reshape(-1, hq, d), ref, dt, f"side-stream write {policy}",
+                unit=torch.bfloat16 if 1 in q_lens else None)

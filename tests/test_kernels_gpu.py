@@ -155,10 +155,15 @@ def check_close(out, ref, dt, what, unit=None):
     err = (out.float() - ref.float()).abs()
     row = ref.float().abs().amax(-1, keepdim=True)
     eps = _EPS[unit or dt]
-    worst = (err / (row + 1e-5)).max().item()
+    rel = err / (row + 1e-5)
+    worst = rel.max().item()
     fro = (err.norm() / ref.float().norm().clamp_min(1e-12)).item()
-    print(f"ERR {what} {str(dt)[6:]}: max {worst / eps:.2f} u, fro {fro / eps:.2f} u")
-    assert worst <= _TOL_MAX * eps, f"{what}: max err {worst:.3g} x row max > {_TOL_MAX} u"
+    # where: the index of the worst row (token, head for [T, H, D] outputs)
+    at = [int(i) for i in torch.unravel_index(rel.amax(-1).flatten().argmax(), rel.shape[:-1])]
+    print(f"ERR {what} {str(dt)[6:]}: max {worst / eps:.2f} u at row {at}, fro {fro / eps:.2f} u")
+    assert worst <= _TOL_MAX * eps, (
+        f"{what}: max err {worst:.3g} x row max > {_TOL_MAX} u at row {at} (out row max "
+        f"{out[tuple(at)].float().abs().max():.3g}, ref row max {row[tuple(at)].item():.3g})")
     assert fro <= _TOL_FRO * eps, f"{what}: relative Frobenius error {fro:.3g} > {_TOL_FRO} u"
     return worst, fro
 

@@ -24,6 +24,7 @@ import json
 from .kernels import POLICIES, SHAPES, _l2_flush_buffer, random_pool, time_ms
 
 POINTS = ((1, 8192, 8192), (4, 2048, 2048), (1, 2048, 10240), (16, 512, 512))
+WRITE_MODES = {"overlap-write": True, "serial-write": False}   # --backends: auto + write order
 COPY_TBPS = 4.24      # measured H200 copy bandwidth (read + write), the gather's ceiling
 
 
@@ -57,17 +58,18 @@ def bench_point(torch, shape, batch, q_len, seq_len, page_size, reps, flush, gen
         pool = random_pool(torch, layout, batch * pages_per, gen)
         for be in backends:
             key = f"fresh {policy}" + ("" if be == "auto" else f" [{be}]")
-            overlap = be == "overlap-write"    # the page write on a side stream
-            be = "auto" if overlap else be
+            # the page write on a side stream (the default) or first on the current stream
+            overlap = WRITE_MODES.get(be, dense_prefill.OVERLAP_WRITE)
+            be = "auto" if be in WRITE_MODES else be
             row["backend"][key] = dense_prefill.choose_backend(plan, be)
-            dense_prefill.OVERLAP_WRITE = overlap
+            default, dense_prefill.OVERLAP_WRITE = dense_prefill.OVERLAP_WRITE, overlap
             try:
                 row["ms"][key] = time_ms(torch, lambda: dense_prefill.attention_step(
                     qkv, pool, layout, hq, bt, lens, plan, seq_len, backend=be), reps, flush)
             except RuntimeError as e:
                 print(f"  {key}: {type(e).__name__}: {str(e)[:100]}")
             finally:
-                dense_prefill.OVERLAP_WRITE = False
+                dense_prefill.OVERLAP_WRITE = default
         if policy == "int4-bdr" and plan.max_prefix:
             cfg = ops.kernel_config(layout, hq, torch.bfloat16, torch.device(dev))
             tables = bt
@@ -192,7 +194,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--backends", default="auto",
                     help="comma list of dense backends to time (auto, flash, cudnn, cudnn-split; "
-                         "overlap-write: auto with the page write on a side stream)")
+                         "overlap-write / serial-write: auto with the page write on a side "
+                         "stream (the default) / first on the current stream)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -214,6 +217,10 @@ def main(argv=None) -> None:
     print("\nper point, every timing (ms / causal TFLOP/s) and the backend each fresh column ran:")
     for r in rows:
         cells = ", ".join(f"{k} {ms:.3f}/{r['tflops'][k]:.0f}T" for k, ms in r["ms"].items())
+        cells += "; int4-bdr / int4: " + ", ".join(   # per backend (the 2 % goal)
+            f"{be} {r['ms'][f'fresh int4-bdr{sfx}'] / r['ms'][f'fresh int4{sfx}']:.3f}"
+            for be in backends for sfx in ["" if be == "auto" else f" [{be}]"]
+            if f"fresh int4-bdr{sfx}" in r["ms"] and f"fresh int4{sfx}" in r["ms"])
         print(f"  {r['batch']} x {r['q_len']}/{r['seq_len']}: {cells}; backends {r['backend']}"
               + (f"; gather {r['gather_tbps']:.2f} TB/s = {r['gather_tbps'] / COPY_TBPS:.0%} "
                  f"of copy" if "gather_tbps" in r else ""))

@@ -19,6 +19,10 @@ LSE; ragged batches go to flash-attention's variable-length entry point
 per sequence. Un-rotating the prefix instead of rotating q keeps the query exact (no rounding of
 a rotated query) and needs no inverse rotation of the output.
 
+Order (fused_step): the page write on a side stream, the dense rows beside it (they read only
+positions before each prefix's end, which the write never touches), then, after the join, the
+decode rows, which read their own new token from the pages.
+
 A step is described once by a PrefillPlan (host-built, then moved to the device), read by every
 layer; the GPU path never reads device data (no sync).
 
@@ -27,6 +31,7 @@ Shapes: T tokens in the step, B sequences, P of them dense (q_len >= 2), Hq / Hk
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -276,19 +281,27 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
 
 
 # -- the step -----------------------------------------------------------------------------------
-# the page write on a side stream (see attention_step): off until measured on the H200 (the
-# serial write is what the published numbers ran); `sawtrt.bench.prefill --backends
-# auto,overlap-write` compares the two
-OVERLAP_WRITE = False
-_side_streams: dict[int, torch.cuda.Stream] = {}
+# The page write runs on a side stream beside the prefix gather and the dense attention (what it
+# writes, positions >= each dense sequence's prefix, is never read by them); the decode rows,
+# which read it, run after the join. False: the write on the current stream first (the order
+# of the first published numbers; `sawtrt.bench.prefill --backends auto,serial-write` times both).
+OVERLAP_WRITE = True
+_side_streams: dict[tuple, tuple] = {}
 
 
-def _side_stream(dev) -> "torch.cuda.Stream":
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    s = _side_streams.get(idx)
+def _side_stream(dev) -> tuple:
+    """(stream, fork event, join event) of the device and calling thread: the events are made
+    once and recorded again every step (a wait takes the record current when it is enqueued),
+    so a fork and a join cost two event records, not two event creations."""
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(),
+           threading.get_ident())
+    s = _side_streams.get(key)
     if s is None:
-        s = _side_streams[idx] = torch.cuda.Stream(device=dev)
+        s = _side_streams[key] = (torch.cuda.Stream(device=dev),
+                                  torch.cuda.Event(enable_timing=False),
+                                  torch.cuda.Event(enable_timing=False))
     return s
+
 
 def gather_prefix(pool_layer, layout: PageLayout, cfg, block_tables, prefix_lens, row_starts,
                   total_rows: int, max_prefix: int, dtype):
@@ -313,6 +326,99 @@ def gpu_serves(layout: PageLayout, num_q_heads: int, dtype, device) -> bool:
         and hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
+class StepKernels:
+    """The compiled calls of one fused step and the streams they run on: the page write
+    (saw_write_kv, on the side stream when OVERLAP_WRITE), the decode rows (saw_decode), the
+    prefix gather (saw_gather_kv). `fused_step` orders them; tests give it PyTorch stand-ins
+    with the same methods to check that order and the row bookkeeping on the CPU."""
+
+    def __init__(self, layout: PageLayout, num_q_heads: int, dtype, device, sm_scale: float):
+        self.layout, self.hq = layout, num_q_heads
+        self.cfg = ops.kernel_config(layout, num_q_heads, dtype, device, sm_scale)
+        self.lib = library.load()
+        self.main = torch.cuda.current_stream(device)
+        self.side, self._fork, self._join = _side_stream(device) if OVERLAP_WRITE else \
+            (self.main, None, None)
+
+    def write(self, qkv, slots, pool_layer) -> None:
+        """Rotate + quantize + store every new token's K/V (slots [T] int32, -1 skips)."""
+        if self.side is not self.main:                # after qkv and the pool's last readers
+            self._fork.record(self.main)
+            self.side.wait_event(self._fork)
+        library.check(self.lib.saw_write_kv(ctypes.byref(self.cfg), qkv.data_ptr(),
+                                            qkv.stride(0), slots.data_ptr(), qkv.shape[0],
+                                            pool_layer.data_ptr(), self.side.cuda_stream),
+                      self.lib)
+
+    def join(self) -> None:
+        """Everything after this on the current stream sees the pages the write wrote."""
+        if self.side is not self.main:
+            self._join.record(self.side)
+            self.main.wait_event(self._join)
+
+    def decode(self, q, pool_layer, tables, lens, max_len: int):
+        """The INT4 decode kernel for one query row per sequence: q [n, >= Hq*D] (row stride
+        q.stride(0)), tables [n, max_pages], lens [n] int32; returns [n, Hq*D]."""
+        n, d = q.shape[0], self.layout.head_dim
+        od = torch.empty(n, self.hq * d, dtype=q.dtype, device=q.device)
+        ws_bytes = int(self.lib.saw_workspace_bytes(ctypes.byref(self.cfg), n, n, max_len))
+        ws = ops._workspace(q.device, ws_bytes)
+        library.check(self.lib.saw_decode(ctypes.byref(self.cfg), q.data_ptr(), q.stride(0),
+                                          pool_layer.data_ptr(), tables.data_ptr(),
+                                          tables.shape[1], lens.data_ptr(), n, max_len,
+                                          od.data_ptr(), ws.data_ptr(), ws.numel(),
+                                          ops._stream(q.device)), self.lib)
+        return od
+
+    def gather(self, pool_layer, tables, prefix_lens, row_starts, total_rows: int,
+               max_prefix: int, dtype):
+        return gather_prefix(pool_layer, self.layout, self.cfg, tables, prefix_lens, row_starts,
+                             total_rows, max_prefix, dtype)
+
+
+def fused_step(kern, qkv, pool_layer, layout: PageLayout, num_q_heads: int, block_tables,
+               seq_lens, plan: PrefillPlan, sm_scale: float, out=None, backend: str = "auto"):
+    """The GPU step's order over `kern` (a StepKernels): write the pages (side stream), the
+    dense rows (prefix gather + fresh K/V, one tensor-core attention call), then, after the
+    join, the decode rows over the pages. Returns out [T, Hq*D]."""
+    d, hkv, hq = layout.head_dim, layout.num_kv_heads, num_q_heads
+    t, dev = qkv.shape[0], qkv.device
+    tables = ops._i32(block_tables, dev)
+    # 1. the cache holds exactly what the spec says: every new token's K/V, rotated + quantized
+    kern.write(qkv, plan.slots, pool_layer)
+    if out is None and plan.decode_seqs is not None:
+        out = torch.empty(t, hq * d, dtype=qkv.dtype, device=dev)
+    # 2. dense rows: fresh K/V + dequantized prefix (positions < prefix: never what 1 writes)
+    x = qkv if plan.dense_rows is None else qkv.index_select(0, plan.dense_rows)
+    q = x[:, :hq * d].unflatten(1, (hq, d))
+    kn = x[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
+    vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
+    tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
+
+    def prefix_kv(rows: str):
+        if rows == "cat":
+            return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_k[:-1],
+                               plan.total_k, plan.max_prefix, qkv.dtype)
+        return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_prefix[:-1],
+                           plan.total_k - x.shape[0], plan.max_prefix, qkv.dtype)
+
+    try:
+        o = _dense(q, kn, vn, prefix_kv, plan, sm_scale, backend).reshape(-1, hq * d)
+    finally:
+        kern.join()  # the decode rows below, the next layer and the next step read the pages
+    if plan.dense_rows is None:
+        return o if out is None else out.copy_(o)
+    out.index_copy_(0, plan.dense_rows, o)
+    # 3. decode rows: the INT4 decode kernel over the cache, their own token included
+    if plan.decode_seqs is not None:
+        lens = ops._i32(seq_lens, dev)
+        od = kern.decode(qkv.index_select(0, plan.decode_rows), pool_layer,
+                         tables.index_select(0, plan.decode_seqs),
+                         lens.index_select(0, plan.decode_seqs), plan.max_decode)
+        out.index_copy_(0, plan.decode_rows, od)
+    return out
+
+
 def attention_step(qkv, pool_layer, layout: PageLayout, num_q_heads: int, block_tables, seq_lens,
                    plan: PrefillPlan, max_seq_len: int | None = None, sm_scale=None, out=None,
                    backend: str = "auto"):
@@ -332,61 +438,6 @@ def attention_step(qkv, pool_layer, layout: PageLayout, num_q_heads: int, block_
                                                 seq_lens.cpu(), plan.q_lens, sm_scale)
         res = res.reshape(t, hq * d)
         return res if out is None else out.copy_(res)
-    dev = qkv.device
-    cfg = ops.kernel_config(layout, hq, qkv.dtype, dev, sm_scale)
-    lib = library.load()
-    stream = ops._stream(dev)
-    tables = ops._i32(block_tables, dev)
-    max_pages = tables.shape[1]
-    # 1. the cache holds exactly what the spec says: every new token's K/V, rotated + quantized.
-    # The dense rows never read what this writes (positions >= their prefix), so the write may
-    # run on a side stream beside the prefix gather and the attention; decode rows wait for it.
-    main = torch.cuda.current_stream(dev)
-    side = _side_stream(dev) if OVERLAP_WRITE else main
-    if side is not main:
-        side.wait_stream(main)
-    library.check(lib.saw_write_kv(ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0),
-                                   plan.slots.data_ptr(), t, pool_layer.data_ptr(),
-                                   side.cuda_stream), lib)
-    if out is None and plan.decode_seqs is not None:
-        out = torch.empty(t, hq * d, dtype=qkv.dtype, device=dev)
-    # 2. decode rows: the INT4 decode kernel over the cache (never a dense copy of a prefix)
-    if plan.decode_seqs is not None:
-        if side is not main:
-            main.wait_stream(side)
-            side = main
-        lens = ops._i32(seq_lens, dev)
-        qd = qkv.index_select(0, plan.decode_rows)
-        td = tables.index_select(0, plan.decode_seqs)
-        ld = lens.index_select(0, plan.decode_seqs)
-        n = qd.shape[0]
-        od = torch.empty(n, hq * d, dtype=qkv.dtype, device=dev)
-        ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), n, n, plan.max_decode))
-        ws = ops._workspace(dev, ws_bytes)
-        library.check(lib.saw_decode(ctypes.byref(cfg), qd.data_ptr(), qd.stride(0),
-                                     pool_layer.data_ptr(), td.data_ptr(), max_pages, ld.data_ptr(),
-                                     n, plan.max_decode, od.data_ptr(), ws.data_ptr(),
-                                     ws.numel(), stream), lib)
-        out.index_copy_(0, plan.decode_rows, od)
-    # 3. dense rows: fresh K/V + dequantized prefix, one tensor-core attention call
-    x = qkv if plan.dense_rows is None else qkv.index_select(0, plan.dense_rows)
-    q = x[:, :hq * d].unflatten(1, (hq, d))
-    kn = x[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
-    vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
-    tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
-
-    def prefix_kv(rows: str):
-        if rows == "cat":
-            return gather_prefix(pool_layer, layout, cfg, tables_p, plan.prefix_lens,
-                                 plan.cu_k[:-1], plan.total_k, plan.max_prefix, qkv.dtype)
-        return gather_prefix(pool_layer, layout, cfg, tables_p, plan.prefix_lens,
-                             plan.cu_prefix[:-1], plan.total_k - x.shape[0], plan.max_prefix,
-                             qkv.dtype)
-
-    o = _dense(q, kn, vn, prefix_kv, plan, sm_scale, backend).reshape(-1, hq * d)
-    if side is not main:
-        main.wait_stream(side)     # the next layer / step reads the pages
-    if plan.dense_rows is None:
-        return o if out is None else out.copy_(o)
-    out.index_copy_(0, plan.dense_rows, o)
-    return out
+    kern = StepKernels(layout, hq, qkv.dtype, qkv.device, sm_scale)
+    return fused_step(kern, qkv, pool_layer, layout, hq, block_tables, seq_lens, plan, sm_scale,
+                      out, backend)

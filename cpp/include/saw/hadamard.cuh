@@ -28,14 +28,17 @@ __host__ __device__ __forceinline__ float RotationScale(int h) {
   }
 }
 
-// Unnormalised FWHT over blocks of h channels of a warp-distributed vector (E per lane,
-// E <= h <= 32*E, E and h powers of two). All 32 lanes must call it.
+// Unnormalised FWHT over blocks of h channels of a vector spread over n aligned lanes (E per
+// lane, lane l % n owns elements [(l % n) E, (l % n) E + E); n = 32 for a warp per vector; E, h
+// powers of two, h <= n E). Blocks smaller than E (h = 16 with E = 32) end in registers. All 32
+// lanes must call it with the same h: the cross-lane partner is lane ^ (s / E), inside the group.
 template <int E>
 __device__ __forceinline__ void WarpFWHT(float (&x)[E], int h) {
   static_assert(E >= 1 && (E & (E - 1)) == 0 && E <= 32, "E must be a power of two <= 32");
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int s = 1; s < E; s <<= 1) {  // in-register stages (h >= E always holds, see above)
+  for (int s = 1; s < E; s <<= 1) {  // in-register stages
+    if (s >= h) break;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       if ((i & s) == 0) {
@@ -57,13 +60,16 @@ __device__ __forceinline__ void WarpFWHT(float (&x)[E], int h) {
   }
 }
 
-// rotate(x) in place. signs: device array of N floats (+-1) or nullptr.
+// rotate(x) in place. signs: device array of N floats (+-1) or nullptr; first: the element
+// index of x[0] (default lane * E, a warp per vector).
 template <int E>
-__device__ __forceinline__ void WarpRotate(float (&x)[E], int h, const float* signs) {
+__device__ __forceinline__ void WarpRotate(float (&x)[E], int h, const float* signs,
+                                           int first = -1) {
   const int lane = threadIdx.x & 31;
   if (signs != nullptr) {
+    const float* sg = signs + (first < 0 ? lane * E : first);
 #pragma unroll
-    for (int i = 0; i < E; ++i) x[i] *= __ldg(signs + lane * E + i);
+    for (int i = 0; i < E; ++i) x[i] *= __ldg(sg + i);
   }
   WarpFWHT<E>(x, h);
   const float scale = RotationScale(h);

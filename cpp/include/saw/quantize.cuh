@@ -19,14 +19,17 @@ __device__ __forceinline__ float Sanitize(float x) {
   return isfinite(x) ? fminf(fmaxf(x, -kClamp), kClamp) : 0.f;
 }
 
+// min / max over aligned groups of kLanes lanes (32: the whole warp); every lane calls it.
+template <int kLanes = 32>
 __device__ __forceinline__ float WarpMin(float v) {
 #pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  for (int m = kLanes / 2; m > 0; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
   return v;
 }
+template <int kLanes = 32>
 __device__ __forceinline__ float WarpMax(float v) {
 #pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  for (int m = kLanes / 2; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
   return v;
 }
 
