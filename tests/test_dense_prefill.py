@@ -64,15 +64,13 @@ def test_plan_splits_dense_and_decode_rows():
 
 
 def test_backend_choice_by_step_shape():
-    """auto: cuDNN for uniform steps (the split with a prefix), cuDNN per sequence for a few
-    ragged ones (a serving step: a prompt's tail chunk + the next prompt), flash for many."""
+    """auto: cuDNN for uniform steps (the split with a prefix), flash varlen for ragged ones
+    (cuDNN per sequence only when asked: it plans every new shape anew)."""
     plan = dense_prefill.PrefillPlan.build
     ragged = plan([3, 1, 5, 1, 2], [10, 7, 5, 4, 9], list(range(12)))
     assert ragged.dense_lens() == [(3, 7), (5, 0), (2, 7)]
-    assert dense_prefill.choose_backend(ragged) == "cudnn-seq"
-    n = dense_prefill.SEQ_CALLS_MAX + 1
-    many = plan([2 + i for i in range(n)], [9 + i for i in range(n)], list(range(99)))
-    assert dense_prefill.choose_backend(many) == "flash"
+    assert dense_prefill.choose_backend(ragged) == "flash"
+    assert dense_prefill.choose_backend(ragged, "cudnn-seq") == "cudnn-seq"
     assert dense_prefill.choose_backend(plan([4, 4], [4, 4], list(range(8)))) == "cudnn"
     assert dense_prefill.choose_backend(plan([4, 4], [9, 9], list(range(8)))) == "cudnn-split"
     assert dense_prefill.choose_backend(ragged, "flash") == "flash"

@@ -107,7 +107,6 @@ STEPS = [  # (seq_lens, q_lens): chunk over a prefix + decode rows + a fresh pro
     ([17, 300, 5], [5, 129, 5]),
     ([77, 77], [77, 77]),                    # one length: the cuDNN path
     ([300, 300], [45, 45]),                  # one length over one prefix: split / flash
-    ([40, 90, 70, 21, 95, 12], [40, 9, 70, 21, 3, 12]),  # many ragged: flash varlen
 ]
 GROUPS = [1, 2, 4, 8, 16]
 

@@ -182,8 +182,11 @@ def test_thousand_requests_preemption_gpu(tmp_path):
     # quantized-read prefill: a recompute then reads the same INT4 K/V the decode steps read
     # (with the fresh-K/V prefill a recomputed sequence attends to its unquantized K/V, which
     # moves logits by the cache's quantization noise, not by rounding)
-    big = LLMEngine.from_engine_dir(d, device="cuda", prefill_kv="cache")
-    small = LLMEngine.from_engine_dir(d, device="cuda", num_pages=16, prefill_kv="cache")
+    # synchronous steps: the margin hook reads each forward's logits against the sequences'
+    # token counts (async scheduling's own equivalence test is test_async_scheduling_matches_sync_gpu)
+    big = LLMEngine.from_engine_dir(d, device="cuda", prefill_kv="cache", async_scheduling=False)
+    small = LLMEngine.from_engine_dir(d, device="cuda", num_pages=16, prefill_kv="cache",
+                                      async_scheduling=False)
     margins: dict = {}
     a, b = run(big, margins), run(small)
     diff = [r for r in a if a[r] != b[r]]

@@ -43,10 +43,10 @@ from . import library, ops
 
 SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
 BACKENDS = ("auto", "flash", "cudnn", "cudnn-split", "cudnn-seq")
-# ragged steps with at most this many dense sequences run one cuDNN call (or split pair) per
-# sequence: a serving step under a token budget holds one or two prompt chunks, where cuDNN is
-# ~1.8x flash varlen's rate on the H200; many short prompts go to one flash varlen call
-SEQ_CALLS_MAX = 4
+# "cudnn-seq" (one cuDNN call per sequence of a ragged step) is never chosen by auto: cuDNN
+# builds an execution plan for every new (q_len, prefix) shape, ~120 ms on the H200, and a
+# serving step's chunk lengths change from step to step (`sawtrt.bench.prefill`, "serving
+# step": 120 ms against flash varlen's 2.3 ms); it stays selectable for fixed-shape callers
 
 
 @dataclass
@@ -192,16 +192,15 @@ def _merge(o1, lse1, o2, lse2):
 
 def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) -> str:
     """Which dense call serves this plan. auto: cuDNN when every dense sequence has the same
-    q_len and prefix (one causal call without a prefix, the LSE split with one), cuDNN per
-    sequence for ragged steps of a few sequences, flash varlen for ragged batches of many.
+    q_len and prefix (one causal call without a prefix, the LSE split with one), flash varlen
+    for ragged steps.
     `key` (D, dtype) skips a cuDNN form that raised before."""
     if backend not in BACKENDS:
         raise ValueError(f"dense prefill backend {backend!r}: one of {', '.join(BACKENDS)}")
     if backend == "auto":   # H200, qwen3-4b shape: cuDNN 1.8x faster than flash varlen on
         # fresh prompts; on a 2048-token chunk over 8192 cached, cuDNN split (prefix +
         # causal new, merged by LSE) 0.74 ms vs flash varlen 1.03 ms (sawtrt.bench.prefill)
-        backend = "cudnn" if plan.shape is not None else \
-            "cudnn-seq" if len(plan.dense_lens()) <= SEQ_CALLS_MAX else "flash"
+        backend = "cudnn" if plan.shape is not None else "flash"
     if backend == "cudnn-seq":
         return "flash" if (backend, *key) in _refused else backend
     if backend in ("cudnn", "cudnn-split") and plan.shape is None:
