@@ -6,4 +6,4 @@
 . "$(dirname "$0")/common.sh"
 kernel_lib
 python3 -m sawtrt.bench.prefill --lib "$SAWTRT_KERNEL_LIB" --shape qwen3-4b \
-  --backends auto,cudnn-split --reps 5 --json "$OUT/prefill-fresh-h200.json"
+  --backends auto,serial-write --reps 5 --json "$OUT/prefill-fresh-h200.json"
