@@ -267,6 +267,34 @@ def test_recovers_from_a_failed_step(eng_dir):
     e.block_manager.check([])
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_failed_step_keeps_queued_outputs(eng_dir, async_scheduling):
+    """Outputs queued before a step (an abort's final output) survive a step that raises: the
+    next step() delivers them, and no request goes without its finishing output."""
+    e = _engine(eng_dir, async_scheduling)
+    for rid, prompt, _ in _requests(6, seed=9, mixed=False):
+        e.add_request(rid, prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+    e.step()
+    e.step()
+    e.abort_request("q0")
+    run = "launch" if async_scheduling else "run"
+    orig = getattr(e.runner, run)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+    setattr(e.runner, run, fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        e.step()
+    setattr(e.runner, run, orig)
+    outs = {}
+    while e.has_unfinished():
+        for o in e.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert outs["q0"][-1].finished and outs["q0"][-1].finish_reason == "abort"
+    assert len(outs) == 6 and all(o[-1].finished for o in outs.values())
+    assert e.kv_cache_usage()["used_pages"] == 0
+
+
 def test_llm_api_generate_and_stream(eng_dir):
     """LLM.generate / LLM.stream over the async engine: the synchronous engine's texts, tokens
     and reasons, call after call (a step still in flight after one call is absorbed by the

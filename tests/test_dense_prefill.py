@@ -334,3 +334,31 @@ def test_fused_step_order_on_cpu(monkeypatch, policy, d, hkv, group, page, dtype
         u = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
         err = (got - want).abs() / (want.abs().amax(-1, keepdim=True) + 1e-5)
         assert err.max() <= 4 * u, (seq_lens, q_lens, err.max().item() / u)
+
+
+def test_fused_step_allocates_out_and_always_joins(monkeypatch):
+    """out=None with a sequence that has nothing new (q_len 0, no decode rows) gets an output
+    of the step's rows; an attention call that raises still joins the side-stream write."""
+    _reference_backends(monkeypatch)
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=32,kv,seed=5"), 128, 2, 32)
+    hq, d = 8, 128
+    gen = torch.Generator().manual_seed(3)
+    seq_lens, q_lens = [40, 9, 70], [40, 0, 6]
+    pool, tables = _pool_with_prefix(layout, seq_lens, q_lens, gen)
+    n = sum(q_lens)
+    qkv = torch.randn(n, (hq + 4) * d, generator=gen).to(torch.bfloat16)
+    slots = _slots(layout, tables, seq_lens, q_lens)
+    plan = dense_prefill.PrefillPlan.build(q_lens, seq_lens, slots)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    kern = _ReferenceKernels(layout, hq)
+    res = dense_prefill.fused_step(kern, qkv, pool, layout, hq, tables, lens, plan, d ** -0.5)
+    assert res.shape == (n, hq * d) and torch.isfinite(res.float()).all()
+
+    def boom(*args):
+        raise RuntimeError("attention failed")
+    monkeypatch.setattr(dense_prefill, "flash_varlen", boom)
+    kern = _ReferenceKernels(layout, hq)
+    with pytest.raises(RuntimeError, match="attention failed"):
+        dense_prefill.fused_step(kern, qkv, pool, layout, hq, tables, lens, plan, d ** -0.5,
+                                 backend="flash")
+    assert kern.calls[0] == "write" and kern.calls[-1] == "join" and kern.pending is None

@@ -241,11 +241,14 @@ class LLMEngine:
         if self.async_scheduling:
             return self._step_async()
         with self._lock:
-            outputs, self._pending = self._pending, []
+            # outputs accumulate in self._pending until returned: a step that raises keeps
+            # the finishes and aborts queued before it for the next call
+            outputs = self._pending
             batch = self.scheduler.schedule()
             if not batch.seqs:
                 if self.scheduler.has_unfinished() and not outputs:
                     raise RuntimeError("scheduler made no progress (pool too small?)")
+                self._pending = []
                 return outputs
             tokens = self.runner.run(batch)
             for seq, n, tok in zip(batch.seqs, batch.num_tokens, tokens):
@@ -254,6 +257,7 @@ class LLMEngine:
                     continue
                 seq.token_ids.append(tok)
                 outputs.append(self._process_token(seq, tok))
+            self._pending = []
             return outputs
 
     def _step_async(self) -> list[StepOutput]:
@@ -278,7 +282,7 @@ class LLMEngine:
                 self.scheduler.add(seq)
 
     def _step_async_locked(self) -> list[StepOutput]:
-        outputs, self._pending = self._pending, []
+        outputs = self._pending       # kept there until returned (see step)
         prev = self._inflight
         if prev is not None:
             for seq in prev.sampled:
@@ -302,6 +306,7 @@ class LLMEngine:
                     continue
                 seq.token_ids.append(tok)
                 outputs.append(self._process_token(seq, tok))
+        self._pending = []
         return outputs
 
     def _last_token_in_flight(self, seq: Sequence) -> bool:

@@ -385,26 +385,29 @@ def fused_step(kern, qkv, pool_layer, layout: PageLayout, num_q_heads: int, bloc
     tables = ops._i32(block_tables, dev)
     # 1. the cache holds exactly what the spec says: every new token's K/V, rotated + quantized
     kern.write(qkv, plan.slots, pool_layer)
-    if out is None and plan.decode_seqs is not None:
-        out = torch.empty(t, hq * d, dtype=qkv.dtype, device=dev)
-    # 2. dense rows: fresh K/V + dequantized prefix (positions < prefix: never what 1 writes)
-    x = qkv if plan.dense_rows is None else qkv.index_select(0, plan.dense_rows)
-    q = x[:, :hq * d].unflatten(1, (hq, d))
-    kn = x[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
-    vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
-    tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
-
-    def prefix_kv(rows: str):
-        if rows == "cat":
-            return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_k[:-1],
-                               plan.total_k, plan.max_prefix, qkv.dtype)
-        return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_prefix[:-1],
-                           plan.total_k - x.shape[0], plan.max_prefix, qkv.dtype)
-
     try:
+        # 2. dense rows: fresh K/V + dequantized prefix (positions < prefix: never what 1 writes)
+        if out is None and plan.dense_rows is not None:     # decode rows or q_len-0 rows too
+            out = torch.empty(t, hq * d, dtype=qkv.dtype, device=dev)
+        x = qkv if plan.dense_rows is None else qkv.index_select(0, plan.dense_rows)
+        q = x[:, :hq * d].unflatten(1, (hq, d))
+        kn = x[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
+        vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
+        tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
+
+        def prefix_kv(rows: str):
+            if rows == "cat":
+                return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_k[:-1],
+                                   plan.total_k, plan.max_prefix, qkv.dtype)
+            return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_prefix[:-1],
+                               plan.total_k - x.shape[0], plan.max_prefix, qkv.dtype)
+
         o = _dense(q, kn, vn, prefix_kv, plan, sm_scale, backend).reshape(-1, hq * d)
     finally:
-        kern.join()  # the decode rows below, the next layer and the next step read the pages
+        # the decode rows below, the next layer and the next step read the pages; and qkv /
+        # slots go back to the allocator only after the side stream is done with them: pages
+        # freed while a step is in flight are safe to reuse only because every layer joins here
+        kern.join()
     if plan.dense_rows is None:
         return o if out is None else out.copy_(o)
     out.index_copy_(0, plan.dense_rows, o)
