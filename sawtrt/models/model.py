@@ -54,7 +54,7 @@ class AttentionMetadata:
     is_decode: bool = False
     max_q_len: int = 0
     max_seq_len: int = 0
-    prefill: object | None = None
+    prefill: dense_prefill.PrefillPlan | None = None   # the fresh-K/V step plan
 
     def to(self, device) -> "AttentionMetadata":
         moved = {f: getattr(self, f).to(device, non_blocking=True) for f in self._TENSORS
