@@ -186,3 +186,38 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 def replace(spec: ModelSpec, **kw) -> ModelSpec:
     return dataclasses.replace(spec, **kw)
+
+
+def drive(engine, reqs, arrivals=8, aborts=None) -> dict:
+    """Run (rid, prompt, SamplingParams) requests through engine.step(), `arrivals` added
+    before each call; aborts: {step() call: [rid]} aborted before that call. Returns
+    {rid: [StepOutput]} after checking the stream contract (one finished output per request,
+    last; its token count the sum of the deltas) and that every page came back."""
+    outs = {rid: [] for rid, _, _ in reqs}
+    pending = list(reqs)
+    step = 0
+    while pending or engine.has_unfinished():
+        for _ in range(arrivals):
+            if pending:
+                engine.add_request(*pending.pop(0))
+        for rid in (aborts or {}).get(step, []):
+            engine.abort_request(rid)
+        for o in engine.step():
+            assert not (outs[o.request_id] and outs[o.request_id][-1].finished), \
+                f"{o.request_id}: output after its finished output"
+            outs[o.request_id].append(o)
+        step += 1
+        assert step < 10_000
+    for rid, os_ in outs.items():
+        assert os_ and os_[-1].finished, f"{rid} never finished"
+        assert os_[-1].num_output_tokens == sum(len(o.new_token_ids) for o in os_)
+    assert engine.kv_cache_usage()["used_pages"] == 0
+    engine.block_manager.check([])
+    assert not engine.has_unfinished() and engine._inflight is None
+    return outs
+
+
+def stream_summary(outputs) -> tuple:
+    """(tokens, text, finish reason) of one request's StepOutputs."""
+    return ([t for o in outputs for t in o.new_token_ids], "".join(o.new_text for o in outputs),
+            outputs[-1].finish_reason)

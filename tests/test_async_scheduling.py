@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from runtime_helpers import build_tiny, tiny_spec
+from runtime_helpers import build_tiny, drive, stream_summary, tiny_spec
 from sawtrt.bench.step_timer import ForwardTimer
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.options import EngineOptions
@@ -61,44 +61,12 @@ def _requests(n, seed=0, mixed=True):
     return reqs
 
 
-def _run(engine, reqs, arrivals_per_step=8, aborts=None):
-    """Drive the engine; {rid: [StepOutput]}. aborts: {step index: [rid]} aborted before that
-    step() call. Checks the stream contract: one finished output per request, last."""
-    outs = {rid: [] for rid, _, _ in reqs}
-    pending = list(reqs)
-    step = 0
-    while pending or engine.has_unfinished():
-        for _ in range(arrivals_per_step):
-            if pending:
-                engine.add_request(*pending.pop(0))
-        for rid in (aborts or {}).get(step, []):
-            engine.abort_request(rid)
-        for o in engine.step():
-            assert not (outs[o.request_id] and outs[o.request_id][-1].finished), \
-                f"{o.request_id}: output after its finished output"
-            outs[o.request_id].append(o)
-        step += 1
-        assert step < 10_000
-    for rid, os_ in outs.items():
-        assert os_ and os_[-1].finished, f"{rid} never finished"
-        assert os_[-1].num_output_tokens == sum(len(o.new_token_ids) for o in os_)
-    assert engine.kv_cache_usage()["used_pages"] == 0
-    engine.block_manager.check([])
-    assert not engine.has_unfinished() and engine._inflight is None
-    return outs
-
-
-def _summary(os_):
-    return ([t for o in os_ for t in o.new_token_ids], "".join(o.new_text for o in os_),
-            os_[-1].finish_reason)
-
-
 def _common_tokens(eng_dir, reqs):
     """The two most frequent greedy output tokens: as EOS they end many requests early."""
-    ref = _run(_engine(eng_dir, False), [(r, p, SamplingParams(max_tokens=8, ignore_eos=True))
+    ref = drive(_engine(eng_dir, False), [(r, p, SamplingParams(max_tokens=8, ignore_eos=True))
                                          for r, p, _ in reqs[:40]])
     return [t for t, _ in Counter(t for os_ in ref.values()
-                                  for t in _summary(os_)[0]).most_common(2)]
+                                  for t in stream_summary(os_)[0]).most_common(2)]
 
 
 @pytest.mark.parametrize("num_pages", [None, 10])
@@ -107,15 +75,16 @@ def test_async_matches_sync(eng_dir, num_pages):
     eos = _common_tokens(eng_dir, reqs)
     sync = _engine(eng_dir, False, eos, num_pages=num_pages)
     asyn = _engine(eng_dir, True, eos, num_pages=num_pages)
-    a, b = _run(sync, reqs), _run(asyn, reqs)
-    diff = [rid for rid in a if _summary(a[rid]) != _summary(b[rid])]
-    assert not diff, f"{len(diff)} requests differ, e.g. {diff[0]}: {_summary(a[diff[0]])} vs " \
-                     f"{_summary(b[diff[0]])}"
+    a, b = drive(sync, reqs), drive(asyn, reqs)
+    diff = [rid for rid in a if stream_summary(a[rid]) != stream_summary(b[rid])]
+    assert not diff, f"{len(diff)} requests differ, e.g. {diff[0]}: " \
+                     f"{stream_summary(a[diff[0]])} vs {stream_summary(b[diff[0]])}"
     # the streams themselves: the same deltas in the same order, one step() call later
     assert all([(o.new_token_ids, o.new_text) for o in a[r]] ==
                [(o.new_token_ids, o.new_text) for o in b[r]] for r in a)
-    reasons = Counter(_summary(os_)[2] for os_ in a.values())
-    eos_stops = sum(1 for os_ in a.values() if _summary(os_)[0][-1:] in ([eos[0]], [eos[1]]))
+    reasons = Counter(stream_summary(os_)[2] for os_ in a.values())
+    eos_stops = sum(1 for os_ in a.values()
+                    if stream_summary(os_)[0][-1:] in ([eos[0]], [eos[1]]))
     text_stops = reasons["stop"] - eos_stops
     assert eos_stops >= 15 and text_stops >= 15 and reasons["length"] >= 50, (reasons, eos_stops)
     if num_pages is not None:
@@ -128,7 +97,7 @@ def test_async_aborts_mid_flight(eng_dir):
     unchanged; no page leaks (also under preemption)."""
     reqs = _requests(150, seed=1)
     eos = _common_tokens(eng_dir, reqs)
-    ref = _run(_engine(eng_dir, False, eos), reqs)
+    ref = drive(_engine(eng_dir, False, eos), reqs)
     rng = random.Random(2)
     aborts: dict[int, list[str]] = {}
     for rid, _, _ in rng.sample(reqs, 50):
@@ -136,11 +105,11 @@ def test_async_aborts_mid_flight(eng_dir):
     aborted = {r for rs in aborts.values() for r in rs}
     for num_pages in (None, 10):
         for mode in (False, True):
-            outs = _run(_engine(eng_dir, mode, eos, num_pages=num_pages), reqs, aborts=aborts)
+            outs = drive(_engine(eng_dir, mode, eos, num_pages=num_pages), reqs, aborts=aborts)
             n_abort = 0
             for rid, os_ in outs.items():
-                toks, text, why = _summary(os_)
-                rtoks, rtext, rwhy = _summary(ref[rid])
+                toks, text, why = stream_summary(os_)
+                rtoks, rtext, rwhy = stream_summary(ref[rid])
                 if why == "abort":
                     assert rid in aborted
                     n_abort += 1
@@ -167,7 +136,7 @@ def test_length_finishes_keep_the_synchronous_batches(eng_dir):
                 log.append([(s.request_id, n) for s, n in zip(b.seqs, b.num_tokens)])
             return b
         e.scheduler.schedule = schedule
-        _run(e, reqs)
+        drive(e, reqs)
         assert e.scheduler.num_preemptions > 0
     assert batches[False] == batches[True]
 
@@ -241,7 +210,7 @@ def test_recovers_from_a_failed_step(eng_dir):
     outputs match the synchronous engine's."""
     reqs = _requests(40, seed=5, mixed=False)
     reqs = [(r, p, SamplingParams(max_tokens=sp.max_tokens, ignore_eos=True)) for r, p, sp in reqs]
-    ref = _run(_engine(eng_dir, False), reqs)
+    ref = drive(_engine(eng_dir, False), reqs)
     e = _engine(eng_dir, True)
     orig, calls = e.runner.launch, [0]
 
@@ -262,7 +231,8 @@ def test_recovers_from_a_failed_step(eng_dir):
             assert "injected" in str(err)
             failures += 1
     assert failures == 2
-    assert {r: _summary(o) for r, o in outs.items()} == {r: _summary(o) for r, o in ref.items()}
+    assert {r: stream_summary(o) for r, o in outs.items()} == \
+        {r: stream_summary(o) for r, o in ref.items()}
     assert e.kv_cache_usage()["used_pages"] == 0
     e.block_manager.check([])
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime_helpers import build_tiny, hf_logits, hf_model, replace, tiny_spec
+from runtime_helpers import (build_tiny, drive, hf_logits, hf_model, replace, stream_summary,
+                             tiny_spec)
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.sampling import SamplingParams
 from sawtrt.kernels import ops
@@ -169,21 +170,13 @@ def test_thousand_requests_preemption_gpu(tmp_path):
                     margins[(s.request_id, s.num_output_tokens)] = g
                 return logits
             engine.runner.forward = forward
-        outs = {r: [] for r, _, _ in reqs}
-        pending = list(reqs)
-        while pending or engine.has_unfinished():
-            for _ in range(16):
-                if pending:
-                    engine.add_request(*pending.pop(0))
-            for o in engine.step():
-                outs[o.request_id] += o.new_token_ids
-        return outs
+        return {r: stream_summary(os_)[0] for r, os_ in drive(engine, reqs, 16).items()}
 
     # quantized-read prefill: a recompute then reads the same INT4 K/V the decode steps read
     # (with the fresh-K/V prefill a recomputed sequence attends to its unquantized K/V, which
     # moves logits by the cache's quantization noise, not by rounding)
     # synchronous steps: the margin hook reads each forward's logits against the sequences'
-    # token counts (async scheduling's own equivalence test is test_async_scheduling_matches_sync_gpu)
+    # token counts (async scheduling has its own test: test_async_scheduling_matches_sync_gpu)
     big = LLMEngine.from_engine_dir(d, device="cuda", prefill_kv="cache", async_scheduling=False)
     small = LLMEngine.from_engine_dir(d, device="cuda", num_pages=16, prefill_kv="cache",
                                       async_scheduling=False)
@@ -267,24 +260,9 @@ def test_compiled_engine_matches_eager(tmp_path, monkeypatch):
     assert compared >= len(prompts) * 4, compared
 
 
-def _drive(engine, reqs, arrivals=16, aborts=None):
-    """{rid: (tokens, text, finish reason)}; aborts: {step() call: [rid]}."""
-    outs = {r: [] for r, _, _ in reqs}
-    pending, step = list(reqs), 0
-    while pending or engine.has_unfinished():
-        for _ in range(arrivals):
-            if pending:
-                engine.add_request(*pending.pop(0))
-        for rid in (aborts or {}).get(step, []):
-            engine.abort_request(rid)
-        for o in engine.step():
-            outs[o.request_id].append(o)
-        step += 1
-    assert all(o and o[-1].finished for o in outs.values())
-    assert engine.kv_cache_usage()["used_pages"] == 0
-    engine.block_manager.check([])
-    return {r: ([t for o in os_ for t in o.new_token_ids], "".join(o.new_text for o in os_),
-                os_[-1].finish_reason) for r, os_ in outs.items()}
+def _drive(engine, reqs, aborts=None):
+    """{rid: (tokens, text, finish reason)}, 16 arrivals per step() call."""
+    return {r: stream_summary(os_) for r, os_ in drive(engine, reqs, 16, aborts).items()}
 
 
 def test_async_scheduling_matches_sync_gpu(tmp_path):
