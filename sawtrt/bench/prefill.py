@@ -147,11 +147,13 @@ def bench_serving_step(torch, shape, budget, page_size, reps, gen,
         for r in range(reps + 1):
             tail = 61 + 7 * r + 3 * len(out)       # a shape this process has not seen yet
             q_lens, seq_lens = [tail, budget - tail], [budget, budget - tail]
-            slots = [int(bt[0, p // page_size]) * page_size + p % page_size
-                     for p in range(budget - tail, budget)]
-            slots += [int(bt[1, p // page_size]) * page_size + p % page_size
-                      for p in range(budget - tail)]
-            plan = dense_prefill.PrefillPlan.build(q_lens, seq_lens, slots, dev)
+            tail_pos = torch.arange(budget - tail, budget, device=dev)
+            head_pos = torch.arange(budget - tail, device=dev)
+            slots = torch.cat((bt[0, tail_pos // page_size].long() * page_size
+                               + tail_pos % page_size,
+                               bt[1, head_pos // page_size].long() * page_size
+                               + head_pos % page_size))
+            plan = dense_prefill.PrefillPlan.build(q_lens, seq_lens, slots.cpu(), dev)
             lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
