@@ -281,7 +281,7 @@ STEPS = [  # as tests/test_dense_prefill_gpu.py: mixed (decode rows, a one-token
 ]
 
 
-@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn-split"])
+@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn-split", "cudnn-seq"])
 @pytest.mark.parametrize("policy,d,hkv,group,page,dtype", [
     ("int8", 64, 1, 16, 16, torch.float16),        # the H200 failure's configuration
     ("int4-bdr:h=32,kv,seed=5", 128, 2, 4, 32, torch.bfloat16),

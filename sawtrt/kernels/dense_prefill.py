@@ -202,7 +202,7 @@ def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) ->
         # causal new, merged by LSE) 0.74 ms vs flash varlen 1.03 ms (sawtrt.bench.prefill)
         backend = "cudnn" if plan.shape is not None else "flash"
     if backend == "cudnn-seq":
-        return "flash" if (backend, *key) in _refused else backend
+        return backend
     if backend in ("cudnn", "cudnn-split") and plan.shape is None:
         backend = "flash"                  # cuDNN calls here take 4-D (uniform) batches only
     if backend == "cudnn-split" and plan.shape[2] == 0:
@@ -210,6 +210,16 @@ def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) ->
     if backend == "cudnn" and plan.shape[2] > 0:
         backend = "cudnn-split"            # one causal cuDNN call cannot align bottom-right
     return "flash" if (backend, *key) in _refused else backend
+
+
+def _cudnn_causal(q4, k4, v4, scale: float, kp4=None, vp4=None):
+    """Causal attention of q4 over its own k4 / v4 [B, H, L, D] by cuDNN, after a cached prefix
+    kp4 / vp4 (a non-causal call, merged by log-sum-exp) when one is given; q4's dtype."""
+    if kp4 is None:
+        return _sdpa_cudnn_4d(q4, k4, v4, True, scale)
+    o1, l1 = _cudnn_lse(q4, kp4, vp4, False, scale)
+    o2, l2 = _cudnn_lse(q4, k4, v4, True, scale)
+    return _merge(o1, l1, o2, l2).to(q4.dtype)
 
 
 def _cudnn_per_sequence(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float):
@@ -224,14 +234,9 @@ def _cudnn_per_sequence(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float):
 
     for lq, lp in plan.dense_lens():
         new = slice(a, a + lq)
-        q4, k4, v4 = bhld(q, new), bhld(kn, new), bhld(vn, new)
-        if lp == 0:
-            oi = _sdpa_cudnn_4d(q4, k4, v4, True, scale)
-        else:
-            pre = slice(p, p + lp)
-            o1, l1 = _cudnn_lse(q4, bhld(kp, pre), bhld(vp, pre), False, scale)
-            o2, l2 = _cudnn_lse(q4, k4, v4, True, scale)
-            oi = _merge(o1, l1, o2, l2)
+        pre = slice(p, p + lp)
+        oi = _cudnn_causal(bhld(q, new), bhld(kn, new), bhld(vn, new), scale,
+                           *((bhld(kp, pre), bhld(vp, pre)) if lp else ()))
         o[new] = oi[0].transpose(0, 1)
         a, p = a + lq, p + lp
     return o
@@ -243,28 +248,20 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
     "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows only, by cu_prefix)."""
     hq, hkv, d = q.shape[1], kn.shape[1], q.shape[2]
     name = choose_backend(plan, backend, (d, q.dtype))
-    if name == "cudnn-seq":
-        try:
-            return _cudnn_per_sequence(q, kn, vn, prefix_kv, plan, scale)
-        except RuntimeError:
-            if backend != "auto":
-                raise
-            _refused.add((name, d, q.dtype))
-    elif name != "flash":
+    if name == "cudnn-seq":         # only when asked for: auto never picks it
+        return _cudnn_per_sequence(q, kn, vn, prefix_kv, plan, scale)
+    if name != "flash":
         try:
             b, lq, lp = plan.shape
             q4 = q.view(b, lq, hq, d).transpose(1, 2)
             k4 = kn.view(b, lq, hkv, d).transpose(1, 2)
             v4 = vn.view(b, lq, hkv, d).transpose(1, 2)
-            if name == "cudnn":
-                o = _sdpa_cudnn_4d(q4, k4, v4, True, scale)
-            else:
+            prefix = ()
+            if name == "cudnn-split":
                 kp, vp = prefix_kv("prefix")
-                kp4 = kp.view(b, lp, hkv, d).transpose(1, 2)
-                vp4 = vp.view(b, lp, hkv, d).transpose(1, 2)
-                o1, l1 = _cudnn_lse(q4, kp4, vp4, False, scale)
-                o2, l2 = _cudnn_lse(q4, k4, v4, True, scale)
-                o = _merge(o1, l1, o2, l2).to(q.dtype)
+                prefix = (kp.view(b, lp, hkv, d).transpose(1, 2),
+                          vp.view(b, lp, hkv, d).transpose(1, 2))
+            o = _cudnn_causal(q4, k4, v4, scale, *prefix)
             return o.transpose(1, 2).reshape(b * lq, hq, d)
         except RuntimeError:
             if backend != "auto":
