@@ -249,6 +249,44 @@ def test_decode_matches_reference(d, policy_i, dtype):
 _DECODE_KINDS = ("bf16", "int8", "int4", "int4-bdr")   # saw_decode must serve these
 
 
+@pytest.mark.parametrize("policy", ["bf16", "int8", "int4", "int4-bdr"])
+@pytest.mark.parametrize("d, group", [(64, 4), (64, 16), (128, 16), (256, 8), (256, 16)])
+def test_decode_very_negative_scores(policy, d, group):
+    """Every token of a head scores the same value s (log2 units), from -20 down to -320 across
+    the heads: the softmax is uniform whatever s, so the output is the mean of V and never zero.
+    The softmax origin has to move to the scores (2^s alone underflows below s = -126); both
+    n-tiles of a 16-head group, one and several tiles and warps."""
+    hkv, page = 1, 16
+    hq = hkv * group
+    layout = PageLayout(KVPolicy.parse(policy), d, hkv, page)
+    sm_scale = d ** -0.5
+    scores = torch.linspace(-20.0, -320.0, hq)
+    gen = _gen(d * 31 + group)
+    for n in (1, 40, 300):
+        pages = (n + page - 1) // page
+        pool = kv_cache.new_pool(layout, 1, pages + 1, DEV, poison=0x5A)[0]
+        tables = torch.randperm(pages + 1, generator=gen)[:pages][None].int().to(DEV)
+        k = torch.zeros(n, hkv, d)
+        k[..., 0] = 1.0                                   # q.k = q[0] on every token
+        v = torch.randn(n, hkv, d, generator=gen)
+        pos = torch.arange(n)
+        slots = (tables[0, pos // page].long().cpu() * page + pos % page).to(DEV)
+        kv_cache.write_kv(pool, layout, k.to(DEV, torch.bfloat16), v.to(DEV, torch.bfloat16),
+                          slots)
+        q = torch.zeros(1, hq, d)
+        q[0, :, 0] = scores / (sm_scale * math.log2(math.e))
+        qd = q.to(DEV, torch.bfloat16)
+        lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+        cfg = make_cfg(layout, hq, torch.bfloat16, _signs_buf(layout))
+        out = torch.full((1, hq, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+        _decode_direct(cfg, qd, pool, tables, lens, pages * page, out)
+        torch.cuda.synchronize()
+        zero = [round(scores[h].item()) for h in range(hq) if out[0, h].abs().max() == 0]
+        assert not zero, f"len {n}: all-zero heads at scores {zero}"
+        ref = reference.paged_attention(qd.float(), pool, layout, tables, lens.cpu(), None, None)
+        check_close(out, ref, torch.bfloat16, f"len {n} D={d} {policy} G={group}")
+
+
 def _decode_direct(cfg, qd, pool, tables_d, lens_d, max_len, out):
     """saw_decode through the C ABI; ERR_UNSUPPORTED (the old int8 answer) fails the test."""
     b = qd.shape[0]
