@@ -279,4 +279,26 @@ int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* b
                              stream);
 }
 
+int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* bias,
+               void* y, int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream) {
+  SAW_REQUIRE(dtype == SAW_DTYPE_FP16 || dtype == SAW_DTYPE_BF16, SAW_ERR_UNSUPPORTED,
+              "linear: dtype %d not supported (0 fp16, 1 bf16)", dtype);
+  SAW_REQUIRE(m >= 1 && m <= SAW_LINEAR_MAX_M, SAW_ERR_UNSUPPORTED,
+              "linear: m %d outside [1, %d]", m, SAW_LINEAR_MAX_M);
+  SAW_REQUIRE(n >= 0 && k > 0 && k % 8 == 0, SAW_ERR_BAD_ARGUMENT,
+              "linear: n %d must be >= 0 and k %d a positive multiple of 8", n, k);
+  SAW_REQUIRE(int64_t(m) * k * 2 <= SAW_LINEAR_MAX_X_BYTES, SAW_ERR_UNSUPPORTED,
+              "linear: x (%d x %d) exceeds %d bytes of shared memory", m, k,
+              SAW_LINEAR_MAX_X_BYTES);
+  SAW_REQUIRE(x_stride >= k && x_stride % 8 == 0 && y_stride >= n, SAW_ERR_BAD_ARGUMENT,
+              "linear: x_stride %lld (>= k %d, multiple of 8) / y_stride %lld (>= n %d)",
+              (long long)x_stride, k, (long long)y_stride, n);
+  SAW_REQUIRE(x && w && y, SAW_ERR_BAD_ARGUMENT, "linear: NULL pointer among x %p, w %p, y %p",
+              x, w, y);
+  SAW_REQUIRE(!(reinterpret_cast<uintptr_t>(x) % 16) && !(reinterpret_cast<uintptr_t>(w) % 16),
+              SAW_ERR_BAD_ARGUMENT, "linear: x %p and w %p must be 16-byte aligned", x, w);
+  if (n == 0) return 0;
+  return saw::LaunchLinear(dtype, x, x_stride, w, bias, y, y_stride, m, n, k, stream);
+}
+
 }  // extern "C"

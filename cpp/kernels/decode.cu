@@ -8,6 +8,7 @@
 #include "saw/c_api.h"
 #include "saw/decode.cuh"
 #include "saw/dispatch.cuh"
+#include "saw/launch.cuh"
 #include "saw/launchers.h"
 #include "saw/layout.cuh"
 
@@ -27,16 +28,6 @@ int MinChunk() {
     return x >= kChunkAlign ? x : kMinChunkDefault;
   }();
   return v;
-}
-
-int SmCount() {
-  int dev = 0, n = 132;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    n = 132;
-  }
-  return n;
 }
 
 struct SplitPlan {
@@ -113,18 +104,9 @@ struct Instance {
     if (e != cudaSuccess) return e;
     dim3 grid(p.num_splits, p.num_kv_heads, num_seqs);
     kernel<<<grid, TR::kThreads, TR::kSmemBytes, stream>>>(p);
-    if (p.num_splits > 1) {
-      // programmatic dependent launch: the reducer's launch overlaps the main grid's tail
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(p.group * p.num_kv_heads, num_seqs);
-      cfg.blockDim = dim3(128);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      e = cudaLaunchKernelEx(&cfg, DecodeReduceKernel<T>, p, int(D));
+    if (p.num_splits > 1) {  // the reducer's launch overlaps the main grid's tail
+      e = LaunchProgrammatic(DecodeReduceKernel<T>, dim3(p.group * p.num_kv_heads, num_seqs),
+                             dim3(128), 0, stream, p, int(D));
       if (e != cudaSuccess) return e;
     }
     return cudaGetLastError();
@@ -182,6 +164,16 @@ SplitPlan Plan(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len) {
 }
 
 }  // namespace
+
+int SmCount() {
+  int dev = 0, n = 132;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    n = 132;
+  }
+  return n;
+}
 
 bool DecodeSupported(const SawConfig& cfg) {
   const int P = cfg.page_size;

@@ -114,6 +114,9 @@ _OPTIONAL = {
     "saw_gather_kv": (_c_int, [ctypes.POINTER(SawConfig), _ptr, _i32p, ctypes.c_int32, _i32p,
                                _i32p, ctypes.c_int32, ctypes.c_int32, _ptr, _ptr,
                                ctypes.c_int64, _ptr]),
+    "saw_linear": (_c_int, [ctypes.c_int32, _ptr, ctypes.c_int64, _ptr, _ptr, _ptr,
+                            ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                            _ptr]),
 }
 EXPORTS += tuple(_OPTIONAL)     # what this checkout's library exports
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import dense_prefill, ops
+from ..kernels.linear import linear
 from ..spec import PageLayout
 from . import kv_transform
 from .specs import ModelSpec
@@ -113,7 +114,7 @@ def attn_in(x, in_norm, qkv_w, qkv_b, q_norm, k_norm, cos, sin, transform, eps: 
     [T, (Hq + 2 Hkv) D]. Module-level and free of layer indices, so one compiled graph serves
     every layer."""
     h = rms_norm(x, in_norm, eps)
-    qkv = F.linear(h, qkv_w, qkv_b)
+    qkv = linear(h, qkv_w, qkv_b)
     t = qkv.shape[0]
     q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
     q = q.reshape(t, hq, d)
@@ -130,15 +131,15 @@ def attn_in(x, in_norm, qkv_w, qkv_b, q_norm, k_norm, cos, sin, transform, eps: 
 
 def attn_out_mlp(x, o, o_w, post_norm, gate_up_w, down_w, eps: float) -> torch.Tensor:
     """A layer's epilogue: o-projection and residual, RMSNorm, SiLU-gated MLP and residual."""
-    x = x + F.linear(o.reshape(x.shape[0], -1).to(x.dtype), o_w)
+    x = x + linear(o.reshape(x.shape[0], -1).to(x.dtype), o_w)
     h = rms_norm(x, post_norm, eps)
-    gate, up = F.linear(h, gate_up_w).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w)
+    gate, up = linear(h, gate_up_w).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, down_w)
 
 
 def final_logits(x, rows, norm_w, head_w, eps: float) -> torch.Tensor:
     """fp32 logits of the hidden states x[rows]: final RMSNorm and LM head."""
-    return F.linear(rms_norm(x[rows], norm_w, eps), head_w).float()
+    return linear(rms_norm(x[rows], norm_w, eps), head_w).float()
 
 
 def compile_mode(device: torch.device) -> bool:

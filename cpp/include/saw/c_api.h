@@ -94,6 +94,16 @@ int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* b
                   const int32_t* row_starts, int32_t num_seqs, int32_t max_prefix_len,
                   void* k_out, void* v_out, int64_t out_stride, cudaStream_t stream);
 
+// Skinny GEMM for decode steps: y[m, n] = x[m, k] w[n, k]^T (+ bias[n]) in dtype (SawDtype),
+// fp32 accumulation, one rounding. 1 <= m <= SAW_LINEAR_MAX_M; k % 8 == 0; m * k * 2 bytes <=
+// SAW_LINEAR_MAX_X_BYTES (x is staged in shared memory); x, w, y 16-byte aligned, x_stride % 8
+// == 0 (strides in elements); bias: [n] or NULL. Faster than a tensor-core GEMM while the
+// weight bytes dominate (m <= ~8).
+#define SAW_LINEAR_MAX_M 8
+#define SAW_LINEAR_MAX_X_BYTES (160 * 1024)
+int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* bias,
+               void* y, int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

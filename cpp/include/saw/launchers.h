@@ -17,6 +17,9 @@ cudaError_t LaunchStepSlots(const int32_t* block_tables, int32_t max_pages_per_s
                             int32_t num_tokens, int32_t page_size, int32_t* slots_out,
                             cudaStream_t stream);
 
+// cpp/kernels/decode.cu — SMs of the current device (132 when it cannot be asked).
+int SmCount();
+
 // cpp/kernels/decode.cu — split-KV paged decode attention.
 size_t DecodeWorkspaceBytes(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len);
 // True when the decode kernel has an instantiation for cfg (kind, head_dim, group, dtype, page).
@@ -43,5 +46,10 @@ cudaError_t LaunchGatherKV(const SawConfig& cfg, const void* pool_layer,
                            const int32_t* prefix_lens, const int32_t* row_starts,
                            int32_t num_seqs, int32_t max_prefix_len, void* k_out, void* v_out,
                            int64_t out_stride, cudaStream_t stream);
+
+// cpp/kernels/linear.cu — skinny GEMM y = x W^T (+ bias) for decode steps (m <= 8 rows).
+cudaError_t LaunchLinear(int32_t dtype, const void* x, int64_t x_stride, const void* w,
+                         const void* bias, void* y, int64_t y_stride, int32_t m, int32_t n,
+                         int32_t k, cudaStream_t stream);
 
 }  // namespace saw

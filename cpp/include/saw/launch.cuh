@@ -1,0 +1,29 @@
+// Kernel launch with programmatic dependent launch (PDL, sm_90+): the kernel's CTAs may be
+// scheduled while the previous kernel on the stream drains, so its launch latency and any work
+// that does not read that kernel's output overlap the tail. The kernel must execute
+// `griddepcontrol.wait` before it reads what the previous kernel wrote. CUDA graphs capture the
+// launch as a programmatic edge.
+#pragma once
+#include <utility>
+
+#include <cuda_runtime.h>
+
+namespace saw {
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                               size_t smem_bytes, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace saw

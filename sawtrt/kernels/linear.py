@@ -1,0 +1,92 @@
+"""The linear layers of a step: the skinny-GEMM kernel (saw_linear) for a decode step's single
+row, cuBLAS (F.linear) for everything else.
+
+At one row a Linear is a weight stream. On the H200 (`python -m sawtrt.bench.linear`,
+docs/perf/linear-h200.json) cuBLAS reaches 33-62 % of the copy bandwidth on Qwen3-4B's layer
+shapes (qkv 17.5 us for 31 MB) and saw_linear 37-72 %, 1.13-1.17x faster on qkv, o and gate_up,
+even on down; from two rows on, and for the 778 MB LM head, cuBLAS is as fast or faster, so
+the kernel serves one row and weights up to 128 MB. `linear` is a torch custom op on CUDA, so
+torch.compile keeps it as one opaque call inside the compiled layer work and CUDA graphs
+capture it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import library
+
+# rows served by saw_linear, where bench.linear measured it faster than cuBLAS; the environment
+# variable overrides it (0: cuBLAS everywhere, for A/B runs; the kernel takes up to 8)
+MAX_ROWS = int(os.environ.get("SAWTRT_LINEAR_MAX_ROWS", "1"))
+_MAX_W_BYTES = 128 << 20       # larger weights (LM heads) stream at ~92 % through cuBLAS too
+_MAX_X_BYTES = 160 * 1024      # SAW_LINEAR_MAX_X_BYTES: x is staged in shared memory
+
+
+def kernel_serves(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  max_rows: int = MAX_ROWS, max_weight_bytes: int = _MAX_W_BYTES) -> bool:
+    """Whether saw_linear takes y = x w^T + bias for these tensors (else cuBLAS)."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_rows and w.dim() == 2
+            and x.dtype == w.dtype):
+        return False
+    m, k = x.shape
+    lib = library.try_load()
+    return (lib is not None and hasattr(lib, "saw_linear")
+            and library.act_dtype_code(x.dtype) is not None
+            and 1 <= m <= max_rows and k % 8 == 0 and w.shape[1] == k
+            and m * k * x.element_size() <= _MAX_X_BYTES
+            and w.numel() * w.element_size() <= max_weight_bytes
+            and x.stride(1) == 1 and x.stride(0) % 8 == 0 and w.is_contiguous()
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+            and (bias is None or (bias.is_contiguous() and bias.dtype == x.dtype)))
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x w^T + bias through saw_linear (the caller checked kernel_serves)."""
+    m, n = x.shape[0], w.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    lib = library.load()
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    library.check(lib.saw_linear(
+        library.act_dtype_code(x.dtype), x.data_ptr(), x.stride(0), w.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), m, n,
+        x.shape[1], stream), lib)
+    return out
+
+
+def _eager(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if kernel_serves(x, w, bias):
+        return skinny_linear(x, w, bias)
+    return F.linear(x, w, bias)
+
+
+def _register() -> bool:
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:   # torch < 2.4: eager dispatch only
+        return False
+
+    @custom_op("sawtrt::linear", mutates_args=())
+    def _linear_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _eager(x, w, bias)
+
+    @_linear_op.register_fake
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    return True
+
+
+CUSTOM_OP = _register()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for 2-D x. CUDA inputs of at most MAX_ROWS rows go through the sawtrt::linear op
+    (saw_linear where kernel_serves, else cuBLAS inside it); the row test runs at trace time
+    under torch.compile, so larger steps keep inductor's plain mm and pay no op dispatch."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS:
+        return torch.ops.sawtrt.linear(x, w, bias) if CUSTOM_OP else _eager(x, w, bias)
+    return F.linear(x, w, bias)
