@@ -70,7 +70,7 @@ def profile_decode(engine, batch: int, context: int, steps: int = 5, warmup: int
     dev = statistics.median(r.device_ms for r in timer.records)
     wall = statistics.median(walls)
     gpu_ms = sum(by_class.values()) / 1e3
-    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:12]
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:24]
     return {"batch": batch, "context": context, "steps": steps, "step_wall_ms": wall,
             "forward_ms": fwd, "device_ms": dev, "kernel_ms": gpu_ms, "host_ms": wall - dev,
             "forward_gaps_ms": dev - gpu_ms,
