@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "saw/codec.cuh"
+
 namespace saw {
 
 constexpr int kLinearMaxM = 8;
@@ -38,17 +40,7 @@ template <> __device__ __forceinline__ float2 Unpack2<__nv_bfloat16>(uint32_t w)
   return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
 }
 template <> __device__ __forceinline__ float2 Unpack2<__half>(uint32_t w) {
-  __half2 h;
-  *reinterpret_cast<uint32_t*>(&h) = w;
-  return __half22float2(h);
-}
-
-template <typename T> __device__ __forceinline__ T LinearCast(float x);
-template <> __device__ __forceinline__ __half LinearCast<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 LinearCast<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+  return Half2ToFloat2(w);
 }
 
 // acc[m] += <8 weights of `wv`, 8 elements of x row m at chunk c>
@@ -131,8 +123,8 @@ LinearKernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
       float v = 0.f;
 #pragma unroll
       for (int m = 0; m < M; ++m) v = lane == m ? acc[m] : v;
-      if (bias != nullptr) v += static_cast<float>(bias[row]);
-      y[lane * y_stride + row] = LinearCast<T>(v);
+      if (bias != nullptr) v += ToFloat<T>(bias[row]);
+      y[lane * y_stride + row] = FromFloat<T>(v);
     }
   }
 }
