@@ -22,7 +22,9 @@ from .throughput import make_engine, start_decoding
 CLASSES = (
     ("attention (saw decode/prefill)", ("DecodeKernel", "DecodeReduceKernel", "PrefillKernel")),
     ("kv write (saw)", ("WriteKVKernel", "StepSlotsKernel")),
-    ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "cublas", "splitK")),
+    ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "cublas", "splitK",
+              "LinearKernel")),
+    ("compiled layer work (norms, RoPE, residual, SiLU)", ("triton_",)),
     ("reductions (norms, argmax)", ("reduce_kernel", "Reduce", "norm", "argmax")),
     ("copies / cat / index", ("copy", "Copy", "cat", "Cat", "index", "Index", "gather",
                               "scatter", "embedding")),
