@@ -1,11 +1,12 @@
 // Skinny GEMM for decode steps: y[M, N] = x[M, K] W[N, K]^T (+ bias), M <= kLinearMaxM.
 //
 // A decode step of a 4B model reads 8 GB of weights for a handful of rows: the GEMMs are pure
-// weight streams. cuBLAS picks tensor-core tiles with split-K for M = 1 and reaches 24-71 % of
-// the copy bandwidth on Qwen3-4B's four layer shapes (H200: qkv 31 us for 31 MB), plus a
-// split-K reduce launch per GEMM. Here every warp streams whole weight rows with 16-byte
-// loads, sixteen in flight per lane (the next row's go out before a row's reduction), and the M dot products run on the CUDA cores in fp32 — at
-// M <= 8 that is ~M FMA per weight byte pair, far below the SM's FMA rate.
+// weight streams. At one row cuBLAS runs a tensor-core tile with split-K and reaches 33-62 % of
+// the copy bandwidth on Qwen3-4B's layer shapes (H200: qkv 17.5 us for 31 MB). Here every warp
+// streams whole weight rows with 16-byte loads, sixteen in flight per lane (the next row's go
+// out before a row's reduction), and the M dot products run on the CUDA cores in fp32: at
+// M <= 8 that is ~M FMA per weight byte pair, far below the SM's FMA rate (sawtrt.bench.linear
+// has the comparison; from two rows on cuBLAS catches up).
 //
 // Layout: W row-major [N, K] (torch's Linear weight), K % 8 == 0 and 16-byte aligned rows;
 // x rows with stride x_stride elements (16-byte aligned), staged once per CTA in shared memory
