@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from runtime_helpers import build_tiny, tiny_spec
+from runtime_helpers import build_tiny, drive, stream_summary, tiny_spec
 from sawtrt.engine.block_manager import BlockManager
 from sawtrt.engine.llm_engine import LLMEngine
 from sawtrt.engine.sampling import SamplingParams
@@ -107,25 +107,6 @@ def _requests(n, vocab, max_seq_len, seed=0):
     return reqs
 
 
-def _run(engine: LLMEngine, reqs, arrivals_per_step=16):
-    outs = {rid: [] for rid, _, _ in reqs}
-    reasons = {}
-    pending = list(reqs)
-    steps = 0
-    while pending or engine.has_unfinished():
-        for _ in range(arrivals_per_step):
-            if pending:
-                engine.add_request(*pending.pop(0))
-        for o in engine.step():
-            outs[o.request_id] += o.new_token_ids
-            if o.finished:
-                assert o.request_id not in reasons
-                reasons[o.request_id] = o.finish_reason
-                assert o.num_output_tokens == len(outs[o.request_id])
-        steps += 1
-    return outs, reasons, steps
-
-
 @pytest.mark.slow
 def test_thousand_requests_with_and_without_preemption(tmp_path):
     spec = tiny_spec("llama", num_layers=1)      # one layer: the reference attention is the cost
@@ -136,20 +117,16 @@ def test_thousand_requests_with_and_without_preemption(tmp_path):
     small = LLMEngine.from_engine_dir(eng_dir, device="cpu", max_num_batched_tokens=256,
                                       num_pages=12)
     assert big.kv_cache_usage()["total_pages"] >= 64 * 3
-    out_a, why_a, steps_a = _run(big, reqs)
-    out_b, why_b, steps_b = _run(small, reqs)
+    # drive() checks the stream contract and that every page came back
+    a = {rid: stream_summary(o) for rid, o in drive(big, reqs, arrivals=16).items()}
+    b = {rid: stream_summary(o) for rid, o in drive(small, reqs, arrivals=16).items()}
     preempted = small.scheduler.num_preemptions
-    print(f"1000 requests: {steps_a} steps (pool {big.kv_cache_usage()['total_pages']} pages, "
-          f"{big.scheduler.num_preemptions} preemptions) vs {steps_b} steps (pool 12 pages, "
-          f"{preempted} preemptions)")
+    print(f"1000 requests: pool {big.kv_cache_usage()['total_pages']} pages, "
+          f"{big.scheduler.num_preemptions} preemptions vs pool 12 pages, {preempted}")
     assert big.scheduler.num_preemptions == 0
     assert preempted > 20
     for rid, prompt, p in reqs:
-        assert why_a[rid] == why_b[rid] == "length"
-        assert len(out_a[rid]) == p.max_tokens
-    diff = [rid for rid, _, _ in reqs if out_a[rid] != out_b[rid]]
+        assert a[rid][2] == b[rid][2] == "length"
+        assert len(a[rid][0]) == p.max_tokens
+    diff = [rid for rid, _, _ in reqs if a[rid][0] != b[rid][0]]
     assert not diff, f"{len(diff)} requests differ under preemption, e.g. {diff[:5]}"
-    for eng in (big, small):
-        assert eng.kv_cache_usage()["used_pages"] == 0
-        eng.block_manager.check([])
-        assert not eng.has_unfinished()
