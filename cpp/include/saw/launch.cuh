@@ -23,7 +23,9 @@ cudaError_t LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 bl
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (e != cudaSuccess) cudaGetLastError();  // reported here, not again by a later launch
+  return e;
 }
 
 }  // namespace saw

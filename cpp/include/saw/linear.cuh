@@ -4,9 +4,10 @@
 // weight streams. At one row cuBLAS runs a tensor-core tile with split-K and reaches 33-62 % of
 // the copy bandwidth on Qwen3-4B's layer shapes (H200: qkv 17.5 us for 31 MB). Here every warp
 // streams whole weight rows with 16-byte loads, sixteen in flight per lane (the next row's go
-// out before a row's reduction), and the M dot products run on the CUDA cores in fp32: at
-// M <= 8 that is ~M FMA per weight byte pair, far below the SM's FMA rate (sawtrt.bench.linear
-// has the comparison; from two rows on cuBLAS catches up).
+// out before a row's reduction), and the M dot products run on the CUDA cores in fp32 from x in
+// shared memory. That wins at M = 1 (1.13-1.17x on qkv, o, gate_up); each extra row adds its
+// shared-memory reads and conversions per weight chunk, and at M = 8 the kernel is 1.7-2.5x
+// slower than cuBLAS (sawtrt.bench.linear), so the runtime routes one row here.
 //
 // Layout: W row-major [N, K] (torch's Linear weight), K % 8 == 0 and 16-byte aligned rows;
 // x rows with stride x_stride elements (16-byte aligned), staged once per CTA in shared memory
@@ -17,11 +18,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "saw/c_api.h"
 #include "saw/codec.cuh"
 
 namespace saw {
 
-constexpr int kLinearMaxM = 8;
+constexpr int kLinearMaxM = SAW_LINEAR_MAX_M;
 constexpr int kLinearWarps = 8;   // per CTA
 constexpr int kLinearUnroll = 16;  // 16-byte weight loads in flight per lane (a whole row at
                                    // K <= 4096)
