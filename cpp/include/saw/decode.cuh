@@ -333,10 +333,10 @@ DecodeKernel(const DecodeParams p) {
   float o[NT][TR::kMT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    // Explicitly, not by SoftmaxState's member initializers: at NT = 2 the compiled kernel
-    // started the second n-tile's heads at m = 0 instead of -inf (H200, nvcc 13.0), so a head
-    // whose scores all lay below -8 never moved its origin and p = 2^s underflowed to an
-    // all-zero output below s = -126 (test_decode_very_negative_scores).
+    // Explicitly, not by SoftmaxState's member initializers: with those alone the sm_90a build
+    // (nvcc 13.0) was observed to start the second n-tile's heads (NT = 2) at m = 0 instead of
+    // -inf, so their origin moved only for scores above +8 (kLazy), and a head whose scores all
+    // lay below -126 got p = 2^s = 0: an all-zero output (test_decode_very_negative_scores).
     st[nt][0] = st[nt][1] = SoftmaxState{-INFINITY, 0.f};
     pm[nt][0] = pm[nt][1] = 0.f;
 #pragma unroll
