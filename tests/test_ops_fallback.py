@@ -55,3 +55,22 @@ def test_libraries_without_the_decode_probe_get_no_int8_fused_step():
     probe = SimpleNamespace(saw_decode_supported=lambda cfg: 1)
     cfg = library.make_config(PageLayout(KVPolicy("int8"), 128, 8), 32, torch.bfloat16)
     assert library.decode_supported(cfg, probe) is True
+
+
+def test_linear_cpu_is_cublas_path_and_op_matches():
+    """sawtrt.kernels.linear on CPU: never routed to saw_linear, equal to F.linear bit for bit;
+    the sawtrt::linear op (what compiled CUDA graphs call) gives the same values on any device
+    it is handed, with and without a bias."""
+    import torch.nn.functional as F
+
+    from sawtrt.kernels import linear as lin
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 24, generator=gen)
+    b = torch.randn(37, generator=gen)
+    for m in (1, 2, 9):
+        x = torch.randn(m, 24, generator=gen)
+        assert not lin.kernel_serves(x, w, b, max_rows=8)
+        assert torch.equal(lin.linear(x, w, b), F.linear(x, w, b))
+        assert torch.equal(lin.linear(x, w), F.linear(x, w))
+        if lin.CUSTOM_OP_REGISTERED:
+            assert torch.equal(torch.ops.sawtrt.linear(x, w, b), F.linear(x, w, b))
