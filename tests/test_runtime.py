@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -370,6 +371,7 @@ def test_prepare_block_tables_follow_every_table_change():
     from sawtrt.engine.sequence import Sequence
     runner = ModelRunner.__new__(ModelRunner)
     runner.page_size, runner.device, runner.max_pages = 4, torch.device("cpu"), 6
+    runner._zero_table_row = np.zeros(6, dtype=np.int32)    # what __init__ sets for max_pages
     a = Sequence("a", list(range(9)), SamplingParams(), 0)
     b = Sequence("b", list(range(3)), SamplingParams(), 1)
 

@@ -105,6 +105,7 @@ class ModelRunner:
         self.page_size = model.layout.page_size
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_seq_len // self.page_size)
+        self._zero_table_row = np.zeros(self.max_pages, dtype=np.int32)   # padding rows
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.step_marks: list[StepMarks] | None = None   # a list: record every step's timing
         self._last_end = None
@@ -171,11 +172,11 @@ class ModelRunner:
             q_lens += [1] * extra
             seq_lens += [1] * extra
             logits_idx += list(range(rows, pad_to))
-            tables += [self._zero_row()] * extra
+            tables += [self._zero_table_row] * extra
             width = self.max_pages
-        bt = np.stack(tables)
-        if width < self.max_pages:
-            bt = np.ascontiguousarray(bt[:, :max(width, 1)])
+        # one copy at the width the step needs (rows are cached at max_pages)
+        cols = max(width, 1)
+        bt = np.stack(tables if cols >= self.max_pages else [r[:cols] for r in tables])
         pin = pin and self.device.type == "cuda"
 
         def t(xs, dtype):
@@ -216,12 +217,6 @@ class ModelRunner:
             row[n:len(table)] = table[n:]
         seq.table_row = (table, len(table), row)
         return row
-
-    def _zero_row(self) -> np.ndarray:
-        z = getattr(self, "_zeros", None)
-        if z is None or z.shape[0] != self.max_pages:
-            z = self._zeros = np.zeros(self.max_pages, dtype=np.int32)
-        return z
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
