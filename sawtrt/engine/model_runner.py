@@ -73,7 +73,6 @@ class LaunchedStep:
     for, in the order of `tokens` (int64 on the device); `host` receives them (pinned on GPU)
     once `ready` (a CUDA event) has passed."""
 
-    batch: ScheduledBatch
     sampled: list = field(default_factory=list)
     tokens: torch.Tensor | None = None
     host: torch.Tensor | None = None
@@ -285,7 +284,7 @@ class ModelRunner:
         """Enqueue the step and return at once (on GPU): the sampled tokens stay on the device.
         prev: the step launched before this one and not yet resolved, whose sampled tokens are
         the inputs of this step's holes. The caller advances num_computed / num_pending."""
-        step = LaunchedStep(batch, self._sampled(batch))
+        step = LaunchedStep(self._sampled(batch))
         self._fill_from = prev
         try:
             logits = self.forward(batch)

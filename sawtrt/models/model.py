@@ -95,10 +95,6 @@ class Rope:
         every layer."""
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] -> rotated x, computed in x's dtype like the HF models."""
-        return rope(x, *self.tables(positions, x.dtype))
-
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] rotated by cos, sin [T, D] ("rotate half")."""
