@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..engine.options import SCHEDULING, EngineOptions
 from ..engine.sampling import SamplingParams
 from . import roofline
 from .stats import dist
@@ -196,12 +197,8 @@ def default_kv_gib(engine_dir, device=None, fraction: float = 0.8) -> float:
     return round(fraction * (free - weights) / GiB, 1)
 
 
-SCHEDULING = {"auto": None, "async": True, "sync": False}
-
-
 def make_engine(engine_dir, policy: str, max_num_seqs: int, kv_memory_gib: float,
                 max_num_batched_tokens: int, device=None, scheduling: str = "auto"):
-    from ..engine.options import EngineOptions
     return EngineOptions(kv_policy=policy, kv_memory_gib=kv_memory_gib,
                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                          async_scheduling=SCHEDULING[scheduling]).load(engine_dir, device)

@@ -56,7 +56,7 @@ def engine_options(f):
     as one `engine_options` (sawtrt.engine.options.EngineOptions) argument."""
     def make(ctx, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs, prefill_kv,
              scheduling):
-        from ..engine.options import EngineOptions
+        from ..engine.options import SCHEDULING, EngineOptions
         if kv_cache:
             from ..spec import KVPolicy
             try:
@@ -66,8 +66,7 @@ def engine_options(f):
         return EngineOptions(kv_policy=kv_cache or None, kv_memory_gib=kv_memory_gib,
                              max_num_batched_tokens=max_num_batched_tokens,
                              max_num_seqs=max_num_seqs, prefill_kv=prefill_kv,
-                             async_scheduling={"auto": None, "async": True,
-                                               "sync": False}[scheduling or "auto"])
+                             async_scheduling=SCHEDULING[scheduling or "auto"])
 
     @functools.wraps(f)
     def wrapper(*args, kv_cache, kv_memory_gib, max_num_batched_tokens, max_num_seqs,

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 GiB = 1 << 30
+# the --scheduling choices as EngineOptions.async_scheduling
+SCHEDULING = {"auto": None, "async": True, "sync": False}
 
 
 def _bool(v) -> bool:
