@@ -51,16 +51,21 @@ class BuildState:
 
     def record(self, step: str, inputs: dict, outputs, result) -> None:
         """Record what the step was built from, the files it wrote (names relative to the
-        engine directory) and its result; the file is rewritten only when something changed."""
+        engine directory; a {name: sha256} dict when the step already hashed them, as the
+        weights step does for a multi-GB file) and its result; the file is rewritten only when
+        something changed."""
         root = self.path.parent
-        self.steps[step] = {"inputs": fingerprint(inputs),
-                            "outputs": {str(n): sha256_file(root / n) for n in outputs},
+        digests = outputs if isinstance(outputs, dict) else \
+            {str(n): sha256_file(root / n) for n in outputs}
+        self.steps[step] = {"inputs": fingerprint(inputs), "outputs": dict(digests),
                             "result": result}
-        text = json.dumps({"steps": self.steps}, indent=1, sort_keys=True) + "\n"
-        if not self.path.is_file() or self.path.read_text() != text:
-            self.path.write_text(text)
+        self._save()
 
     def forget(self, step: str) -> None:
         if self.steps.pop(step, None) is not None:
-            self.path.write_text(json.dumps({"steps": self.steps}, indent=1, sort_keys=True)
-                                 + "\n")
+            self._save()
+
+    def _save(self) -> None:
+        text = json.dumps({"steps": self.steps}, indent=1, sort_keys=True) + "\n"
+        if not self.path.is_file() or self.path.read_text() != text:
+            self.path.write_text(text)

@@ -48,10 +48,10 @@ def run(plan: BuildPlan, source: dict, out: Path, state: BuildState, log,
             (out / WEIGHTS_FILE).unlink()
         tok_info = _write_tokenizer(out, None, spec)
         log(f"weights: random (seed {source['seed']}), regenerated at load; byte tokenizer")
-        outputs = list(tok_info["sha256"])
+        outputs = dict(tok_info["sha256"])
     else:
         weights_info, tok_info = _convert(plan, out, log, progress)
-        outputs = [WEIGHTS_FILE, *tok_info["sha256"]]
+        outputs = {WEIGHTS_FILE: weights_info["sha256"], **tok_info["sha256"]}
     state.record("weights", inputs, outputs, {"weights": weights_info, "tokenizer": tok_info})
     return weights_info, tok_info
 
@@ -73,7 +73,7 @@ def _from_config(out: Path, source: dict, state: BuildState, inputs: dict) -> di
     if any(not (out / f).is_file() or sha256_file(out / f) != h for f, h in files.items()):
         return None
     result = {"weights": weights, "tokenizer": tok}
-    state.record("weights", inputs, list(files), result)
+    state.record("weights", inputs, files, result)
     return result
 
 
