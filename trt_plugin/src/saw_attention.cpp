@@ -90,43 +90,52 @@ StepShape CheckShapes(const Params& p, const Dims* in, int32_t nb_in, const Dims
                      "cu_q_lens), got " + std::to_string(nb_in));
   const Dims &qkv = in[kQkv], &pool = in[kPool], &bt = in[kBlockTables], &sl = in[kSeqLens],
              &cu = in[kCuQLens];
-  auto need = [&](bool ok, const std::string& what) {
-    if (!ok) throw ShapeError(LayerPrefix(p) + what);
+  // the message is built only on failure: this runs in every enqueue, per layer and step
+  auto need = [&](bool ok, auto&& what) {
+    if (!ok) throw ShapeError(LayerPrefix(p) + what());
   };
   auto eq = [](int64_t a, int64_t b) { return a < 0 || b < 0 || a == b; };
   const int64_t hbb = p.HeadBlockBytes();
-  need(qkv.nbDims == 2 && eq(qkv.d[1], p.QkvWidth()),
-       "qkv must be [tokens, (Hq+2Hkv)*D = " + std::to_string(p.QkvWidth()) + "], got " +
-           List(qkv));
+  need(qkv.nbDims == 2 && eq(qkv.d[1], p.QkvWidth()), [&] {
+    return "qkv must be [tokens, (Hq+2Hkv)*D = " + std::to_string(p.QkvWidth()) + "], got " +
+           List(qkv);
+  });
   if (pool.nbDims == 3) {
-    need(eq(pool.d[1], p.num_kv_heads) && eq(pool.d[2], hbb),
-         "pool must be [pages, Hkv=" + std::to_string(p.num_kv_heads) + ", head_block_bytes=" +
-             std::to_string(hbb) + "] for " + ResolvedPolicy(p) + " page_size=" +
-             std::to_string(p.page_size) + ", got " + List(pool));
+    need(eq(pool.d[1], p.num_kv_heads) && eq(pool.d[2], hbb), [&] {
+      return "pool must be [pages, Hkv=" + std::to_string(p.num_kv_heads) +
+             ", head_block_bytes=" + std::to_string(hbb) + "] for " + ResolvedPolicy(p) +
+             " page_size=" + std::to_string(p.page_size) + ", got " + List(pool);
+    });
   } else {
-    need(pool.nbDims == 2 && eq(pool.d[1], p.PageBytes()),
-         "pool must be [pages, Hkv, " + std::to_string(hbb) + "] or [pages, " +
-             std::to_string(p.PageBytes()) + "], got " + List(pool));
+    need(pool.nbDims == 2 && eq(pool.d[1], p.PageBytes()), [&] {
+      return "pool must be [pages, Hkv, " + std::to_string(hbb) + "] or [pages, " +
+             std::to_string(p.PageBytes()) + "], got " + List(pool);
+    });
   }
-  need(bt.nbDims == 2, "block_tables must be [batch, max_pages], got " + List(bt));
-  need(sl.nbDims == 1 && eq(sl.d[0], bt.d[0]),
-       "seq_lens must be [batch = " + std::to_string(bt.d[0]) + "], got " + List(sl));
-  need(cu.nbDims == 1 && (bt.d[0] < 0 || eq(cu.d[0], bt.d[0] + 1)),
-       "cu_q_lens must be [batch + 1 = " +
+  need(bt.nbDims == 2, [&] { return "block_tables must be [batch, max_pages], got " + List(bt); });
+  need(sl.nbDims == 1 && eq(sl.d[0], bt.d[0]), [&] {
+    return "seq_lens must be [batch = " + std::to_string(bt.d[0]) + "], got " + List(sl);
+  });
+  need(cu.nbDims == 1 && (bt.d[0] < 0 || eq(cu.d[0], bt.d[0] + 1)), [&] {
+    return "cu_q_lens must be [batch + 1 = " +
            (bt.d[0] >= 0 ? std::to_string(bt.d[0] + 1) : std::string("batch+1")) + "], got " +
-           List(cu));
+           List(cu);
+  });
   const int64_t batch = bt.d[0] >= 0   ? bt.d[0]
                         : sl.d[0] >= 0 ? sl.d[0]
                         : cu.d[0] > 0  ? cu.d[0] - 1
                                        : -1;
-  need(batch < 0 || batch <= p.max_batch,
-       "batch " + std::to_string(batch) + " > max_batch=" + std::to_string(p.max_batch));
+  need(batch < 0 || batch <= p.max_batch, [&] {
+    return "batch " + std::to_string(batch) + " > max_batch=" + std::to_string(p.max_batch);
+  });
   if (out != nullptr) {
-    need(nb_out == kNumOutputs, "one output expected, got " + std::to_string(nb_out));
+    need(nb_out == kNumOutputs,
+         [&] { return "one output expected, got " + std::to_string(nb_out); });
     const Dims& o = out[0];
-    need(o.nbDims == 2 && eq(o.d[0], qkv.d[0]) && eq(o.d[1], p.OutWidth()),
-         "out must be [tokens = " + std::to_string(qkv.d[0]) + ", Hq*D = " +
-             std::to_string(p.OutWidth()) + "], got " + List(o));
+    need(o.nbDims == 2 && eq(o.d[0], qkv.d[0]) && eq(o.d[1], p.OutWidth()), [&] {
+      return "out must be [tokens = " + std::to_string(qkv.d[0]) + ", Hq*D = " +
+             std::to_string(p.OutWidth()) + "], got " + List(o);
+    });
   }
   return StepShape{qkv.d[0], batch, bt.d[1], pool.d[0]};
 }
