@@ -83,7 +83,7 @@ def generate(engine_dir, prompts, max_tokens, temperature, top_k, top_p, seed, s
         if stream:
             n = 0
             reason = None
-            for out in _stream(llm, prompts[0], params):
+            for out in llm.stream_outputs(prompts[0], params):
                 click.echo(out.new_text, nl=False)
                 sys.stdout.flush()
                 n += len(out.new_token_ids)
@@ -113,24 +113,6 @@ def _cpu_threads(threads: int | None) -> None:
     if threads is None and os.environ.get("OMP_NUM_THREADS"):
         return                                  # torch already follows it
     torch.set_num_threads(threads or 1)
-
-
-def _stream(llm, prompt, params):
-    """The engine's step outputs for one request as they come (LLM.stream yields text only;
-    the token count and finish reason go into the closing line)."""
-    rid = "cli-stream"
-    engine = llm.engine
-    engine.add_request(rid, prompt, params)
-    done = False
-    try:
-        while not done:
-            for out in engine.step():
-                if out.request_id == rid:
-                    done = out.finished
-                    yield out
-    finally:
-        if not done:
-            engine.abort_request(rid)
 
 
 def _stats(n: int, dt: float, reasons, llm) -> None:

@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
-from .llm_engine import LLMEngine
+from .llm_engine import LLMEngine, StepOutput
 from .sampling import SamplingParams
 
 
@@ -59,17 +59,23 @@ class LLM:
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Yield text deltas as they are generated."""
+        for out in self.stream_outputs(prompt, params):
+            if out.new_text:
+                yield out.new_text
+
+    def stream_outputs(self, prompt: str | list[int], params: SamplingParams | None = None
+                       ) -> Iterator[StepOutput]:
+        """Yield the request's StepOutputs as they come (token ids, text delta, finish reason);
+        the request is aborted if the caller stops early."""
         rid = f"stream-{next(self._ids)}"
         self.engine.add_request(rid, prompt, params or SamplingParams())
         done = False
         try:
             while not done:
                 for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
-                    if out.new_text:
-                        yield out.new_text
-                    done = out.finished
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
         finally:
             if not done:
                 self.engine.abort_request(rid)
