@@ -19,19 +19,19 @@ using nvinfer1::PluginFieldCollection;
 using nvinfer1::PluginFieldType;
 
 const FieldSpec kFields[] = {
-    {"num_q_heads", FieldKind::kInt32, true, 0, nullptr},
-    {"num_kv_heads", FieldKind::kInt32, true, 0, nullptr},
-    {"head_dim", FieldKind::kInt32, true, 0, nullptr},
-    {"page_size", FieldKind::kInt32, false, 64, nullptr},
-    {"kv_kind", FieldKind::kChar, false, 0, "int4-bdr"},
-    {"rotation_block", FieldKind::kInt32, false, 0, nullptr},
-    {"rotate_v", FieldKind::kInt32, false, 0, nullptr},
-    {"sign_seed", FieldKind::kInt32, false, -1, nullptr},
-    {"layer_index", FieldKind::kInt32, false, 0, nullptr},
-    {"max_seq_len", FieldKind::kInt32, false, 4096, nullptr},
-    {"max_batch", FieldKind::kInt32, false, 256, nullptr},
-    {"dtype", FieldKind::kChar, false, 0, "auto"},
-    {"sm_scale", FieldKind::kFloat32, false, 0.0, nullptr},
+    {"num_q_heads", FieldKind::kInt32, true},
+    {"num_kv_heads", FieldKind::kInt32, true},
+    {"head_dim", FieldKind::kInt32, true},
+    {"page_size", FieldKind::kInt32, false},
+    {"kv_kind", FieldKind::kChar, false},
+    {"rotation_block", FieldKind::kInt32, false},
+    {"rotate_v", FieldKind::kInt32, false},
+    {"sign_seed", FieldKind::kInt32, false},
+    {"layer_index", FieldKind::kInt32, false},
+    {"max_seq_len", FieldKind::kInt32, false},
+    {"max_batch", FieldKind::kInt32, false},
+    {"dtype", FieldKind::kChar, false},
+    {"sm_scale", FieldKind::kFloat32, false},
 };
 const int kNumFields = sizeof(kFields) / sizeof(kFields[0]);
 

@@ -32,9 +32,7 @@ enum class FieldKind { kInt32, kFloat32, kChar };
 struct FieldSpec {
   const char* name;
   FieldKind kind;
-  bool required;
-  double default_number;     // int32 / float32 fields
-  const char* default_text;  // char fields
+  bool required;  // optional fields default to Params' initializers
 };
 
 extern const FieldSpec kFields[];
