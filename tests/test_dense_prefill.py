@@ -74,8 +74,81 @@ def test_backend_choice_by_step_shape():
     assert dense_prefill.choose_backend(plan([4, 4], [4, 4], list(range(8)))) == "cudnn"
     assert dense_prefill.choose_backend(plan([4, 4], [9, 9], list(range(8)))) == "cudnn-split"
     assert dense_prefill.choose_backend(ragged, "flash") == "flash"
+    assert dense_prefill.choose_backend(ragged, "cudnn-bucket") == "flash"   # no fresh run
     with pytest.raises(ValueError, match="one of"):
         dense_prefill.choose_backend(ragged, "fa3")
+
+
+def test_fresh_runs_and_the_rest(monkeypatch):
+    """Prompt runs without a prefix and >= CUDNN_MIN_FRESH tokens go to padded cuDNN calls, by
+    their rows among the dense rows; the other dense sequences keep a plan of their own."""
+    monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 6)
+    plan = dense_prefill.PrefillPlan.build
+    step = plan([8, 1, 3, 9, 6], [8, 1, 12, 9, 6], list(range(27)))
+    assert step.dense_lens() == [(8, 0), (3, 9), (9, 0), (6, 0)]
+    assert step.fresh_runs == ((0, 8), (11, 9), (20, 6))
+    assert step.rest_seqs.tolist() == [1] and step.rest_rows.tolist() == [8, 9, 10]
+    rest = step.rest
+    assert rest.dense_lens() == [(3, 9)] and rest.fresh_runs == () and rest.rest is None
+    assert rest.dense_rows is None and rest.cu_k.tolist() == [0, 12] and rest.total_prefix == 9
+    assert dense_prefill.choose_backend(step) == "cudnn-bucket"
+    assert dense_prefill.choose_backend(step, "flash") == "flash"
+    one = plan([40], [40], list(range(40)))           # one fresh prompt: padded, not exact
+    assert one.fresh_runs == ((0, 40),) and one.rest is None
+    assert dense_prefill.choose_backend(one) == "cudnn-bucket"
+    short = plan([5], [5], list(range(5)))            # too short for cuDNN: flash
+    assert short.fresh_runs == () and dense_prefill.choose_backend(short) == "flash"
+    assert dense_prefill.choose_backend(plan([40, 40], [40, 40], list(range(80)))) == "cudnn"
+    # a fresh run that cuDNN refused once goes to flash varlen from then on
+    monkeypatch.setattr(dense_prefill, "_refused", {("cudnn-bucket", 64, torch.float16)})
+    assert dense_prefill.choose_backend(step, key=(64, torch.float16)) == "flash"
+
+
+def test_warm_up_runs_every_padded_length(monkeypatch):
+    """One padded call per length a fresh run can take, CUDNN_MIN_FRESH .. the step budget;
+    a shape cuDNN refuses is remembered and warm-up reports 0."""
+    monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 100)
+    monkeypatch.setattr(dense_prefill, "CUDNN_BUCKET", 128)
+    lens = []
+
+    def attend(q4, k4, v4, causal, scale):
+        lens.append((q4.shape[2], k4.shape[1], k4.stride(2)))
+        return torch.zeros_like(q4)
+    monkeypatch.setattr(dense_prefill, "_sdpa_cudnn_4d", attend)
+    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 600) == 5
+    # per bucket the padded call (packed rows) and the unpadded one (views of qkv rows)
+    assert lens == [(n, 2, s) for n in (128, 256, 384, 512, 640) for s in (2 * 16, 12 * 16)]
+    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 99) == 0
+
+    def refuse(*args):
+        raise RuntimeError("no plan")
+    monkeypatch.setattr(dense_prefill, "_sdpa_cudnn_4d", refuse)
+    monkeypatch.setattr(dense_prefill, "_refused", set())
+    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 600) == 0
+    assert dense_prefill._refused == {("cudnn-bucket", 16, torch.float32)}
+
+
+@pytest.mark.parametrize("n,bucket", [(1, 4), (13, 4), (16, 4), (37, 16), (48, 16)])
+def test_bucketed_causal_is_exact(n, bucket):
+    """Zero-padding a fresh run to the bucket changes nothing in its rows: the causal mask
+    keeps every real row off the padded keys (stand-in attention: fp32, top-left causal)."""
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(n, 4, 32, generator=gen)
+    k, v = _outlier(n, 2, 32, gen), torch.randn(n, 2, 32, generator=gen)
+    seen = []
+
+    def attend(q4, k4, v4, causal, scale):
+        assert causal and q4.shape[2] % bucket == 0 and q4.shape[2] - n < bucket
+        assert (k4[:, :, n:] == 0).all() and (v4[:, :, n:] == 0).all()
+        assert (q4.shape[2] == n) == (q4.data_ptr() == q.data_ptr())   # no padding: no copy
+        seen.append(q4.shape[2])
+        return _attend(q4, k4, v4, causal, scale)[0]
+
+    got = dense_prefill.bucketed_causal(q, k, v, 0.2, attend, bucket)
+    want = _attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                   True, 0.2)[0][0].transpose(0, 1)
+    assert seen and got.shape == (n, 4, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["int4-bdr:h=16,kv,seed=3", "int4", "int8", "bf16"])
@@ -274,14 +347,16 @@ def _reference_backends(monkeypatch):
 
 
 STEPS = [  # as tests/test_dense_prefill_gpu.py: mixed (decode rows, a one-token prompt
-    ([54, 97, 1, 200, 130], [54, 33, 1, 1, 64]),   # sequence), ragged, one length, one prefix
-    ([17, 300, 5], [5, 129, 5]),
+    ([54, 97, 1, 200, 130], [54, 33, 1, 1, 64]),   # sequence), ragged, one length, one prefix,
+    ([17, 300, 5], [5, 129, 5]),                   # fresh runs around a chunk over a prefix
     ([77, 77], [77, 77]),
     ([300, 300], [45, 45]),
+    ([70, 40, 1, 90], [70, 12, 1, 90]),
 ]
 
 
-@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn-split", "cudnn-seq"])
+@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn-split", "cudnn-seq",
+                                     "cudnn-bucket"])
 @pytest.mark.parametrize("policy,d,hkv,group,page,dtype", [
     ("int8", 64, 1, 16, 16, torch.float16),        # the H200 failure's configuration
     ("int4-bdr:h=32,kv,seed=5", 128, 2, 4, 32, torch.bfloat16),
@@ -289,8 +364,11 @@ STEPS = [  # as tests/test_dense_prefill_gpu.py: mixed (decode rows, a one-token
 def test_fused_step_order_on_cpu(monkeypatch, policy, d, hkv, group, page, dtype, backend):
     """dense_prefill.fused_step (the GPU path's order and row bookkeeping) with reference
     kernels: the write joins before the decode rows read, every gathered row that attention
-    reads is filled, each output row comes from its own path; against the fresh reference."""
+    reads is filled, each output row comes from its own path; against the fresh reference.
+    Fresh runs from 50 tokens, padded to 32 rows, so the small steps take the bucketed path."""
     _reference_backends(monkeypatch)
+    monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 50)
+    monkeypatch.setattr(dense_prefill, "CUDNN_BUCKET", 32)
     hq = hkv * group
     layout = PageLayout(KVPolicy.parse(policy), d, hkv, page)
     gen = torch.Generator().manual_seed(11)

@@ -146,6 +146,37 @@ def test_fresh_step_matches_reference(d, policy_i, dtype):
                     unit=torch.bfloat16 if 1 in q_lens else None)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("small", [True, False])
+def test_bucketed_fresh_runs_match_reference(monkeypatch, dtype, small):
+    """auto's padded cuDNN calls for fresh runs, beside flash varlen for a chunk over a prefix
+    and the decode kernel for a decode row, against the reference. small: runs from 50 tokens
+    padded to 64 rows (two runs around a chunk, one run alone); else the real constants (a
+    1 300-token run padded to 1 536 beside a 200-token chunk over 500 cached)."""
+    if small:
+        monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 50)
+        monkeypatch.setattr(dense_prefill, "CUDNN_BUCKET", 64)
+        steps = [([70, 40, 1, 90], [70, 12, 1, 90]), ([130], [130])]
+    else:
+        steps = [([1300, 700], [1300, 200])]
+    dt, d, hkv, hq, page = DTYPES[dtype], 128, 2, 8, 64
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=64,kv,seed=11"), d, hkv, page)
+    gen = _gen(41 + small)
+    for seq_lens, q_lens in steps:
+        pool, tables, qkv, cu, slots, plan = _step_case(layout, hq, dt, seq_lens, q_lens, gen)
+        assert dense_prefill.choose_backend(plan, key=(d, dt)) == "cudnn-bucket"
+        n = qkv.shape[0]
+        out = torch.full((n, hq * d), float("nan"), dtype=dt, device=DEV)
+        dense_prefill.attention_step(qkv, pool, layout, hq, tables,
+                                     torch.tensor(seq_lens, device=DEV, dtype=torch.int32), plan,
+                                     out=out)
+        torch.cuda.synchronize()
+        assert dense_prefill.choose_backend(plan, key=(d, dt)) == "cudnn-bucket", "cuDNN refused"
+        ref = _reference(qkv, pool, layout, hq, tables, seq_lens, q_lens, dt)
+        check_close(out.reshape(n, hq, d), ref, dt, f"bucketed {seq_lens}/{q_lens}",
+                    unit=torch.bfloat16 if 1 in q_lens else None)
+
+
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn-split", "cudnn-seq"])
 def test_backends_agree_on_chunks(backend):
     """Every dense backend on the shapes it serves; several chunks of one prompt, each over the

@@ -125,11 +125,12 @@ def bench_point(torch, shape, batch, q_len, seq_len, page_size, reps, flush, gen
 
 
 def bench_serving_step(torch, shape, budget, page_size, reps, gen,
-                       backends=("flash", "cudnn-seq")) -> dict:
+                       backends=("flash", "cudnn-seq", "auto")) -> dict:
     """The chunked-prefill serving step: the tail of one prompt (its first budget - tail tokens
     cached) and the head of the next, budget new tokens in all, int4-bdr pages. The tail length
     changes every rep (as it does from step to step in serving), so a backend's per-shape
-    set-up (cuDNN's graph build) is inside the timing. Returns ms per backend (median)."""
+    set-up (cuDNN's graph build) is inside the timing (auto: the head padded to a bucket whose
+    plan the first rep, not timed, built). Returns ms per backend (median)."""
     import statistics
 
     from ..kernels import dense_prefill

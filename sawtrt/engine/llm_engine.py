@@ -131,6 +131,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, tokens, cfg.max_seq_len)
         self.runner = ModelRunner(model, self.kv_pool, self.max_num_seqs, cfg.max_seq_len,
                                   cuda_graphs)
+        model.warm_up_prefill(tokens)
         if async_scheduling not in (True, False, "auto"):
             raise ValueError("async_scheduling must be True, False or 'auto'")
         # auto: on CUDA, where the host can run ahead of the device; on CPU every op already

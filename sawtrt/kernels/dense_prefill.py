@@ -42,11 +42,17 @@ from ..spec import PageLayout
 from . import library, ops
 
 SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
-BACKENDS = ("auto", "flash", "cudnn", "cudnn-split", "cudnn-seq")
-# "cudnn-seq" (one cuDNN call per sequence of a ragged step) is never chosen by auto: cuDNN
-# builds an execution plan for every new (q_len, prefix) shape, ~120 ms on the H200, and a
-# serving step's chunk lengths change from step to step (`sawtrt.bench.prefill`, "serving
-# step": 120 ms against flash varlen's 2.3 ms); it stays selectable for fixed-shape callers
+BACKENDS = ("auto", "flash", "cudnn", "cudnn-split", "cudnn-bucket", "cudnn-seq")
+# cuDNN builds an execution plan for every new shape (~65 ms on the H200, ~900 ms for the
+# process's first), and a serving step's chunk lengths change from step to step. So auto never
+# sends a serving step's exact lengths to cuDNN ("cudnn-seq", one call per sequence, stays
+# selectable for fixed-shape callers): a prompt's fresh run of CUDNN_MIN_FRESH or more tokens
+# (no cached prefix) is zero-padded to a multiple of CUDNN_BUCKET rows, exact under the causal
+# mask (a real row never sees a later key), so a handful of plans, built once by `warm_up`,
+# serve every length; the rest of the step goes to flash varlen. cuDNN's causal prefill is
+# ~2x flash varlen's speed at 8K (`sawtrt.bench.prefill`, "serving step").
+CUDNN_BUCKET = 256
+CUDNN_MIN_FRESH = 1024
 
 
 @dataclass
@@ -68,6 +74,12 @@ class PrefillPlan:
     shape        (P, q_len, prefix) when every dense sequence has the same q_len and prefix
                  (4-D dense calls), else None
     q_lens, seq_lens: host lists (the CPU reference)
+    total_prefix host-side: cached prefix rows of all dense sequences
+    fresh_runs   ((row, q_len), ...) dense sequences without a prefix and >= CUDNN_MIN_FRESH
+                 new tokens, by their first row among the dense rows ("cudnn-bucket")
+    rest         the plan of the other dense sequences (None: there are none), its rows
+                 `rest_rows` [Tr] int64 among the dense rows, its sequences `rest_seqs` [Pr]
+                 int64 among the dense sequences
     """
 
     slots: torch.Tensor
@@ -88,11 +100,18 @@ class PrefillPlan:
     shape: tuple[int, int, int] | None
     q_lens: list[int]
     seq_lens: list[int]
+    total_prefix: int = 0
+    fresh_runs: tuple[tuple[int, int], ...] = ()
+    rest: "PrefillPlan | None" = None
+    rest_rows: torch.Tensor | None = None
+    rest_seqs: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, q_lens, seq_lens, slot_mapping, device=None) -> "PrefillPlan | None":
+    def build(cls, q_lens, seq_lens, slot_mapping, device=None,
+              split_fresh: bool = True) -> "PrefillPlan | None":
         """From host-side q_lens / seq_lens [B] and slot_mapping [T]; None when no sequence has
-        two or more new tokens (a decode step: nothing to do densely)."""
+        two or more new tokens (a decode step: nothing to do densely). split_fresh: find the
+        fresh runs (and the plan of the rest)."""
         ql = np.asarray([int(n) for n in q_lens], dtype=np.int64)
         sl = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
         dense = np.nonzero(ql >= 2)[0]
@@ -122,6 +141,15 @@ class PrefillPlan:
 
         every = dense.size == ql.size
         uniform = np.all(dq == dq[0]) and np.all(dp == dp[0])
+        fresh = np.nonzero((dp == 0) & (dq >= CUDNN_MIN_FRESH))[0] if split_fresh else \
+            np.zeros(0, dtype=np.int64)
+        others = np.setdiff1d(np.arange(dense.size), fresh)
+        rest = rest_rows = rest_seqs = None
+        if fresh.size and others.size:
+            rest = cls.build(dq[others], dq[others] + dp[others], torch.zeros(0),
+                             split_fresh=False)
+            rest_rows = t(np.concatenate([np.arange(cu_q[i], cu_q[i + 1]) for i in others]))
+            rest_seqs = t(others)
         slots = slot_mapping if isinstance(slot_mapping, torch.Tensor) else \
             torch.as_tensor(slot_mapping)
         plan = cls(
@@ -135,7 +163,9 @@ class PrefillPlan:
             max_prefix=int(dp.max()), total_k=int(cu_k[-1]),
             max_decode=int(sl[decode].max()) if decode.size else 0,
             shape=(int(dense.size), int(dq[0]), int(dp[0])) if uniform else None,
-            q_lens=ql.tolist(), seq_lens=sl.tolist())
+            q_lens=ql.tolist(), seq_lens=sl.tolist(), total_prefix=int(cu_p[-1]),
+            fresh_runs=tuple((int(cu_q[i]), int(dq[i])) for i in fresh),
+            rest=rest, rest_rows=rest_rows, rest_seqs=rest_seqs)
         return plan if device is None else plan.to(device)
 
     def dense_lens(self) -> list[tuple[int, int]]:
@@ -152,6 +182,8 @@ class PrefillPlan:
     def to(self, device) -> "PrefillPlan":
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.rest is not None:
+            moved["rest"] = self.rest.to(device)
         return replace(self, **moved)
 
 
@@ -191,18 +223,24 @@ def _merge(o1, lse1, o2, lse2):
 
 
 def choose_backend(plan: PrefillPlan, backend: str = "auto", key: tuple = ()) -> str:
-    """Which dense call serves this plan. auto: cuDNN when every dense sequence has the same
-    q_len and prefix (one causal call without a prefix, the LSE split with one), flash varlen
-    for ragged steps.
+    """Which dense call serves this plan. auto: cuDNN at the exact shape for batches of several
+    sequences of one q_len and prefix, or one chunk over a prefix (one causal call without a
+    prefix, the LSE split with one: fixed-shape callers); cuDNN on padded rows for the fresh
+    runs of a step (flash varlen for the rest of it); flash varlen otherwise.
     `key` (D, dtype) skips a cuDNN form that raised before."""
     if backend not in BACKENDS:
         raise ValueError(f"dense prefill backend {backend!r}: one of {', '.join(BACKENDS)}")
     if backend == "auto":   # H200, qwen3-4b shape: cuDNN 1.8x faster than flash varlen on
         # fresh prompts; on a 2048-token chunk over 8192 cached, cuDNN split (prefix +
         # causal new, merged by LSE) 0.74 ms vs flash varlen 1.03 ms (sawtrt.bench.prefill)
-        backend = "cudnn" if plan.shape is not None else "flash"
-    if backend == "cudnn-seq":
-        return backend
+        if plan.shape is not None and (plan.shape[0] > 1 or plan.shape[2] > 0):
+            backend = "cudnn"
+        else:
+            backend = "cudnn-bucket" if plan.fresh_runs else "flash"
+    if backend == "cudnn-bucket" and not plan.fresh_runs:
+        backend = "flash"
+    if backend in ("cudnn-seq", "cudnn-bucket"):
+        return "flash" if (backend, *key) in _refused else backend
     if backend in ("cudnn", "cudnn-split") and plan.shape is None:
         backend = "flash"                  # cuDNN calls here take 4-D (uniform) batches only
     if backend == "cudnn-split" and plan.shape[2] == 0:
@@ -222,10 +260,58 @@ def _cudnn_causal(q4, k4, v4, scale: float, kp4=None, vp4=None):
     return _merge(o1, l1, o2, l2).to(q4.dtype)
 
 
+def bucketed_causal(q, k, v, scale: float, attend=None, bucket: int | None = None):
+    """Causal attention of one fresh run, q [L, Hq, D] over its own k / v [L, Hkv, D], as one
+    call on rows zero-padded to a multiple of `bucket` (exact: row i sees keys 0..i only);
+    returns [L, Hq, D]. attend(q4, k4, v4, causal, scale) on [1, H, Lb, D] views: cuDNN by
+    default (a plan per padded length, and one per length for runs that need no padding: those
+    go in as views of the caller's rows, without the copies)."""
+    attend = attend or _sdpa_cudnn_4d
+    bucket = bucket or CUDNN_BUCKET
+    n = q.shape[0]
+    nb = -(-n // bucket) * bucket
+    if nb == n:
+        return attend(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+                      True, scale)[0].transpose(0, 1)
+
+    def padded(x):            # [1, H, Lb, D] view of a packed [1, Lb, H, D] buffer
+        buf = x.new_empty(1, nb, *x.shape[1:])
+        buf[0, :n] = x
+        buf[0, n:] = 0
+        return buf.transpose(1, 2)
+
+    return attend(padded(q), padded(k), padded(v), True, scale)[0].transpose(0, 1)[:n]
+
+
+def warm_up(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, device,
+            max_tokens: int, scale: float = 1.0) -> int:
+    """Build cuDNN's plans for every length a fresh run of up to max_tokens can take
+    (CUDNN_MIN_FRESH .. max_tokens rounded up to CUDNN_BUCKET): per bucket, the padded call and
+    the unpadded one on rows of a step's qkv [T, (Hq + 2 Hkv) D], so serving never waits on one.
+    Returns the number of buckets; 0 where cuDNN refuses the shape (flash varlen serves)."""
+    lengths = range(-(-CUDNN_MIN_FRESH // CUDNN_BUCKET) * CUDNN_BUCKET,
+                    -(-max_tokens // CUDNN_BUCKET) * CUDNN_BUCKET + 1, CUDNN_BUCKET)
+    if max_tokens < CUDNN_MIN_FRESH:
+        return 0
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+    qkv = torch.zeros(lengths[-1], (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    q = qkv[:, :hq * d].unflatten(1, (hq, d))
+    k = qkv[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
+    v = qkv[:, (hq + hkv) * d:].unflatten(1, (hkv, d))
+    try:
+        for n in lengths:
+            for m in (n - 1, n):
+                bucketed_causal(q[:m], k[:m], v[:m], scale)
+    except RuntimeError:
+        _refused.add(("cudnn-bucket", head_dim, dtype))
+        return 0
+    return len(lengths)
+
+
 def _cudnn_per_sequence(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float):
     """Dense rows of a ragged step, one cuDNN call per sequence: causal over its new tokens,
     plus (with a cached prefix) a non-causal call over the prefix merged by log-sum-exp."""
-    kp, vp = prefix_kv("prefix") if plan.max_prefix else (None, None)
+    kp, vp = prefix_kv("prefix", plan) if plan.max_prefix else (None, None)
     o = torch.empty_like(q)
     a = p = 0
 
@@ -244,13 +330,35 @@ def _cudnn_per_sequence(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float):
 
 def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
     """Attention of the dense rows: q [Tp, Hq, D], their fresh kn/vn [Tp, Hkv, D]; prefix_kv is
-    a callable giving the dequantized prefixes (k, v) [rows, Hkv, D] at rows `layout`:
-    "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows only, by cu_prefix)."""
+    a callable (rows, plan, seqs=None) giving the dequantized prefixes (k, v) [rows, Hkv, D] of
+    `plan`'s sequences (`seqs`: their indices among this step's dense sequences when `plan` is
+    a part of it) at rows "cat" (the [prefix; new] buffer by cu_k) or "prefix" (prefix rows
+    only, by cu_prefix)."""
     hq, hkv, d = q.shape[1], kn.shape[1], q.shape[2]
     name = choose_backend(plan, backend, (d, q.dtype))
     if name == "cudnn-seq":         # only when asked for: auto never picks it
         return _cudnn_per_sequence(q, kn, vn, prefix_kv, plan, scale)
-    if name != "flash":
+    if name == "cudnn-bucket":
+        try:
+            if plan.rest is None and plan.fresh_runs == ((0, q.shape[0]),):
+                return bucketed_causal(q, kn, vn, scale)       # one run, every dense row
+            o = torch.empty_like(q)
+            for r0, n in plan.fresh_runs:
+                rows = slice(r0, r0 + n)
+                o[rows] = bucketed_causal(q[rows], kn[rows], vn[rows], scale)
+        except RuntimeError:
+            if backend != "auto":
+                raise
+            _refused.add((name, d, q.dtype))
+        else:
+            if plan.rest is not None:
+                rr = plan.rest_rows
+                o.index_copy_(0, rr, _dense(
+                    q.index_select(0, rr), kn.index_select(0, rr), vn.index_select(0, rr),
+                    lambda rows, p, seqs=None: prefix_kv(rows, p, plan.rest_seqs), plan.rest,
+                    scale, "flash"))
+            return o
+    elif name != "flash":
         try:
             b, lq, lp = plan.shape
             q4 = q.view(b, lq, hq, d).transpose(1, 2)
@@ -258,7 +366,7 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
             v4 = vn.view(b, lq, hkv, d).transpose(1, 2)
             prefix = ()
             if name == "cudnn-split":
-                kp, vp = prefix_kv("prefix")
+                kp, vp = prefix_kv("prefix", plan)
                 prefix = (kp.view(b, lp, hkv, d).transpose(1, 2),
                           vp.view(b, lp, hkv, d).transpose(1, 2))
             o = _cudnn_causal(q4, k4, v4, scale, *prefix)
@@ -270,7 +378,7 @@ def _dense(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float, backend: str):
     if plan.max_prefix == 0:
         k, v = kn, vn
     else:
-        k, v = prefix_kv("cat")
+        k, v = prefix_kv("cat", plan)
         k.index_copy_(0, plan.new_rows, kn)
         v.index_copy_(0, plan.new_rows, vn)
     return flash_varlen(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scale)
@@ -392,12 +500,13 @@ def fused_step(kern, qkv, pool_layer, layout: PageLayout, num_q_heads: int, bloc
         vn = x[:, (hq + hkv) * d:(hq + 2 * hkv) * d].unflatten(1, (hkv, d))
         tables_p = tables if plan.dense_seqs is None else tables.index_select(0, plan.dense_seqs)
 
-        def prefix_kv(rows: str):
+        def prefix_kv(rows: str, p: PrefillPlan, seqs=None):
+            tab = tables_p if seqs is None else tables_p.index_select(0, seqs)
             if rows == "cat":
-                return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_k[:-1],
-                                   plan.total_k, plan.max_prefix, qkv.dtype)
-            return kern.gather(pool_layer, tables_p, plan.prefix_lens, plan.cu_prefix[:-1],
-                               plan.total_k - x.shape[0], plan.max_prefix, qkv.dtype)
+                return kern.gather(pool_layer, tab, p.prefix_lens, p.cu_k[:-1], p.total_k,
+                                   p.max_prefix, qkv.dtype)
+            return kern.gather(pool_layer, tab, p.prefix_lens, p.cu_prefix[:-1], p.total_prefix,
+                               p.max_prefix, qkv.dtype)
 
         o = _dense(q, kn, vn, prefix_kv, plan, sm_scale, backend).reshape(-1, hq * d)
     finally:

@@ -258,6 +258,16 @@ class CausalLM(torch.nn.Module):
         self.prefill_kv = prefill_kv if prefill_kv != "auto" else \
             "fresh" if self.fused else "cache"
 
+    def warm_up_prefill(self, max_tokens: int) -> int:
+        """Build the dense prefill's cuDNN plans for prompt runs of up to max_tokens (a step's
+        token budget) before serving, so no step waits on one; the number built (0 on the CPU,
+        with the "cache" semantics or where cuDNN refuses the shape)."""
+        if self.prefill_kv != "fresh" or self.device.type != "cuda":
+            return 0
+        spec = self.spec
+        return dense_prefill.warm_up(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                     self.dtype, self.device, max_tokens, self.sm_scale)
+
     @property
     def compile_note(self) -> str:
         return self._attn_in.note
