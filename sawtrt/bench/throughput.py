@@ -257,6 +257,7 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                 if engine.device.type == "cuda" else None,
                 "dtype": str(engine.model.dtype)}
         log(f"{label}: engine ready in {load_s:.0f} s ({engine.runner.graph_note}; "
+            f"{engine.prefill_note}; "
             f"{'async' if engine.async_scheduling else 'synchronous'} scheduling; "
             f"{engine.block_manager.num_pages} pages of {cfg.layout.page_size} tokens, "
             f"{cfg.layout.bytes_per_token(cfg.model.num_layers)} B/token)")
@@ -267,7 +268,8 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                      "async_scheduling": engine.async_scheduling,
                      "kv_bytes_per_token": cfg.layout.bytes_per_token(cfg.model.num_layers),
                      "fused_kernels": engine.model.fused, "graphs": engine.runner.graph_note,
-                     "engine_load_s": load_s, "levels": rows})
+                     "prefill_plans": engine.prefill_note, "engine_load_s": load_s,
+                     "levels": rows})
         for lv in levels:
             row = run_level(engine, lv, progress=progress(label, lv) if progress else None)
             roofline.annotate(row, level_roofline(engine, row, hw, max_num_batched_tokens))

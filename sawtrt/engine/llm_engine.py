@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import random
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, tokens, cfg.max_seq_len)
         self.runner = ModelRunner(model, self.kv_pool, self.max_num_seqs, cfg.max_seq_len,
                                   cuda_graphs)
-        model.warm_up_prefill(tokens)
+        t0 = time.perf_counter()
+        n = model.warm_up_prefill(tokens)
+        self.prefill_note = f"cuDNN prefill plans for {n} padded lengths in " \
+            f"{time.perf_counter() - t0:.1f} s" if n else "no cuDNN prefill plans"
         if async_scheduling not in (True, False, "auto"):
             raise ValueError("async_scheduling must be True, False or 'auto'")
         # auto: on CUDA, where the host can run ahead of the device; on CPU every op already
