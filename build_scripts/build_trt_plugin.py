@@ -82,9 +82,9 @@ def trt_version(include: Path) -> str:
 def find_cuda() -> Path:
     """The CUDA toolkit root (runtime headers and libcudart_static.a)."""
     cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(str(Path(nvcc).resolve().parent.parent))
+    for nvcc in (os.environ.get("NVCC"), shutil.which("nvcc")):   # the kernels' nvcc first
+        if nvcc:
+            cands.append(str(Path(nvcc).resolve().parent.parent))
     cands += ["/usr/local/cuda", "/usr/local/cuda-13.0"]
     for c in filter(None, cands):
         if (Path(c) / "include" / "cuda_runtime_api.h").is_file():

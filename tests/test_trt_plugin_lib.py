@@ -50,6 +50,19 @@ def _compile(cmd: list[str]) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
 
 
+def test_find_cuda_follows_nvcc(tmp_path, monkeypatch):
+    """$NVCC picks the toolkit (as for the kernel library), ahead of the nvcc on PATH."""
+    root = tmp_path / "cuda-x"
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("")
+    (root / "include" / "cuda_runtime_api.h").write_text("")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NVCC", str(root / "bin" / "nvcc"))
+    assert B.find_cuda() == root
+
+
 @pytest.fixture(scope="module")
 def built():
     inc = trt_include()
