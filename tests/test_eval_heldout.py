@@ -171,6 +171,18 @@ class _FakeScorer:
         return 100 * policy.bits
 
 
+def test_default_window_fits_the_sliding_window():
+    def cfg(sw):
+        return type("Cfg", (), {"sliding_window": sw})
+    bos, nobos = _FakeTok(), type("Tok", (), {"bos_token_id": None})()
+    assert bos.bos_token_id is not None
+    assert ho.default_window(cfg(512), bos) == 511            # Gemma-3-270M
+    assert ho.default_window(cfg(None), bos) == 512
+    assert ho.default_window(cfg(4096), bos) == 512
+    assert ho.default_window(cfg(300), nobos) == 300
+    assert ho.default_window(object(), bos) == 512
+
+
 def test_protocol_arithmetic_with_a_fake_model():
     for n in corpus.EVAL_SOURCES + corpus.CALIB_SOURCES:
         _available(n)

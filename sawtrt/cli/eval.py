@@ -151,12 +151,9 @@ def _heldout(models, checkpoint, policies, tokens, window, seeds, eval_texts, ca
         raise click.BadParameter("give at least 1", param_hint="--seeds")
     results = []
     for m in (models or [None]):
-        win = window
-        if win is None:
-            win = 512 if m != "gemma3-270m" else 511      # BOS + 511 = Gemma-3's sliding window
         try:
             res = heldout(m, checkpoint if m is None else None, pols, seeds, ev, ca,
-                          tokens or 1024, calib_tokens, win, shrink, overfit=overfit_check,
+                          tokens or 1024, calib_tokens, window, shrink, overfit=overfit_check,
                           prompts=prompts,
                           gen_tokens=gen_tokens, threads=threads, prefill_kv=prefill_kv,
                           log=lambda s: click.echo(s, err=True))

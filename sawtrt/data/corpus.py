@@ -36,6 +36,7 @@ all W (teacher forcing), so `tokens` tokens of a source give exactly `tokens` pr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import sys
@@ -90,7 +91,7 @@ class Text:
     genre: str = ""
     pinned: bool = True  # False: a user's file or an unpinned CPython version (hash recorded)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
@@ -248,15 +249,18 @@ _LOADERS = {"gpl3": gpl3_text, "pyref": pyref_text, "calib": calib_text,
 SOURCE_NAMES = tuple(_LOADERS)
 
 
+@functools.cache
+def _named_text(name: str) -> Text:
+    return _LOADERS[name]()       # packaged texts: read, joined and hash-checked once a process
+
+
 def get_text(name) -> Text:
     """A named source (EVAL_SOURCES, CALIB_SOURCES) or a Text passed through."""
     if isinstance(name, Text):
         return name
-    try:
-        return _LOADERS[name]()
-    except KeyError:
-        raise CorpusError(f"unknown text source {name!r}; choose from "
-                          f"{', '.join(_LOADERS)}") from None
+    if name not in _LOADERS:
+        raise CorpusError(f"unknown text source {name!r}; choose from {', '.join(_LOADERS)}")
+    return _named_text(name)
 
 
 def _shingles(text: str, n: int = SHINGLE_WORDS) -> set:

@@ -86,6 +86,13 @@ def overfit_flag(gain_heldout: float, gain_calib: float) -> bool:
         gain_calib - gain_heldout > OVERFIT_POINTS
 
 
+def default_window(cfg, tok, longest: int = 512) -> int:
+    """Tokens per window: `longest`, or what a shorter sliding window holds beside the BOS
+    (Gemma-3-270M: 511)."""
+    sw = getattr(cfg, "sliding_window", None)
+    return min(longest, sw - (tok.bos_token_id is not None)) if sw else longest
+
+
 class _Scorer:
     """Scores windows under a policy on the model's path (runtime or hf-paged)."""
 
@@ -97,6 +104,7 @@ class _Scorer:
         cfg = self.hf.config
         self.cfg = cfg
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        window = default_window(cfg, self.tok) if window is None else window
         self.calib_sources, self.calib_tokens, self.window = calib_sources, calib_tokens, window
         self.shrink = shrink
         self.runtime = RuntimeModel(self.label, tokenizer=self.tok, calib_sources=calib_sources,
@@ -181,7 +189,8 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
             policies=("bf16", "int4-bdr:h=64", "int4-bdr:h=64,kv,center,whiten"),
             seeds: int = 4, eval_sources=corpus.EVAL_SOURCES,
             calib_sources=corpus.CALIB_SOURCES, tokens: int = 1024, calib_tokens: int = 1024,
-            window: int = 512, shrink: float = 0.0, overfit: bool = True, prompts: int = 0,
+            window: int | None = None, shrink: float = 0.0, overfit: bool = True,
+            prompts: int = 0,
             gen_tokens: int = 32, threads: int = 1, log=print, scorer=None,
             prefill_kv: str = "cache",
             memo: dict | None = None, first_seed: int = 1) -> dict:
@@ -199,6 +208,7 @@ def heldout(model: str | None = None, checkpoint: str | None = None,
                            prefill_kv)
     if scorer is not None:
         sc.configure(calib_sources, calib_tokens, shrink)
+    window = sc.window if window is None else window
     sw = getattr(sc.cfg, "sliding_window", None)
     bos = sc.tok.bos_token_id
     if sw and window + (bos is not None) > sw:
