@@ -67,7 +67,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: 
 def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayout,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     q_lens: torch.Tensor | None = None, sm_scale: float | None = None,
-                    query_operand: torch.dtype | None = None) -> torch.Tensor:
+                    query_operand: torch.dtype | None = None, gather=gather_kv) -> torch.Tensor:
     """Attention of the step's queries over the paged cache.
 
     q            [sum(q_lens), Hq, D] (any float dtype), sequences back to back
@@ -75,6 +75,8 @@ def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayou
     q_lens       [B] new tokens per sequence (default: all 1, i.e. decode)
     query_operand  torch.float16 to model the prefill kernel (rotated query rounded to fp16),
                  None for exact fp32 (see rotate_query)
+    gather       (pool_layer, layout, block_table, length) -> fp32 (K, V) of one sequence:
+                 kv_cache.gather_kv (byte by byte), or the CPU path's page slicing (same values)
     returns      [sum(q_lens), Hq, D] in q's dtype
     """
     if q.shape[-1] != layout.head_dim:
@@ -93,7 +95,7 @@ def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayou
         n, length = int(q_lens[b]), int(seq_lens[b])
         if n > length:
             raise ValueError(f"sequence {b}: {n} new tokens but only {length} in the cache")
-        k, v = gather_kv(pool_layer, layout, block_tables[b], length)
+        k, v = gather(pool_layer, layout, block_tables[b], length)
         out[start:start + n] = dense_attention(qr[start:start + n], k, v, length - n, sm_scale)
         start += n
     return unrotate_output(out, layout).to(q.dtype)

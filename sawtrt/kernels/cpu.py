@@ -4,14 +4,13 @@
 sawtrt.reference.paged_attention and the same semantics: the pool holds exactly the bytes the
 reference writes (same `kv_cache.encode`), and attention reads them back through the same
 `kv_cache.decode`. What changes is how bytes are addressed: whole pages and contiguous token rows
-are sliced as views instead of gathered byte by byte, and K and V are encoded in one call; the
-attention math is the reference's own, so results are bit-identical. On CPU every torch call costs microseconds whatever
-its size, and the reference's per-byte index tensors made one decode step of SmolLM2-135M cost
-~5 ms per layer (2.5 ms write, 2.4 ms attention) against ~1 ms of matmuls.
+are sliced as views instead of gathered byte by byte, and K and V are encoded in one call;
+attention is the reference's own loop over that gather, so results are bit-identical. On CPU
+every torch call costs microseconds whatever its size, and the reference's per-byte index
+tensors made one decode step of SmolLM2-135M cost ~5 ms per layer (2.5 ms write, 2.4 ms
+attention) against ~1 ms of matmuls.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -85,27 +84,6 @@ def paged_attention(q: torch.Tensor, pool_layer: torch.Tensor, layout: PageLayou
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     q_lens: torch.Tensor | None = None, sm_scale: float | None = None
                     ) -> torch.Tensor:
-    """reference.paged_attention (fp32 math, exact fp32 query) on CPU tensors."""
-    if q.shape[-1] != layout.head_dim:
-        raise ValueError(f"query head_dim {q.shape[-1]} != cache head_dim {layout.head_dim}")
-    hq, hkv, d = q.shape[1], layout.num_kv_heads, layout.head_dim
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads do not group over {hkv} KV heads")
-    lens = seq_lens.tolist()
-    qls = [1] * len(lens) if q_lens is None else q_lens.tolist()
-    if sum(qls) != q.shape[0]:
-        raise ValueError(f"q has {q.shape[0]} tokens but q_lens sums to {sum(qls)}")
-    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    qr = reference.rotate_query(q, layout)
-    out = torch.empty(q.shape, dtype=torch.float32)
-    start = 0
-    for b, (n, length) in enumerate(zip(qls, lens)):
-        if n > length:
-            raise ValueError(f"sequence {b}: {n} new tokens but only {length} in the cache")
-        k, v = gather_kv(pool_layer, layout, block_tables[b], length)
-        # the reference's own math on the same K/V: bit-identical (a reshaped GQA bmm differs
-        # in the last fp32 bit, and greedy SmolLM2 output then changes within 48 tokens)
-        out[start:start + n] = reference.dense_attention(qr[start:start + n], k, v, length - n,
-                                                         sm_scale)
-        start += n
-    return reference.unrotate_output(out, layout).to(q.dtype)
+    """reference.paged_attention (fp32 math, exact fp32 query) over the page-slicing gather."""
+    return reference.paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens,
+                                     sm_scale, gather=gather_kv)
