@@ -115,23 +115,29 @@ def test_warm_up_runs_every_padded_length(monkeypatch):
         lens.append((q4.shape[2], k4.shape[1], k4.stride(2)))
         return torch.zeros_like(q4)
     monkeypatch.setattr(dense_prefill, "_sdpa_cudnn_4d", attend)
-    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 600) == 5
+    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 600) == 10
     # per bucket the padded call (packed rows) and the unpadded one (views of qkv rows)
     assert lens == [(n, 2, s) for n in (128, 256, 384, 512, 640) for s in (2 * 16, 12 * 16)]
     assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 99) == 0
+    lens.clear()       # the smallest run fills its bucket: no padded call there
+    monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 128)
+    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 256) == 3
+    assert lens == [(128, 2, 12 * 16), (256, 2, 2 * 16), (256, 2, 12 * 16)]
 
     def refuse(*args):
         raise RuntimeError("no plan")
     monkeypatch.setattr(dense_prefill, "_sdpa_cudnn_4d", refuse)
     monkeypatch.setattr(dense_prefill, "_refused", set())
-    assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 600) == 0
+    with pytest.warns(RuntimeWarning, match="refused the padded prefill"):
+        assert dense_prefill.warm_up(8, 2, 16, torch.float32, "cpu", 600) == 0
     assert dense_prefill._refused == {("cudnn-bucket", 16, torch.float32)}
 
 
 @pytest.mark.parametrize("n,bucket", [(1, 4), (13, 4), (16, 4), (37, 16), (48, 16)])
 def test_bucketed_causal_is_exact(n, bucket):
-    """Zero-padding a fresh run to the bucket changes nothing in its rows: the causal mask
-    keeps every real row off the padded keys (stand-in attention: fp32, top-left causal)."""
+    """Zero-padding a fresh run to a multiple of the bucket changes nothing in its rows: the
+    causal mask keeps every real row off the padded keys (stand-in attention: fp32, causal; q
+    and k have one length, so top-left and bottom-right alignment agree)."""
     gen = torch.Generator().manual_seed(n)
     q = torch.randn(n, 4, 32, generator=gen)
     k, v = _outlier(n, 2, 32, gen), torch.randn(n, 2, 32, generator=gen)
@@ -352,6 +358,7 @@ STEPS = [  # as tests/test_dense_prefill_gpu.py: mixed (decode rows, a one-token
     ([77, 77], [77, 77]),
     ([300, 300], [45, 45]),
     ([70, 40, 1, 90], [70, 12, 1, 90]),
+    ([64, 9], [64, 1]),                            # one fresh run + a decode row
 ]
 
 
@@ -365,7 +372,8 @@ def test_fused_step_order_on_cpu(monkeypatch, policy, d, hkv, group, page, dtype
     """dense_prefill.fused_step (the GPU path's order and row bookkeeping) with reference
     kernels: the write joins before the decode rows read, every gathered row that attention
     reads is filled, each output row comes from its own path; against the fresh reference.
-    Fresh runs from 50 tokens, padded to 32 rows, so the small steps take the bucketed path."""
+    Fresh runs from 50 tokens, padded to a multiple of 32 rows (64 tokens: no padding, views of
+    qkv), so the small steps take the bucketed path."""
     _reference_backends(monkeypatch)
     monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 50)
     monkeypatch.setattr(dense_prefill, "CUDNN_BUCKET", 32)

@@ -151,12 +151,13 @@ def test_fresh_step_matches_reference(d, policy_i, dtype):
 def test_bucketed_fresh_runs_match_reference(monkeypatch, dtype, small):
     """auto's padded cuDNN calls for fresh runs, beside flash varlen for a chunk over a prefix
     and the decode kernel for a decode row, against the reference. small: runs from 50 tokens
-    padded to 64 rows (two runs around a chunk, one run alone); else the real constants (a
-    1 300-token run padded to 1 536 beside a 200-token chunk over 500 cached)."""
+    padded to a multiple of 64 rows (two runs around a chunk, one run alone); else the real constants (a
+    1 300-token run padded to 1 536 beside a 200-token chunk over 500 cached). A 128-token
+    run fills two buckets: cuDNN reads it as views of the step's qkv rows, unpadded."""
     if small:
         monkeypatch.setattr(dense_prefill, "CUDNN_MIN_FRESH", 50)
         monkeypatch.setattr(dense_prefill, "CUDNN_BUCKET", 64)
-        steps = [([70, 40, 1, 90], [70, 12, 1, 90]), ([130], [130])]
+        steps = [([70, 40, 1, 90], [70, 12, 1, 90]), ([130], [130]), ([128, 9], [128, 1])]
     else:
         steps = [([1300, 700], [1300, 200])]
     dt, d, hkv, hq, page = DTYPES[dtype], 128, 2, 8, 64

@@ -157,6 +157,31 @@ def test_top_k_one_is_greedy(engine):
     assert toks["g"] == toks["k"]
 
 
+def test_warm_up_once_per_stepping_thread(engine, monkeypatch):
+    """The prefill plans (per-thread state) are warmed by the first step of every thread that
+    steps, and not again; a CPU model has none to build."""
+    import threading
+    calls = []
+    monkeypatch.setattr(engine.model, "warm_up_prefill",
+                        lambda n: calls.append((threading.get_ident(), n)) or 0)
+    engine.add_request("a", [3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert calls == [(threading.get_ident(), 64)]          # min(budget 512, max_seq_len 64)
+    other = threading.Thread(target=engine.step)
+    other.start()
+    other.join()
+    assert len(calls) == 2 and calls[1][0] != calls[0][0]
+    assert engine.prefill_note == "no cuDNN prefill plans"
+
+
+def test_engine_steps_a_stand_in_model(tiny_dir):
+    """A model without warm_up_prefill (the TensorRT plan runner, the host-overhead bench's
+    free forward) still serves: host_overhead times engine steps with one."""
+    from sawtrt.bench import host_overhead
+    assert host_overhead.engine_step_ms(tiny_dir, batch=2, context=8, output=2, reps=3) > 0
+
+
 def test_llm_generate_and_stream(tiny_dir):
     llm = LLM(tiny_dir, device="cpu")
     p = SamplingParams(max_tokens=6, ignore_eos=True)

@@ -425,6 +425,30 @@ def test_stop_fails_pending_requests():
     assert late.events == [("error", "server is shutting down")] and late.kinds == ["unavailable"]
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_loop_warms_the_engine_on_its_own_thread(fails):
+    """The engine's per-thread state (cuDNN plans) is built on the thread that steps, before
+    the first request; a warm-up that raises leaves the loop serving."""
+    engine = FakeEngine()
+    warmed = []
+
+    def warm_up():
+        warmed.append(threading.current_thread().name)
+        if fails:
+            raise RuntimeError("no plans")
+        return "warm"
+    engine.warm_up = warm_up
+    lp = EngineLoop(engine, idle_wait_s=0.05).start()
+    try:
+        s = ListSink()
+        lp.submit(parsed(max_tokens=3), s)
+        wait_all([s])
+        assert s.text == "abc"
+        assert warmed == ["sawtrt-engine-loop"] and engine.calls_from == {"sawtrt-engine-loop"}
+    finally:
+        lp.stop()
+
+
 def test_on_step_metrics_errors_do_not_stop_serving():
     calls = []
 

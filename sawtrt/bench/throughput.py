@@ -248,6 +248,7 @@ def run(engine_dir, policies: list[str], levels: list[Level], kv_memory_gib: flo
                              kv_memory_gib, max(max_num_batched_tokens,
                                                 max(lv.concurrency for lv in levels)), device,
                              mode)
+        engine.warm_up()                # on this thread, which steps: part of getting ready
         load_s = time.perf_counter() - t0
         from ..engine.llm_engine import freeze_gc
         freeze_gc()                     # as the server does after loading its engine

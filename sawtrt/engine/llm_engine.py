@@ -132,10 +132,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, tokens, cfg.max_seq_len)
         self.runner = ModelRunner(model, self.kv_pool, self.max_num_seqs, cfg.max_seq_len,
                                   cuda_graphs)
-        t0 = time.perf_counter()
-        n = model.warm_up_prefill(tokens)
-        self.prefill_note = f"cuDNN prefill plans for {n} padded lengths in " \
-            f"{time.perf_counter() - t0:.1f} s" if n else "no cuDNN prefill plans"
+        # a fresh prompt run is at most one step's budget and one sequence long
+        self._prefill_budget = min(tokens, cfg.max_seq_len)
+        self._warm_threads: set[int] = set()
+        self.prefill_note = "cuDNN prefill plans not built yet"
         if async_scheduling not in (True, False, "auto"):
             raise ValueError("async_scheduling must be True, False or 'auto'")
         # auto: on CUDA, where the host can run ahead of the device; on CPU every op already
@@ -242,7 +242,21 @@ class LLMEngine:
                 "page_size": self.config.layout.page_size}
 
     # -- the step ---------------------------------------------------------------------------
+    def warm_up(self) -> str:
+        """Build the dense prefill's cuDNN plans (CausalLM.warm_up_prefill) for the calling
+        thread: torch keeps them per thread, so the thread that steps calls this before serving
+        (the server's engine loop does; `step` does on a thread's first step). Returns a note."""
+        warm = getattr(self.model, "warm_up_prefill", None)     # stand-in models have none
+        t0 = time.perf_counter()
+        n = warm(self._prefill_budget) if warm is not None else 0
+        self._warm_threads.add(threading.get_ident())
+        self.prefill_note = f"cuDNN prefill: {n} shapes warmed in " \
+            f"{time.perf_counter() - t0:.1f} s" if n else "no cuDNN prefill plans"
+        return self.prefill_note
+
     def step(self) -> list[StepOutput]:
+        if threading.get_ident() not in self._warm_threads:
+            self.warm_up()
         if self.async_scheduling:
             return self._step_async()
         with self._lock:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -43,14 +44,16 @@ from . import library, ops
 
 SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
 BACKENDS = ("auto", "flash", "cudnn", "cudnn-split", "cudnn-bucket", "cudnn-seq")
-# cuDNN builds an execution plan for every new shape (~65 ms on the H200, ~900 ms for the
-# process's first), and a serving step's chunk lengths change from step to step. So auto never
-# sends a serving step's exact lengths to cuDNN ("cudnn-seq", one call per sequence, stays
-# selectable for fixed-shape callers): a prompt's fresh run of CUDNN_MIN_FRESH or more tokens
-# (no cached prefix) is zero-padded to a multiple of CUDNN_BUCKET rows, exact under the causal
-# mask (a real row never sees a later key), so a handful of plans, built once by `warm_up`,
-# serve every length; the rest of the step goes to flash varlen. cuDNN's causal prefill is
-# ~2x flash varlen's speed at 8K (`sawtrt.bench.prefill`, "serving step").
+# cuDNN builds an execution plan for every new shape (~45-65 ms on the H200, ~900 ms for the
+# process's first; torch keeps them per thread), and a serving step's chunk lengths change from
+# step to step. So a prompt's fresh run of CUDNN_MIN_FRESH or more tokens (no cached prefix)
+# is zero-padded to a multiple of CUDNN_BUCKET rows, exact under the causal mask (a real row
+# never sees a later key): the plans `warm_up` builds serve every length, and the rest of a
+# ragged step goes to flash varlen. cuDNN's causal prefill is 1.9x flash varlen's speed on
+# 1 x 8192 (`sawtrt.bench.prefill`). Exact shapes still go to cuDNN for uniform steps (several
+# sequences of one length and prefix, or one chunk over a prefix: a plan per new shape, which
+# chunking a long prompt meets); "cudnn-seq" (one call per sequence at its exact length) only
+# when asked for.
 CUDNN_BUCKET = 256
 CUDNN_MIN_FRESH = 1024
 
@@ -270,6 +273,8 @@ def bucketed_causal(q, k, v, scale: float, attend=None, bucket: int | None = Non
     bucket = bucket or CUDNN_BUCKET
     n = q.shape[0]
     nb = -(-n // bucket) * bucket
+    if n == 0:
+        return q.new_empty(q.shape)
     if nb == n:
         return attend(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
                       True, scale)[0].transpose(0, 1)
@@ -285,10 +290,12 @@ def bucketed_causal(q, k, v, scale: float, attend=None, bucket: int | None = Non
 
 def warm_up(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, device,
             max_tokens: int, scale: float = 1.0) -> int:
-    """Build cuDNN's plans for every length a fresh run of up to max_tokens can take
-    (CUDNN_MIN_FRESH .. max_tokens rounded up to CUDNN_BUCKET): per bucket, the padded call and
-    the unpadded one on rows of a step's qkv [T, (Hq + 2 Hkv) D], so serving never waits on one.
-    Returns the number of buckets; 0 where cuDNN refuses the shape (flash varlen serves)."""
+    """Build cuDNN's plans, on the calling thread (torch keeps them per thread), for every
+    length a fresh run of up to max_tokens can take (CUDNN_MIN_FRESH .. max_tokens rounded up
+    to CUDNN_BUCKET): per bucket, the padded call and the unpadded one on rows of a step's qkv
+    [T, (Hq + 2 Hkv) D], so a step on this thread never waits on one. Returns the number of
+    calls made; 0 when max_tokens < CUDNN_MIN_FRESH or cuDNN refuses the shape (with a warning:
+    flash varlen serves those runs)."""
     lengths = range(-(-CUDNN_MIN_FRESH // CUDNN_BUCKET) * CUDNN_BUCKET,
                     -(-max_tokens // CUDNN_BUCKET) * CUDNN_BUCKET + 1, CUDNN_BUCKET)
     if max_tokens < CUDNN_MIN_FRESH:
@@ -298,14 +305,19 @@ def warm_up(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, device,
     q = qkv[:, :hq * d].unflatten(1, (hq, d))
     k = qkv[:, hq * d:(hq + hkv) * d].unflatten(1, (hkv, d))
     v = qkv[:, (hq + hkv) * d:].unflatten(1, (hkv, d))
+    calls = 0
     try:
         for n in lengths:
-            for m in (n - 1, n):
-                bucketed_causal(q[:m], k[:m], v[:m], scale)
-    except RuntimeError:
+            for m in (n - 1, n):          # padded to n, and n itself (no run is shorter than MIN)
+                if m >= CUDNN_MIN_FRESH:
+                    bucketed_causal(q[:m], k[:m], v[:m], scale)
+                    calls += 1
+    except RuntimeError as e:
         _refused.add(("cudnn-bucket", head_dim, dtype))
+        warnings.warn(f"cuDNN refused the padded prefill ({type(e).__name__}: {str(e)[:200]}); "
+                      "flash varlen serves every prompt", RuntimeWarning, stacklevel=2)
         return 0
-    return len(lengths)
+    return calls
 
 
 def _cudnn_per_sequence(q, kn, vn, prefix_kv, plan: PrefillPlan, scale: float):

@@ -259,9 +259,10 @@ class CausalLM(torch.nn.Module):
             "fresh" if self.fused else "cache"
 
     def warm_up_prefill(self, max_tokens: int) -> int:
-        """Build the dense prefill's cuDNN plans for prompt runs of up to max_tokens (a step's
-        token budget) before serving, so no step waits on one; the number built (0 on the CPU,
-        with the "cache" semantics or where cuDNN refuses the shape)."""
+        """Build the dense prefill's cuDNN plans, on the calling thread, for prompt runs of up
+        to max_tokens (a step's token budget), so no step on that thread waits on one
+        (dense_prefill.warm_up); the number of calls made: 0 on the CPU, with the "cache"
+        semantics, a budget below CUDNN_MIN_FRESH or where cuDNN refuses the shape."""
         if self.prefill_kv != "fresh" or self.device.type != "cuda":
             return 0
         spec = self.spec

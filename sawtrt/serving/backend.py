@@ -379,6 +379,12 @@ class EngineLoop:
     # --- loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            warm = getattr(self.engine, "warm_up", None)   # per-thread state (cuDNN plans):
+            if warm is not None:                            # built here, before any request
+                try:
+                    log.info("engine warm-up: %s", warm())
+                except Exception:        # noqa: BLE001 - serving works without it, only slower
+                    log.error("engine warm-up failed: %s", traceback.format_exc())
             while True:
                 with self._wake:
                     if (not self._stop and not self._incoming and not self._outcomes
