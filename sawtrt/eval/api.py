@@ -89,8 +89,7 @@ def evaluate(model: str | None = None, checkpoint: str | None = None,
                    min(128, d))
         calib = calibrate(hf, tok, label, blk, **_calib_windows(window))
         log(f"calibrated variants on 'calib' text ({calib['tokens']} tokens, h={blk})")
-    hook_kw = ({"means": calib["means"], "vmeans": calib["vmeans"], "levels": calib["levels"],
-                "calib": calib, "kv_calibration": kv_calibration(calib)} if calib else {})
+    hook_kw = {"kv_calibration": kv_calibration(calib)} if calib else {}
 
     def paths_for(s):
         p = parsed[s]
@@ -204,8 +203,7 @@ def probe(model: str | None = None, checkpoint: str | None = None, schemes=DEFAU
         if sch.calibrated:
             c = calibrate(hf, tok, label, sch.policy.block_for(d) or min(128, d),
                           **_calib_windows(window))
-            kw = {"means": c["means"], "vmeans": c["vmeans"], "levels": c["levels"], "calib": c,
-                  "kv_calibration": kv_calibration(c)}
+            kw = {"kv_calibration": kv_calibration(c)}
         hook = KVHook(sch, mode="probe", **kw)
         for w in ws:
             with hook.attach(hf):

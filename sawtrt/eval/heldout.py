@@ -138,8 +138,7 @@ class _Scorer:
                                             self.calib_tokens, self.window,
                                             sources=self.calib_sources)
         c = self._hf_calib[blk]
-        return {"means": c["means"], "vmeans": c["vmeans"], "levels": c["levels"], "calib": c,
-                "kv_calibration": kv_calibration(c, self.shrink)}
+        return {"kv_calibration": kv_calibration(c, self.shrink)}
 
     def score(self, policy: KVPolicy, windows) -> dict:
         """{source: [nll sum, tokens]} over the windows."""

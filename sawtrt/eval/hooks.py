@@ -8,9 +8,9 @@ Two paths, chosen per `KVHook`:
               (write-then-attend: every query reads only the quantized cache, its own token
               included). Served policies only.
     "fake"    fake quantization: K/V are quantized and de-quantized in place by
-              `sawtrt.eval.kvquant.fake_quant` (the same spec, or a prototype variant), then
-              ordinary causal attention in fp32. The cross-check of the paged path, and the
-              test bed for variants the cache format does not have yet.
+              `sawtrt.eval.kvquant.fake_quant` (the same spec), then ordinary causal attention
+              in fp32. The cross-check of the paged path, and the only path of the eval-only
+              options (@konly, @vonly, @v8), which no served policy expresses.
 
 Both work for teacher-forced windows (use_cache=False: the call sees the whole window) and for
 incremental decoding with a transformers DynamicCache (the call sees all K/V so far; the last
@@ -34,7 +34,7 @@ import torch
 from .. import kv_cache
 from ..kernels import ops
 from ..spec import PageLayout
-from .kvquant import KVScheme, balance_matrices, fake_quant, v_balance, v_whitening
+from .kvquant import KVScheme, fake_quant
 
 ATTN_NAME = "sawtrt_kv"
 _ACTIVE: contextvars.ContextVar["KVHook | None"] = contextvars.ContextVar("sawtrt_kv_hook",
@@ -62,9 +62,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 class KVHook:
     def __init__(self, scheme: KVScheme | str, mode: str = "fake", page_size: int = 64,
-                 max_tokens: int = 4096, means: dict | None = None, vmeans: dict | None = None,
-                 levels: torch.Tensor | None = None, record=None, calib: dict | None = None,
-                 kv_calibration=None):
+                 max_tokens: int = 4096, record=None, kv_calibration=None):
         self.scheme = KVScheme.parse(scheme) if isinstance(scheme, str) else scheme
         if mode not in ("fake", "paged", "probe"):
             raise ValueError(f"mode must be fake, paged or probe, not {mode!r}")
@@ -73,15 +71,9 @@ class KVHook:
         self.mode = mode
         self.page_size = page_size
         self.max_tokens = max_tokens
-        self.means = means or {}          # layer -> [Hkv, 1, D] K channel mean (center variant)
-        self.vmeans = vmeans or {}        # layer -> [Hkv, 1, D] V channel mean (vcenter variant)
-        self.levels = levels              # 16-level table (lut variant)
         self.record = record              # callable(layer, key) for statistics, or None
-        self.calib = calib                # calibrate.py's statistics (balance variants)
         self.kv_calibration = kv_calibration  # KVCalibration: the policy's K transform
-        self._kmats: dict[int, tuple] = {}    # layer -> (A, A^-1) of a balance variant
         self._served: dict[tuple, object] = {}  # (policy, Hq) -> KVTransform
-        self._vt: dict[int, torch.Tensor] = {}    # layer -> V balance t [Hkv, 1, D]
         self._caches: dict[int, tuple] = {}
         self.errors: dict[int, list] = {}     # probe mode: layer -> [sum err^2, sum exact^2]
 
@@ -114,11 +106,6 @@ class KVHook:
             raise ValueError(f"sequence of {length} > sliding window {sliding_window}")
         scaling = 1.0 / math.sqrt(d) if scaling is None else scaling
         layer = module.layer_idx
-        if self.scheme.vbal and layer not in self._vt:
-            self._vt[layer] = v_balance(self.calib, layer, module.o_proj.weight,
-                                        self.scheme.vbal)[:, None]
-        if self.scheme.vwhiten and layer not in self._vt:
-            self._vt[layer] = v_whitening(self.calib, layer, module.o_proj.weight)
         if self.record is not None:
             self.record(layer, key[0, :, length - n:])
         if self.mode == "paged":
@@ -190,13 +177,8 @@ class KVHook:
         return torch.einsum("hnl,hld->hnd", torch.softmax(scores, -1), vq).transpose(0, 1)
 
     def _fake(self, layer, q, k, v, scaling):
-        hkv, length, d = k.shape
-        n = q.shape[1]
         kpol, vpol = self.scheme.policy_for(layer, "k"), self.scheme.policy_for(layer, "v")
-        mean = self.means.get(layer) if self.scheme.center else None
-        if self.scheme.balance and layer not in self._kmats:
-            self._kmats[layer] = balance_matrices(self.scheme, self.calib, layer, d)
-        kmat = self._kmats.get(layer)
+        mean = kmat = None
         if kpol.transforms_k:                # the served center / balance / whiten, in fake form
             t = self._served_transform(kpol, q.shape[0])
             mean = t.k_mean[layer][:, None] if t.k_mean is not None else None
@@ -204,14 +186,6 @@ class KVHook:
                 kmat = (torch.diag_embed(t.k_scale[layer]), torch.diag_embed(1 / t.k_scale[layer]))
             if t.k_mat is not None:
                 kmat = (t.k_mat[layer], t.q_mat[layer].transpose(-1, -2))    # A, A^-1
-        base = self.scheme.policy.base          # the scheme's variants apply to its own layers
-        kq = fake_quant(k, kpol, "k", self.scheme if kpol is base else None,
-                        mean=mean, levels=self.levels, kmat=kmat)
-        vt = self._vt.get(layer)
-        vq = fake_quant(v / vt if isinstance(vt, torch.Tensor) else v, vpol, "v",
-                        self.scheme if vpol is base else None,
-                        mean=self.vmeans.get(layer) if self.scheme.vcenter else None,
-                        levels=self.levels, kmat=vt if isinstance(vt, tuple) else None)
-        if isinstance(vt, torch.Tensor):
-            vq = vq * vt
+        kq = fake_quant(k, kpol, "k", mean=mean, kmat=kmat)
+        vq = fake_quant(v, vpol, "v")
         return self._attend(q, kq, vq, scaling)               # [n, Hq, D]
