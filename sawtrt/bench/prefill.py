@@ -76,7 +76,7 @@ def bench_point(torch, shape, batch, q_len, seq_len, page_size, reps, flush, gen
 
             def gather():
                 dense_prefill.gather_prefix(pool, layout, cfg, tables, plan.prefix_lens,
-                                            plan.cu_prefix[:-1], plan.total_k - n,
+                                            plan.cu_prefix[:-1], plan.total_prefix,
                                             plan.max_prefix, torch.bfloat16)
             row["ms"]["gather"] = time_ms(torch, gather, reps, flush)
             moved = batch * (seq_len - q_len) * hkv * 2 * (layout.code_bytes + 4 + 2 * d)
