@@ -2,6 +2,7 @@
 // Validation runs before any CUDA call, so a bad configuration is reported the same on a
 // machine without a GPU (tests/test_build.py relies on that).
 #include <math.h>
+#include <cmath>
 #include <algorithm>
 #include <stdarg.h>
 #include <stdio.h>
@@ -123,6 +124,70 @@ int CheckQueryRows(int32_t num_seqs, int32_t num_tokens, int32_t max_q_len, int3
   return 0;
 }
 
+// The arguments saw_linear and saw_linear_glu share (x: what is staged, m x k elements).
+int CheckLinear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* y,
+                int64_t y_stride, int32_t m, int32_t n, int32_t k) {
+  SAW_REQUIRE(dtype == SAW_DTYPE_FP16 || dtype == SAW_DTYPE_BF16, SAW_ERR_UNSUPPORTED,
+              "linear: dtype %d not supported (0 fp16, 1 bf16)", dtype);
+  SAW_REQUIRE(m >= 1 && m <= SAW_LINEAR_MAX_M, SAW_ERR_UNSUPPORTED,
+              "linear: m %d outside [1, %d]", m, SAW_LINEAR_MAX_M);
+  SAW_REQUIRE(n >= 0 && k > 0 && k % 8 == 0, SAW_ERR_BAD_ARGUMENT,
+              "linear: n %d must be >= 0 and k %d a positive multiple of 8", n, k);
+  SAW_REQUIRE(int64_t(m) * k * 2 <= SAW_LINEAR_MAX_X_BYTES, SAW_ERR_UNSUPPORTED,
+              "linear: x (%d x %d) exceeds %d bytes of shared memory", m, k,
+              SAW_LINEAR_MAX_X_BYTES);
+  SAW_REQUIRE(x_stride >= k && x_stride % 8 == 0 && y_stride >= n, SAW_ERR_BAD_ARGUMENT,
+              "linear: x_stride %lld (>= k %d, multiple of 8) / y_stride %lld (>= n %d)",
+              (long long)x_stride, k, (long long)y_stride, n);
+  SAW_REQUIRE(x && w && y, SAW_ERR_BAD_ARGUMENT, "linear: NULL pointer among x %p, w %p, y %p",
+              x, w, y);
+  SAW_REQUIRE(!(reinterpret_cast<uintptr_t>(x) % 16) && !(reinterpret_cast<uintptr_t>(w) % 16),
+              SAW_ERR_BAD_ARGUMENT, "linear: x %p and w %p must be 16-byte aligned", x, w);
+  return 0;
+}
+
+// saw_attention_step with an optional q/k prologue (saw_attention_step_qk).
+int AttentionStep(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
+                  const SawQKPrologue* prologue, void* pool_layer, const int32_t* block_tables,
+                  int32_t max_pages_per_seq, const int32_t* seq_lens, const int32_t* cu_q_lens,
+                  int32_t num_seqs, int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len,
+                  void* out, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  SAW_CHECK_CONFIG(cfg);
+  const SawConfig& c = *cfg;
+  const int64_t need_stride = int64_t(c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim;
+  SAW_REQUIRE(qkv_stride >= need_stride, SAW_ERR_BAD_ARGUMENT,
+              "qkv stride %lld < (num_q_heads + 2 * num_kv_heads) * head_dim = %lld",
+              (long long)qkv_stride, (long long)need_stride);
+  if (int e = CheckAttentionArgs(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
+                                 seq_lens, num_seqs, max_seq_len, out))
+    return e;
+  if (int e = CheckQueryRows(num_seqs, num_tokens, max_q_len, max_seq_len, cu_q_lens)) return e;
+  if (num_seqs == 0 || num_tokens == 0) return 0;
+  const bool decode = max_q_len == 1 && num_tokens == num_seqs;
+  const size_t need = decode ? saw::DecodeWorkspaceBytes(c, num_seqs, max_seq_len)
+                             : saw::PrefillWorkspaceBytes(c, num_seqs, num_tokens, max_seq_len);
+  SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
+              "workspace of %zu bytes at %p, attention step needs %zu (saw_workspace_bytes)",
+              workspace_bytes, workspace, need);
+  saw::WriteSlots slots;  // derived in the write kernel from the step
+  slots.block_tables = block_tables;
+  slots.max_pages_per_seq = max_pages_per_seq;
+  slots.seq_lens = seq_lens;
+  slots.cu_q_lens = cu_q_lens;
+  slots.num_seqs = num_seqs;
+  slots.decode = decode;
+  cudaError_t e = saw::LaunchWriteKV(c, qkv, qkv_stride, slots, prologue, num_tokens,
+                                     pool_layer, stream);
+  if (e != cudaSuccess) return e;
+  if (decode)  // programmatic launch: its prologue overlaps the write (saw/launch.cuh)
+    return saw::LaunchDecode(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
+                             seq_lens, num_seqs, max_seq_len, out, workspace, workspace_bytes,
+                             stream, /*after_write=*/true);
+  return saw::LaunchPrefill(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
+                            seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len, max_seq_len,
+                            out, workspace, workspace_bytes, stream);
+}
+
 }  // namespace
 
 extern "C" {
@@ -165,17 +230,17 @@ int saw_write_kv(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
   SAW_REQUIRE(qkv && slot_mapping && pool_layer, SAW_ERR_BAD_ARGUMENT,
               "NULL pointer among qkv %p, slot_mapping %p, pool %p", qkv,
               (const void*)slot_mapping, pool_layer);
-  return saw::LaunchWriteKV(*cfg, qkv, qkv_stride, slot_mapping, num_tokens, pool_layer, stream);
+  saw::WriteSlots slots;
+  slots.slot_mapping = slot_mapping;
+  return saw::LaunchWriteKV(*cfg, qkv, qkv_stride, slots, nullptr, num_tokens, pool_layer,
+                            stream);
 }
 
 size_t saw_workspace_bytes(const SawConfig* cfg, int32_t num_seqs, int32_t num_tokens,
                            int32_t max_seq_len) {
   if (CheckConfig(cfg) || num_seqs < 0 || num_tokens < 0 || max_seq_len < 0) return 0;
-  // [ step slots (saw_attention_step) | attention partials ]
-  const size_t attn = std::max(saw::DecodeWorkspaceBytes(*cfg, num_seqs, max_seq_len),
-                               saw::PrefillWorkspaceBytes(*cfg, num_seqs, num_tokens,
-                                                          max_seq_len));
-  return saw::AlignUp(size_t(num_tokens) * sizeof(int32_t)) + attn;
+  return std::max(saw::DecodeWorkspaceBytes(*cfg, num_seqs, max_seq_len),
+                  saw::PrefillWorkspaceBytes(*cfg, num_seqs, num_tokens, max_seq_len));
 }
 
 int saw_decode(const SawConfig* cfg, const void* q, int64_t q_stride, const void* pool_layer,
@@ -220,38 +285,30 @@ int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride
                        const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
                        int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return AttentionStep(cfg, qkv, qkv_stride, nullptr, pool_layer, block_tables,
+                       max_pages_per_seq, seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len,
+                       max_seq_len, out, workspace, workspace_bytes, stream);
+}
+
+int saw_attention_step_qk(const SawConfig* cfg, void* qkv, int64_t qkv_stride,
+                          const SawQKPrologue* prologue, void* pool_layer,
+                          const int32_t* block_tables, int32_t max_pages_per_seq,
+                          const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
+                          int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
+                          void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   SAW_CHECK_CONFIG(cfg);
-  const SawConfig& c = *cfg;
-  const int64_t need_stride = int64_t(c.num_q_heads + 2 * c.num_kv_heads) * c.head_dim;
-  SAW_REQUIRE(qkv_stride >= need_stride, SAW_ERR_BAD_ARGUMENT,
-              "qkv stride %lld < (num_q_heads + 2 * num_kv_heads) * head_dim = %lld",
-              (long long)qkv_stride, (long long)need_stride);
-  if (int e = CheckAttentionArgs(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
-                                 seq_lens, num_seqs, max_seq_len, out))
-    return e;
-  if (int e = CheckQueryRows(num_seqs, num_tokens, max_q_len, max_seq_len, cu_q_lens)) return e;
-  if (num_seqs == 0 || num_tokens == 0) return 0;
-  const size_t slot_bytes = saw::AlignUp(size_t(num_tokens) * sizeof(int32_t));
-  const bool decode = max_q_len == 1 && num_tokens == num_seqs;
-  const size_t attn = decode ? saw::DecodeWorkspaceBytes(c, num_seqs, max_seq_len)
-                             : saw::PrefillWorkspaceBytes(c, num_seqs, num_tokens, max_seq_len);
-  SAW_REQUIRE(workspace != nullptr && workspace_bytes >= slot_bytes + attn, SAW_ERR_BAD_ARGUMENT,
-              "workspace of %zu bytes at %p, attention step needs %zu (saw_workspace_bytes)",
-              workspace_bytes, workspace, slot_bytes + attn);
-  int32_t* slots = static_cast<int32_t*>(workspace);
-  void* attn_ws = static_cast<char*>(workspace) + slot_bytes;
-  const size_t attn_bytes = workspace_bytes - slot_bytes;
-  cudaError_t e = saw::LaunchStepSlots(block_tables, max_pages_per_seq, seq_lens, cu_q_lens,
-                                       num_seqs, num_tokens, c.page_size, slots, stream);
-  if (e != cudaSuccess) return e;
-  e = saw::LaunchWriteKV(c, qkv, qkv_stride, slots, num_tokens, pool_layer, stream);
-  if (e != cudaSuccess) return e;
-  if (decode)
-    return saw::LaunchDecode(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
-                             seq_lens, num_seqs, max_seq_len, out, attn_ws, attn_bytes, stream);
-  return saw::LaunchPrefill(c, qkv, qkv_stride, pool_layer, block_tables, max_pages_per_seq,
-                            seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len, max_seq_len,
-                            out, attn_ws, attn_bytes, stream);
+  SAW_REQUIRE(prologue != nullptr, SAW_ERR_BAD_ARGUMENT, "prologue is NULL");
+  const SawQKPrologue& pr = *prologue;
+  SAW_REQUIRE((pr.rope_cos == nullptr) == (pr.rope_sin == nullptr), SAW_ERR_BAD_ARGUMENT,
+              "rope_cos %p and rope_sin %p: both or neither", pr.rope_cos, pr.rope_sin);
+  SAW_REQUIRE(pr.rope_cos == nullptr || pr.rope_stride >= cfg->head_dim, SAW_ERR_BAD_ARGUMENT,
+              "rope_stride %lld < head_dim %d", (long long)pr.rope_stride, cfg->head_dim);
+  SAW_REQUIRE((pr.q_norm == nullptr && pr.k_norm == nullptr) ||
+                  (std::isfinite(pr.norm_eps) && pr.norm_eps >= 0.f),
+              SAW_ERR_BAD_ARGUMENT, "norm_eps %g must be finite and >= 0", double(pr.norm_eps));
+  return AttentionStep(cfg, qkv, qkv_stride, prologue, pool_layer, block_tables,
+                       max_pages_per_seq, seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len,
+                       max_seq_len, out, workspace, workspace_bytes, stream);
 }
 
 int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* block_tables,
@@ -281,24 +338,18 @@ int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* b
 
 int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* bias,
                void* y, int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream) {
-  SAW_REQUIRE(dtype == SAW_DTYPE_FP16 || dtype == SAW_DTYPE_BF16, SAW_ERR_UNSUPPORTED,
-              "linear: dtype %d not supported (0 fp16, 1 bf16)", dtype);
-  SAW_REQUIRE(m >= 1 && m <= SAW_LINEAR_MAX_M, SAW_ERR_UNSUPPORTED,
-              "linear: m %d outside [1, %d]", m, SAW_LINEAR_MAX_M);
-  SAW_REQUIRE(n >= 0 && k > 0 && k % 8 == 0, SAW_ERR_BAD_ARGUMENT,
-              "linear: n %d must be >= 0 and k %d a positive multiple of 8", n, k);
-  SAW_REQUIRE(int64_t(m) * k * 2 <= SAW_LINEAR_MAX_X_BYTES, SAW_ERR_UNSUPPORTED,
-              "linear: x (%d x %d) exceeds %d bytes of shared memory", m, k,
-              SAW_LINEAR_MAX_X_BYTES);
-  SAW_REQUIRE(x_stride >= k && x_stride % 8 == 0 && y_stride >= n, SAW_ERR_BAD_ARGUMENT,
-              "linear: x_stride %lld (>= k %d, multiple of 8) / y_stride %lld (>= n %d)",
-              (long long)x_stride, k, (long long)y_stride, n);
-  SAW_REQUIRE(x && w && y, SAW_ERR_BAD_ARGUMENT, "linear: NULL pointer among x %p, w %p, y %p",
-              x, w, y);
-  SAW_REQUIRE(!(reinterpret_cast<uintptr_t>(x) % 16) && !(reinterpret_cast<uintptr_t>(w) % 16),
-              SAW_ERR_BAD_ARGUMENT, "linear: x %p and w %p must be 16-byte aligned", x, w);
+  if (int e = CheckLinear(dtype, x, x_stride, w, y, y_stride, m, n, k)) return e;
   if (n == 0) return 0;
-  return saw::LaunchLinear(dtype, x, x_stride, w, bias, y, y_stride, m, n, k, stream);
+  return saw::LaunchLinear(dtype, x, x_stride, w, bias, y, y_stride, m, n, k, false, stream);
+}
+
+int saw_linear_glu(int32_t dtype, const void* gu, int64_t gu_stride, const void* w, void* y,
+                   int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream) {
+  SAW_REQUIRE(gu_stride >= 2 * int64_t(k), SAW_ERR_BAD_ARGUMENT,
+              "linear_glu: gu_stride %lld < 2 * k (k %d)", (long long)gu_stride, k);
+  if (int e = CheckLinear(dtype, gu, gu_stride, w, y, y_stride, m, n, k)) return e;
+  if (n == 0) return 0;
+  return saw::LaunchLinear(dtype, gu, gu_stride, w, nullptr, y, y_stride, m, n, k, true, stream);
 }
 
 }  // extern "C"

@@ -125,11 +125,11 @@ def test_bad_arguments_are_named(lib):
     assert "max_seq_len 1000" in lib.saw_last_error_message().decode()
     code = lib.saw_prefill(ref, 16, 4096, 16, 16, 8, 16, 16, 1, 4, 9, 8, 16, 16, 1 << 20, None)
     assert "max_q_len 9" in lib.saw_last_error_message().decode()
-    # the fused step needs its slot scratch: workspace too small is refused, not overrun
-    need = lib.saw_workspace_bytes(ref, 2, 64, 512)
-    assert need >= 64 * 4
-    code = lib.saw_attention_step(ref, 16, 4096, 16, 16, 8, 16, 16, 2, 64, 32, 512, 16, 16,
-                                  64 * 4 - 1, None)
+    # split-KV partials of a long decode: a workspace too small is refused, not overrun
+    need = lib.saw_workspace_bytes(ref, 2, 2, 8192)
+    assert need > 0
+    code = lib.saw_attention_step(ref, 16, 4096, 16, 16, 128, 16, 16, 2, 2, 1, 8192, 16, 16,
+                                  need - 1, None)
     assert code == library.ERR_BAD_ARGUMENT
     assert "workspace" in lib.saw_last_error_message().decode()
     assert lib.saw_error_string(library.ERR_UNSUPPORTED) == b"unsupported configuration"
@@ -152,6 +152,38 @@ _U, _B = library.ERR_UNSUPPORTED, library.ERR_BAD_ARGUMENT
 def test_linear_bad_arguments_are_named(lib, args, code, message):
     dtype, x, xs, w, b, y, ys, m, n, k = args
     assert lib.saw_linear(dtype, x, xs, w, b, y, ys, m, n, k, None) == code
+    assert message in lib.saw_last_error_message().decode()
+
+
+@pytest.mark.parametrize("fields, message", [
+    (None, "prologue is NULL"),
+    (dict(rope_cos=16), "both or neither"),
+    (dict(rope_cos=16, rope_sin=16, rope_stride=64), "rope_stride 64 < head_dim 128"),
+    (dict(q_norm=16, norm_eps=-1.0), "norm_eps -1"),
+    (dict(k_norm=16, norm_eps=float("nan")), "norm_eps nan"),
+    (dict(qkv_stride=100), "qkv stride 100"),
+])
+def test_attention_step_qk_bad_arguments_are_named(lib, fields, message):
+    cfg = _cfg()
+    fields = dict(fields or {})
+    stride = fields.pop("qkv_stride", 4096)
+    pro = None if message == "prologue is NULL" else \
+        ctypes.byref(library.SawQKPrologue(**{"norm_eps": 1e-6, **fields}))
+    code = lib.saw_attention_step_qk(ctypes.byref(cfg), 16, stride, pro, 16, 16, 8, 16, 16, 2,
+                                     2, 1, 512, 16, 16, 1 << 20, None)
+    assert code == library.ERR_BAD_ARGUMENT
+    assert message in lib.saw_last_error_message().decode()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    ((1, 16, 100, 16, 16, 64, 1, 64, 64), _B, "gu_stride 100 < 2 * k"),
+    ((1, 16, 128, 16, 16, 64, 9, 64, 64), _U, "m 9 outside [1, 8]"),
+    ((1, 24, 128, 16, 16, 64, 1, 64, 64), _B, "16-byte aligned"),
+    ((1, 16, 128, 16, 16, 32, 1, 64, 64), _B, "y_stride 32"),
+])
+def test_linear_glu_bad_arguments_are_named(lib, args, code, message):
+    dtype, gu, gs, w, y, ys, m, n, k = args
+    assert lib.saw_linear_glu(dtype, gu, gs, w, y, ys, m, n, k, None) == code
     assert message in lib.saw_last_error_message().decode()
 
 

@@ -65,25 +65,73 @@ def test_linear_matches_reference(dtype, m, n, k, with_bias):
     assert torch.isnan(ybuf[:, n:]).all() and torch.isnan(ybuf[m]).all(), "wrote outside [m, n]"
 
 
-def test_linear_op_dispatch_and_compile():
-    """linear(): saw_linear at <= MAX_ROWS rows, cuBLAS above, the same values under
-    torch.compile (the op is opaque to inductor) and inside a captured CUDA graph."""
+@pytest.mark.parametrize("glu", [False, True])
+def test_op_dispatch_and_compile(glu):
+    """linear() / linear_glu(): the kernel at <= MAX_ROWS rows, the plain ops above (cuBLAS,
+    bit-equal to them), the same values under torch.compile (the op is opaque to inductor) and
+    inside a captured CUDA graph. Above MAX_ROWS inductor fuses linear_glu's silu * up with one
+    rounding where the eager ops round twice, so there only the eager call is compared."""
     dt = torch.bfloat16
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(7 + glu)
     w = torch.randn(3000, 512, generator=gen).to(dt).to(DEV)
+    width = 1024 if glu else 512
+    op = lin.linear_glu if glu else lin.linear
+    kernel = lin._dispatch_glu if glu else lin.skinny_linear
+    plain = (lambda a, b: F.linear(lin._silu_mul(a), b)) if glu else F.linear
     assert lin.MAX_ROWS >= 1
     for m in sorted({1, lin.MAX_ROWS, lin.MAX_ROWS + 1, 64}):
-        x = torch.randn(m, 512, generator=gen).to(dt).to(DEV)
-        want = lin.skinny_linear(x, w) if m <= lin.MAX_ROWS else F.linear(x, w)
-        assert torch.equal(lin.linear(x, w), want), m
-        fn = torch.compile(lambda a: lin.linear(a, w) * 2)
-        assert torch.equal(fn(x), want * 2), m
-    x = torch.randn(1, 512, generator=gen).to(dt).to(DEV)
-    static_out = lin.linear(x, w)
+        x = torch.randn(m, width, generator=gen).to(dt).to(DEV)
+        want = kernel(x, w) if m <= lin.MAX_ROWS else plain(x, w)
+        assert torch.equal(op(x, w), want), m
+        if m <= lin.MAX_ROWS or not glu:
+            fn = torch.compile(lambda a: op(a, w) * 2)
+            assert torch.equal(fn(x), want * 2), m
+    x = torch.randn(1, width, generator=gen).to(dt).to(DEV)
+    static_out = op(x, w)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_out = lin.linear(x, w)
-    x.copy_(torch.randn(1, 512, generator=gen).to(dt))
+        static_out = op(x, w)
+    x.copy_(torch.randn(1, width, generator=gen).to(dt))
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_out, lin.skinny_linear(x, w))
+    assert torch.equal(static_out, kernel(x, w))
+
+
+def _silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in fp32, rounded once to gu's dtype (what saw_linear_glu stages)."""
+    g, u = gu.float().chunk(2, dim=-1)
+    return (g * torch.sigmoid(g) * u).to(gu.dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n, k", [(1, 8), (37, 24), (2560, 9728), (1000, 2568)])
+def test_linear_glu_matches_reference(dtype, m, n, k):
+    """y = (silu(gate) * up) w^T. Tolerance: _check's bound for the GEMM of the staged product,
+    plus two elements of it a rounding away (the kernel's exp and the reference's sigmoid
+    differ in fp32 by a few ulp, which may move a product across a rounding boundary)."""
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(4000 * m + n + k)
+    gu = torch.randn(m, 2 * k, generator=gen) * 2
+    gu[:, k + torch.randperm(k, generator=gen)[:max(1, k // 64)]] *= 20    # outlier up channels
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    # gu as a view with a padded row stride, y into a NaN-poisoned buffer
+    gbuf = torch.full((m, 2 * k + 8), float("nan"), dtype=dt)
+    gbuf[:, :2 * k] = gu.to(dt)
+    gbuf, w = gbuf.to(DEV), w.to(dt).to(DEV)
+    gv = gbuf[:, :2 * k]
+    ybuf = torch.full((m + 1, n + 3), float("nan"), dtype=dt, device=DEV)
+    out = lin._dispatch_glu(gv, w)
+    ybuf[:m, :n] = out
+    torch.cuda.synchronize()
+    x = _silu_mul_ref(gv)
+    ref = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    # two products a rounding away: at most 2 * u * max|x| * max|w row| each
+    flips = 2 * (2 * _U[dt]) * x.double().abs().amax(-1, keepdim=True) \
+        * w.double().abs().amax(-1)[None]
+    bound = _U[dt] * ref.abs() + 2.0 ** -18 * mag + flips + 1e-30
+    err = (ybuf[:m, :n].double() - ref).abs()
+    assert torch.isfinite(ybuf[:m, :n]).all(), "unwritten (NaN) or non-finite outputs"
+    assert (err / bound).max().item() <= 1.0, f"error {(err / bound).max().item():.2f} x bound"
+    assert torch.isnan(ybuf[:, n:]).all() and torch.isnan(ybuf[m]).all()

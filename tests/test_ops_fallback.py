@@ -74,3 +74,51 @@ def test_linear_cpu_is_cublas_path_and_op_matches():
         assert torch.equal(lin.linear(x, w), F.linear(x, w))
         if lin.CUSTOM_OP_REGISTERED:
             assert torch.equal(torch.ops.sawtrt.linear(x, w, b), F.linear(x, w, b))
+
+
+def test_qk_prologue_is_the_model_prologue():
+    """ops.QKPrologue.apply_ (what the write kernel is tested against) computes the model's
+    q/k-norm + RoPE: attn_in with the prologue left out, then apply_, equals attn_in in fp32;
+    and attention_step with a prologue on the CPU applies it before the write."""
+    from sawtrt.models.model import Rope, attn_in
+    gen = torch.Generator().manual_seed(9)
+    d, hkv, hq, hidden, t = 64, 2, 4, 96, 5
+    x = torch.randn(t, hidden, generator=gen)
+    in_norm = 1 + 0.1 * torch.randn(hidden, generator=gen)
+    qkv_w = torch.randn((hq + 2 * hkv) * d, hidden, generator=gen) * hidden ** -0.5
+    q_norm, k_norm = (1 + 0.3 * torch.randn(d, generator=gen) for _ in range(2))
+    cos, sin = Rope(d, 1e6, 64).tables(torch.tensor([0, 3, 17, 40, 63]), torch.float32)
+    args = (x, in_norm, qkv_w, None, q_norm, k_norm, cos, sin, None, 1e-6, hq, hkv, d)
+    want = attn_in(*args)
+    raw = attn_in(*args, True)
+    assert raw.shape == want.shape and not torch.allclose(raw, want)
+    pro = ops.QKPrologue(q_norm, k_norm, 1e-6, cos, sin)
+    got = raw.clone()
+    pro.apply_(got, hq, hkv, d)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    layout = PageLayout(KVPolicy.parse("int4-bdr:h=32"), d, hkv, 16)
+    tables = torch.tensor([[0], [1], [2], [3], [4]], dtype=torch.int32)
+    lens, cu = torch.ones(t, dtype=torch.int32), torch.arange(t + 1, dtype=torch.int32)
+    pools = [kv_cache.new_pool(layout, 1, 5)[0] for _ in range(2)]
+    a, b = raw.clone(), got.clone()
+    out_a = ops.attention_step(a, pools[0], layout, hq, tables, lens, cu, 1, 1, prologue=pro)
+    out_b = ops.attention_step(b, pools[1], layout, hq, tables, lens, cu, 1, 1)
+    assert torch.equal(a, b) and torch.equal(pools[0], pools[1]) and torch.equal(out_a, out_b)
+
+
+def test_qk_prologue_struct_takes_only_what_the_kernel_reads():
+    """QKPrologue.struct: the C view for [D] weights and [T, D] rows of qkv's dtype; None (the
+    torch path) for anything the kernel would read wrongly."""
+    t, d, dt = 3, 64, torch.bfloat16
+    qkv = torch.zeros(t, 8 * d, dtype=dt)
+    w = torch.ones(d, dtype=dt)
+    cs = torch.ones(t, 2 * d, dtype=dt)[:, :d]          # rows with a stride of 2 D
+    pro = ops.QKPrologue(w, w, 1e-6, cs, cs).struct(qkv, d)
+    assert pro.q_norm == w.data_ptr() and pro.rope_cos == cs.data_ptr()
+    assert pro.rope_stride == 2 * d and abs(pro.norm_eps - 1e-6) < 1e-12
+    assert ops.QKPrologue(None, None, 0.0, None, None).struct(qkv, d).rope_cos is None
+    for bad in (dict(q_norm=torch.ones(d + 1, dtype=dt)), dict(cos=cs.float()),
+                dict(sin=torch.ones(t + 1, d, dtype=dt)), dict(k_norm=torch.ones(d))):
+        kw = dict(q_norm=w, k_norm=w, eps=1e-6, cos=cs, sin=cs) | bad
+        assert ops.QKPrologue(**kw).struct(qkv, d) is None, bad

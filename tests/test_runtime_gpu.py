@@ -45,6 +45,7 @@ class _ReferenceOps:
                                    _ReferenceOps._ref.paged_attention(*a, **k))
     kernel_config = staticmethod(lambda *a, **k: None)
     fused_step_config = staticmethod(lambda *a, **k: None)
+    prologue_supported = staticmethod(lambda *a, **k: False)
     available = staticmethod(lambda: False)
 
 

@@ -491,14 +491,16 @@ def test_workspace_from_the_real_kernel_library(built):
     if lib is None:
         pytest.skip("kernel library not built (python build_scripts/build.py --dev)")
     path = Path(lib._name)
-    lines, want = [], []
+    lines, want, sizes = [], [], []
     for case in WS_CASES:
         kw, qkv_max, sl_max, bt_max, act = case
         lines += [_create_for(kw), _ws_line(*case)]
         size = core.workspace_for_profile(AttentionParams(**kw),
                                           [qkv_max, (), bt_max, sl_max, ()], core.ACT_TYPES[act])
-        assert size > 0
+        sizes.append(size)
         want += ["ok", f"ok {size}"]
+    # profiles whose grid is full without split-KV partials need none; these two need some
+    assert sizes[0] > 0 and sizes[4] > 0, sizes
     assert ask(built, lines, kernel_lib=path) == want
 
 

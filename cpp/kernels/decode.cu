@@ -99,11 +99,17 @@ struct Instance {
     }();
     return n;
   }
-  static cudaError_t Launch(const DecodeParams& p, int num_seqs, cudaStream_t stream) {
+  static cudaError_t Launch(const DecodeParams& p, int num_seqs, bool programmatic,
+                            cudaStream_t stream) {
     cudaError_t e = Configure();
     if (e != cudaSuccess) return e;
     dim3 grid(p.num_splits, p.num_kv_heads, num_seqs);
-    kernel<<<grid, TR::kThreads, TR::kSmemBytes, stream>>>(p);
+    if (programmatic) {
+      e = LaunchProgrammatic(kernel, grid, dim3(TR::kThreads), TR::kSmemBytes, stream, p);
+      if (e != cudaSuccess) return e;
+    } else {
+      kernel<<<grid, TR::kThreads, TR::kSmemBytes, stream>>>(p);
+    }
     if (p.num_splits > 1) {  // the reducer's launch overlaps the main grid's tail
       e = LaunchProgrammatic(DecodeReduceKernel<T>, dim3(p.group * p.num_kv_heads, num_seqs),
                              dim3(128), 0, stream, p, int(D));
@@ -145,10 +151,11 @@ struct GetOccupancy {
 struct DoLaunch {
   const DecodeParams* p;
   int num_seqs;
+  bool programmatic;
   cudaStream_t stream;
   template <int D, int KIND, int NT, typename T>
   cudaError_t operator()() const {
-    return Instance<D, KIND, NT, T>::Launch(*p, num_seqs, stream);
+    return Instance<D, KIND, NT, T>::Launch(*p, num_seqs, programmatic, stream);
   }
 };
 
@@ -189,7 +196,7 @@ cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,
                          const void* pool_layer, const int32_t* block_tables,
                          int32_t max_pages_per_seq, const int32_t* seq_lens, int32_t num_seqs,
                          int32_t max_seq_len, void* out, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool after_write) {
   if (num_seqs <= 0) return cudaSuccess;
   const int P = cfg.page_size;
   if (P < 16 || (P & (P - 1)))
@@ -223,7 +230,9 @@ cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,
   p.rotate_v = cfg.rotate_v;
   p.signs = cfg.signs;
   p.q_scale = cfg.sm_scale * 1.4426950408889634f;  // log2(e): softmax runs on exp2
-  return Dispatch(cfg, DoLaunch{&p, num_seqs, stream});
+  // after the write kernel only: it reads none of what the kernel reads before its wait (the
+  // block table, seq_lens), which another kernel before a standalone saw_decode might write
+  return Dispatch(cfg, DoLaunch{&p, num_seqs, after_write, stream});
 }
 
 }  // namespace saw

@@ -25,9 +25,9 @@ int SmemPerSm() {
   return n;
 }
 
-template <typename T, int M>
+template <typename T, int M, bool kGlu>
 struct LinearInstance {
-  static constexpr auto kernel = LinearKernel<T, M>;
+  static constexpr auto kernel = LinearKernel<T, M, kGlu>;
 
   // The opt-in shared-memory maximum, once (not a stream operation: capture-safe).
   static cudaError_t Configure() {
@@ -75,13 +75,16 @@ struct LinearInstance {
 
 template <typename T, int M>
 cudaError_t LaunchM(int m, const void* x, int64_t x_stride, const void* w, const void* bias,
-                    void* y, int64_t y_stride, int n, int k, cudaStream_t stream) {
+                    void* y, int64_t y_stride, int n, int k, bool glu, cudaStream_t stream) {
   if constexpr (M > kLinearMaxM) {
     return SetError(SAW_ERR_UNSUPPORTED, "linear: m %d > %d", m, kLinearMaxM);
   } else {
     if (m == M)
-      return LinearInstance<T, M>::Launch(x, x_stride, w, bias, y, y_stride, n, k, stream);
-    return LaunchM<T, M + 1>(m, x, x_stride, w, bias, y, y_stride, n, k, stream);
+      return glu ? LinearInstance<T, M, true>::Launch(x, x_stride, w, bias, y, y_stride, n, k,
+                                                      stream)
+                 : LinearInstance<T, M, false>::Launch(x, x_stride, w, bias, y, y_stride, n, k,
+                                                       stream);
+    return LaunchM<T, M + 1>(m, x, x_stride, w, bias, y, y_stride, n, k, glu, stream);
   }
 }
 
@@ -89,9 +92,10 @@ cudaError_t LaunchM(int m, const void* x, int64_t x_stride, const void* w, const
 
 cudaError_t LaunchLinear(int32_t dtype, const void* x, int64_t x_stride, const void* w,
                          const void* bias, void* y, int64_t y_stride, int32_t m, int32_t n,
-                         int32_t k, cudaStream_t stream) {
+                         int32_t k, bool glu, cudaStream_t stream) {
   SAW_DISPATCH_DTYPE(dtype, T,
-                     return LaunchM<T, 1>(m, x, x_stride, w, bias, y, y_stride, n, k, stream));
+                     return LaunchM<T, 1>(m, x, x_stride, w, bias, y, y_stride, n, k, glu,
+                                          stream));
   return cudaSuccess;
 }
 

@@ -41,6 +41,13 @@ class SawConfig(ctypes.Structure):
         return "SawConfig(" + ", ".join(f"{n}={getattr(self, n)}" for n, _ in self._fields_) + ")"
 
 
+class SawQKPrologue(ctypes.Structure):
+    """The decode step's q/k prologue (c_api.h): RMSNorm weights, eps, RoPE rows; NULL skips."""
+    _fields_ = [("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("norm_eps", ctypes.c_float), ("rope_cos", ctypes.c_void_p),
+                ("rope_sin", ctypes.c_void_p), ("rope_stride", ctypes.c_int64)]
+
+
 class SawPageLayout(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("code_bytes", "param_bytes", "k_codes",
                                               "k_params", "v_codes", "v_params",
@@ -117,6 +124,14 @@ _OPTIONAL = {
     "saw_linear": (_c_int, [ctypes.c_int32, _ptr, ctypes.c_int64, _ptr, _ptr, _ptr,
                             ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                             _ptr]),
+    "saw_linear_glu": (_c_int, [ctypes.c_int32, _ptr, ctypes.c_int64, _ptr, _ptr,
+                                ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                _ptr]),
+    "saw_attention_step_qk": (_c_int, [ctypes.POINTER(SawConfig), _ptr, ctypes.c_int64,
+                                       ctypes.POINTER(SawQKPrologue), _ptr, _i32p,
+                                       ctypes.c_int32, _i32p, _i32p, ctypes.c_int32,
+                                       ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, _ptr,
+                                       _ptr, ctypes.c_size_t, _ptr]),
 }
 EXPORTS += tuple(_OPTIONAL)     # what this checkout's library exports
 

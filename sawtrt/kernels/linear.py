@@ -6,8 +6,9 @@ docs/perf/linear-h200.json) cuBLAS reaches 33-62 % of the copy bandwidth on Qwen
 shapes (qkv 17.5 us for 31 MB) and saw_linear 37-72 %, 1.13-1.17x faster on qkv, o and gate_up,
 even on down and the 778 MB LM head. At two rows it still leads on gate_up (1.08x) but trails on
 the others, and cuBLAS wins the per-step sum, so the kernel serves one row and weights up to
-128 MB. `linear` is a torch custom op on CUDA, so
-torch.compile keeps it as one opaque call inside the compiled layer work and CUDA graphs
+128 MB; `linear_glu` does the same for the MLP's down projection with the SiLU-and-multiply
+folded into the kernel. Both are torch custom ops on CUDA, so
+torch.compile keeps each as one opaque call inside the compiled layer work and CUDA graphs
 capture it.
 """
 from __future__ import annotations
@@ -76,6 +77,26 @@ def _dispatch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> to
     return F.linear(x, w, bias)
 
 
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _dispatch_glu(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    k = w.shape[1]
+    lib = library.try_load()
+    if gu.dim() == 2 and gu.shape[1] == 2 * k and lib is not None \
+            and hasattr(lib, "saw_linear_glu") and kernel_serves(gu[:, :k], w):
+        m, n = gu.shape[0], w.shape[0]
+        out = torch.empty(m, n, dtype=gu.dtype, device=gu.device)
+        library.check(lib.saw_linear_glu(
+            library.act_dtype_code(gu.dtype), gu.data_ptr(), _row_stride(gu), w.data_ptr(),
+            out.data_ptr(), _row_stride(out), m, n, k,
+            torch.cuda.current_stream(gu.device).cuda_stream), lib)
+        return out
+    return F.linear(_silu_mul(gu), w)
+
+
 def _register() -> bool:
     custom_op = getattr(torch.library, "custom_op", None)
     if custom_op is None:   # torch < 2.4: cuBLAS everywhere
@@ -88,6 +109,14 @@ def _register() -> bool:
     @_linear_op.register_fake
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @custom_op("sawtrt::linear_glu", mutates_args=())
+    def _linear_glu_op(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _dispatch_glu(gu, w)
+
+    @_linear_glu_op.register_fake
+    def _(gu, w):
+        return gu.new_empty(gu.shape[0], w.shape[0])
 
     return True
 
@@ -102,3 +131,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if CUSTOM_OP_REGISTERED and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS:
         return torch.ops.sawtrt.linear(x, w, bias)
     return F.linear(x, w, bias)
+
+
+def linear_glu(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's down projection F.linear(silu(gate) * up, w) of gu = [gate | up] (2-D).
+    One row on CUDA goes through the sawtrt::linear_glu op: saw_linear_glu computes the product
+    while staging it for the GEMM (no SiLU kernel between the two GEMMs); elsewhere, and at
+    trace time for larger steps, the plain ops that inductor fuses."""
+    if CUSTOM_OP_REGISTERED and gu.is_cuda and gu.dim() == 2 and gu.shape[0] <= MAX_ROWS:
+        return torch.ops.sawtrt.linear_glu(gu, w)
+    return F.linear(_silu_mul(gu), w)

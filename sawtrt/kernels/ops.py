@@ -197,7 +197,7 @@ def paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens=None, 
 
 
 def step_slots(layout: PageLayout, block_tables, seq_lens, cu_q_lens, num_tokens: int):
-    """Slot of each new token (reference form of the kernel's LaunchStepSlots); -1 padding."""
+    """Slot of each new token (reference form of the write kernel's StepSlot); -1 padding."""
     dev = block_tables.device
     slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=dev)
     cu = cu_q_lens.long().tolist()
@@ -209,23 +209,84 @@ def step_slots(layout: PageLayout, block_tables, seq_lens, cu_q_lens, num_tokens
     return slots
 
 
+@dataclass(frozen=True)
+class QKPrologue:
+    """What a Qwen3 / Llama layer does to q and k between the q/k/v projection and attention:
+    RMSNorm of every query and key head (weights [D], None: no norm) and rotate-half RoPE
+    (cos / sin [T, D] rows of the step's positions, None: no RoPE). attention_step runs it in
+    its write kernel (saw_attention_step_qk) and writes the results back into qkv."""
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    eps: float
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+    def apply_(self, qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+               head_dim: int) -> None:
+        """The prologue in torch, in place on qkv's q and k columns: fp32 with the kernel's
+        roundings (c_api.h SawQKPrologue)."""
+        t, d = qkv.shape[0], head_dim
+        for col, heads, w in ((0, num_q_heads, self.q_norm),
+                              (num_q_heads * d, num_kv_heads, self.k_norm)):
+            x = qkv[:, col:col + heads * d].view(t, heads, d)
+            y = x.float()
+            if w is not None:
+                y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+                y = (w.float() * y.to(x.dtype).float()).to(x.dtype).float()
+            if self.cos is not None:
+                rot = torch.cat((-y[..., d // 2:], y[..., :d // 2]), -1)
+                y = y * self.cos[:, None, :].float() + rot * self.sin[:, None, :].float()
+            x.copy_(y.to(x.dtype))
+
+    def struct(self, qkv: torch.Tensor, head_dim: int) -> library.SawQKPrologue | None:
+        """The C ABI's view of it for this qkv, or None when a tensor is not in the form the
+        kernel takes (dtype, device, shape, contiguous rows)."""
+        def ok(w, shape):
+            return w is None or (w.dtype == qkv.dtype and w.device == qkv.device
+                                 and tuple(w.shape) == shape and w.stride(-1) == 1)
+        rows = (qkv.shape[0], head_dim)
+        if not (ok(self.cos, rows) and ok(self.sin, rows) and ok(self.q_norm, (head_dim,))
+                and ok(self.k_norm, (head_dim,))
+                and (self.cos is None or self.cos.stride(0) == self.sin.stride(0))):
+            return None
+        ptr = (lambda w: None if w is None else w.data_ptr())
+        return library.SawQKPrologue(
+            q_norm=ptr(self.q_norm), k_norm=ptr(self.k_norm), norm_eps=self.eps,
+            rope_cos=ptr(self.cos), rope_sin=ptr(self.sin),
+            rope_stride=self.cos.stride(0) if self.cos is not None else 0)
+
+
+def prologue_supported(device) -> bool:
+    """Whether attention_step runs a QKPrologue in its kernel on this device (else in torch)."""
+    lib = library.try_load() if torch.device(device).type == "cuda" else None
+    return lib is not None and hasattr(lib, "saw_attention_step_qk")
+
+
 def attention_step(qkv, pool_layer, layout, num_q_heads, block_tables, seq_lens, cu_q_lens,
                    max_q_len: int, max_seq_len: int | None = None, sm_scale=None, out=None,
-                   plan=None):
+                   plan=None, prologue: QKPrologue | None = None):
     """One attention layer for a mixed batch, fused (what the runtime and the TensorRT plugin
     run): write the new tokens' K/V from qkv [T, (Hq + 2 Hkv) D] (after RoPE) into their slots
     (derived from block_tables / seq_lens / cu_q_lens), then attend. Returns out [T, Hq*D].
     max_q_len: host-side max of the q_lens (1 selects the decode kernel when T == batch).
     plan: a dense_prefill.PrefillPlan of the step for the fresh-K/V prefill semantics (prompt
     tokens attend to their own unquantized K/V at dense speed); None: every position is read
-    from the quantized cache."""
+    from the quantized cache. prologue: qkv is the raw projection and q/k-norm and RoPE run
+    here (in the write kernel where the library has it), leaving their results in qkv."""
+    d, hkv = layout.head_dim, layout.num_kv_heads
+    cfg = kernel_config(layout, num_q_heads, qkv.dtype, qkv.device, sm_scale)
+    pro = None
+    if prologue is not None:
+        if plan is None and cfg is not None and qkv.stride(-1) == 1 \
+                and prologue_supported(qkv.device):
+            pro = prologue.struct(qkv, d)
+        if pro is None:
+            prologue.apply_(qkv, num_q_heads, hkv, d)
     if plan is not None:
         from . import dense_prefill
         return dense_prefill.attention_step(qkv, pool_layer, layout, num_q_heads, block_tables,
                                             seq_lens, plan, max_seq_len, sm_scale, out)
-    d, hkv = layout.head_dim, layout.num_kv_heads
     t = qkv.shape[0]
-    cfg = kernel_config(layout, num_q_heads, qkv.dtype, qkv.device, sm_scale)
     if cfg is None or qkv.stride(-1) != 1:
         slots = step_slots(layout, block_tables, seq_lens, cu_q_lens, t)
         k = qkv[:, num_q_heads * d:(num_q_heads + hkv) * d].reshape(t, hkv, d)
@@ -248,10 +309,15 @@ def attention_step(qkv, pool_layer, layout, num_q_heads, block_tables, seq_lens,
     lib = library.load()
     ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), batch, t, max_seq_len))
     ws = _workspace(dev, ws_bytes)
-    library.check(lib.saw_attention_step(
-        ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0), pool_layer.data_ptr(), tables.data_ptr(),
-        max_pages, lens.data_ptr(), cu.data_ptr(), batch, t, max_q_len, max_seq_len,
-        out.data_ptr(), ws.data_ptr(), ws.numel(), _stream(dev)), lib)
+    args = (pool_layer.data_ptr(), tables.data_ptr(), max_pages, lens.data_ptr(), cu.data_ptr(),
+            batch, t, max_q_len, max_seq_len, out.data_ptr(), ws.data_ptr(), ws.numel(),
+            _stream(dev))
+    if pro is None:
+        library.check(lib.saw_attention_step(ctypes.byref(cfg), qkv.data_ptr(), qkv.stride(0),
+                                             *args), lib)
+    else:
+        library.check(lib.saw_attention_step_qk(ctypes.byref(cfg), qkv.data_ptr(),
+                                                qkv.stride(0), ctypes.byref(pro), *args), lib)
     return out
 
 

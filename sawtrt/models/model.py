@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import dense_prefill, ops
-from ..kernels.linear import linear
+from ..kernels.linear import linear, linear_glu
 from ..spec import PageLayout
 from . import kv_transform
 from .specs import ModelSpec
@@ -104,13 +104,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def attn_in(x, in_norm, qkv_w, qkv_b, q_norm, k_norm, cos, sin, transform, eps: float,
-            hq: int, hkv: int, d: int) -> torch.Tensor:
+            hq: int, hkv: int, d: int, projection_only: bool = False) -> torch.Tensor:
     """A layer's prologue: RMSNorm, the fused q/k/v projection, q/k-norm, RoPE, the K transform
     (kv_transform.apply's constants, or None), packed as the fused kernel reads it:
-    [T, (Hq + 2 Hkv) D]. Module-level and free of layer indices, so one compiled graph serves
-    every layer."""
+    [T, (Hq + 2 Hkv) D]. projection_only: stop after the projection (the attention step's write
+    kernel runs q/k-norm and RoPE: ops.QKPrologue). Module-level and free of layer indices, so
+    one compiled graph serves every layer."""
     h = rms_norm(x, in_norm, eps)
     qkv = linear(h, qkv_w, qkv_b)
+    if projection_only:
+        return qkv
     t = qkv.shape[0]
     q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
     q = q.reshape(t, hq, d)
@@ -129,8 +132,7 @@ def attn_out_mlp(x, o, o_w, post_norm, gate_up_w, down_w, eps: float) -> torch.T
     """A layer's epilogue: o-projection and residual, RMSNorm, SiLU-gated MLP and residual."""
     x = x + linear(o.reshape(x.shape[0], -1).to(x.dtype), o_w)
     h = rms_norm(x, post_norm, eps)
-    gate, up = linear(h, gate_up_w).chunk(2, dim=-1)
-    return x + linear(F.silu(gate) * up, down_w)
+    return x + linear_glu(linear(h, gate_up_w), down_w)
 
 
 def final_logits(x, rows, norm_w, head_w, eps: float) -> torch.Tensor:
@@ -240,6 +242,10 @@ class CausalLM(torch.nn.Module):
         self.layer_fused = [ops.fused_step_config(lay, spec.num_heads, dtype, self.device)
                             is not None for lay in self.layer_layouts]
         self.fused = all(self.layer_fused)
+        # decode steps hand q/k-norm and RoPE to the write kernel (ops.QKPrologue) where the
+        # library has it; SAWTRT_QK_PROLOGUE=0 keeps them in the compiled layer work (A/B runs)
+        self.prologue_in_kernel = ops.prologue_supported(self.device) and \
+            os.environ.get("SAWTRT_QK_PROLOGUE", "1") != "0"
         if layout.policy.transforms_k and kv_transform is None:
             raise ValueError(f"KV policy {layout.policy} needs its K transform (kv_transform.py)")
         self.kv_transform = kv_transform      # (layer, q, k) -> (q', k'), or None
@@ -298,8 +304,14 @@ class CausalLM(torch.nn.Module):
         # calibration recorder, a subclass with its own __call__) runs after it, eagerly
         params = tr.params(i) if tr is not None and \
             type(tr).__call__ is kv_transform.KVTransform.__call__ else None
+        plan = meta.prefill if self.prefill_kv == "fresh" else None
+        # decode steps without a K transform: q/k-norm and RoPE run in the write kernel
+        prologue = ops.QKPrologue(L.get("q_norm"), L.get("k_norm"), eps, cos, sin) \
+            if meta.is_decode and tr is None and plan is None and self.layer_fused[i] \
+            and self.prologue_in_kernel else None
         qkv_r = self._attn_in(x, L["in_norm"], L["qkv"], L["qkv_bias"], L.get("q_norm"),
-                              L.get("k_norm"), cos, sin, params, eps, hq, hkv, d)
+                              L.get("k_norm"), cos, sin, params, eps, hq, hkv, d,
+                              prologue is not None)
         t = qkv_r.shape[0]
         q, k, v = qkv_r.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.reshape(t, hq, d)
@@ -308,11 +320,11 @@ class CausalLM(torch.nn.Module):
         if tr is not None and params is None:       # a stand-in (calibration's recorder)
             q, k = tr(i, q, k)
             qkv_r = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), -1)
-        plan = meta.prefill if self.prefill_kv == "fresh" else None
         if self.layer_fused[i] or plan is not None:
             o = ops.attention_step(qkv_r, pool, layout, hq, meta.block_tables,
                                    meta.seq_lens, meta.cu_q_lens, meta.max_q_len,
-                                   meta.max_seq_len or None, self.sm_scale, plan=plan)
+                                   meta.max_seq_len or None, self.sm_scale, plan=plan,
+                                   prologue=prologue)
         else:
             ops.write_kv(pool, layout, k, v, meta.slot_mapping)
             bounds = {"max_q_len": meta.max_q_len, "max_seq_len": meta.max_seq_len} \

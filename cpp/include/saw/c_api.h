@@ -85,6 +85,32 @@ int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride
                        int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
                        void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// The q/k prologue of a decode step (Qwen3 / Llama attention between the q/k/v projection and
+// attention), for saw_attention_step_qk. Every query and key head x (D elements) becomes
+//   x = round(norm_w * round(x * rsqrt(mean(x^2) + norm_eps)))     when the weight is given
+//   x = round(x * cos + rotate_half(x) * sin)                        when cos / sin are given
+// in fp32 with rounding to act_dtype where shown (rotate_half(x) = [-x[D/2:], x[:D/2]]), as
+// sawtrt.models.model's compiled layer work computes it.
+typedef struct SawQKPrologue {
+  const void* q_norm;    // [D] act_dtype RMSNorm weight of every query head, or NULL: no norm
+  const void* k_norm;    // [D] act_dtype, of every key head, or NULL
+  float norm_eps;
+  const void* rope_cos;  // [num_tokens, rope_stride] act_dtype, row t = token t's cos, or NULL:
+  const void* rope_sin;  //   no RoPE (both or neither)
+  int64_t rope_stride;   // elements between two tokens' rows, >= D
+} SawQKPrologue;
+
+// saw_attention_step on the raw projection: applies `prologue` to every query and key head,
+// writes them back into qkv (q then feeds attention from there; V is not touched), then writes
+// K/V and attends as saw_attention_step does. One kernel does the prologue, the slots and the
+// write. qkv and the prologue's tensors 16-byte aligned for the vector path (else scalar).
+int saw_attention_step_qk(const SawConfig* cfg, void* qkv, int64_t qkv_stride,
+                          const SawQKPrologue* prologue, void* pool_layer,
+                          const int32_t* block_tables, int32_t max_pages_per_seq,
+                          const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
+                          int32_t num_tokens, int32_t max_q_len, int32_t max_seq_len, void* out,
+                          void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 // Dense-prefill helper: dequantize positions 0 .. prefix_lens[b]-1 of each sequence b into rows
 // row_starts[b] + p of k_out / v_out ([rows, out_stride] in act_dtype, head h at column h*D),
 // in the original basis (the BDR rotation undone: K always, V when rotate_v). max_prefix_len:
@@ -106,6 +132,12 @@ int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* b
 #define SAW_LINEAR_MAX_X_BYTES (160 * 1024)
 int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* bias,
                void* y, int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream);
+
+// The gated MLP's down projection: y = (silu(gu[:, :k]) * gu[:, k:2k]) w^T, the product rounded
+// to dtype once (as the compiled layer work rounds it), then as saw_linear (no bias). gu:
+// [m, gu_stride] with gu_stride >= 2k; saves the SiLU-and-multiply kernel between the two GEMMs.
+int saw_linear_glu(int32_t dtype, const void* gu, int64_t gu_stride, const void* w, void* y,
+                   int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -37,6 +37,7 @@
 
 #include "saw/c_api.h"
 #include "saw/codec.cuh"
+#include "saw/launch.cuh"
 #include "saw/softmax_state.cuh"
 #include "saw/vec.cuh"
 
@@ -226,6 +227,7 @@ DecodeKernel(const DecodeParams p) {
   T* out = static_cast<T*>(p.out) + (int64_t)b * num_q_heads * D + (int64_t)kvh * group * D;
 
   if (t_begin >= t_end) {  // empty split (short sequence); the reducer skips it
+    GridDependencyWait();
     if (p.num_splits == 1)
       for (int i = tid; i < group * D; i += TR::kThreads) out[i] = FromFloat<T>(0.f);
     return;
@@ -349,6 +351,10 @@ DecodeKernel(const DecodeParams p) {
   // the query's global loads go out with the page-id loads, before the first copies (one memory
   // round trip in the prologue instead of two); raw 16-bit loads only, converted after the copies
   constexpr bool kEarlyQ = kQPer <= 16;
+  // Launched programmatically after the write kernel (saw_attention_step), this CTA may run
+  // while the write finishes: seq_lens and the block table are the step's inputs, but q and the
+  // new token's K/V come from the write, so everything below waits for it (a no-op otherwise).
+  GridDependencyWait();
   const T* qb = static_cast<const T*>(p.q) + (int64_t)b * p.q_stride + (int64_t)kvh * group * D;
   uint16_t qraw[kEarlyQ ? kQPer : 1];
   float qsg[kEarlyQ ? kQPer : 1];
@@ -761,8 +767,11 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
   __shared__ float ob[256];
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // the output projection after it (saw_linear, a programmatic launch) may start streaming its
+  // weights now; it waits for this grid before it reads the output
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+  GridDependencyWait();
   const int num_q_heads = p.group * p.num_kv_heads;
   const int len = p.seq_lens[b];
   const int n = len <= 0 ? 0 : min(p.num_splits, (len + p.chunk - 1) / p.chunk);

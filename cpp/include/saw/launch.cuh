@@ -10,6 +10,14 @@
 
 namespace saw {
 
+// Waits until the grids this one depends on programmatically have completed and their writes
+// are visible (returns at once for a kernel launched without the attribute).
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 template <typename... KernelArgs, typename... Args>
 cudaError_t LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                                size_t smem_bytes, cudaStream_t stream, Args&&... args) {

@@ -20,6 +20,7 @@
 
 #include "saw/c_api.h"
 #include "saw/codec.cuh"
+#include "saw/launch.cuh"
 
 namespace saw {
 
@@ -66,6 +67,19 @@ __device__ __forceinline__ void Dot8(const uint4& wv, const uint4* xs, int chunk
   }
 }
 
+// silu(g) * u of 8 elements each, in fp32, rounded once (the gated MLP's down-projection input).
+template <typename T>
+__device__ __forceinline__ uint4 SiluMul8(const uint4& g, const uint4& u) {
+  const uint32_t gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = Unpack2<T>(gw[i]), b = Unpack2<T>(uw[i]);
+    out[i] = PackFloat2<T>(a.x / (1.f + __expf(-a.x)) * b.x, a.y / (1.f + __expf(-a.y)) * b.y);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
 // One batch of a lane's weight chunks of `row`: chunks c0, c0 + 32, ... (zero past the row end).
 __device__ __forceinline__ void LoadBatch(const uint4* wr, int c0, int chunks,
                                           uint4 (&wv)[kLinearUnroll]) {
@@ -76,7 +90,8 @@ __device__ __forceinline__ void LoadBatch(const uint4* wr, int c0, int chunks,
   }
 }
 
-template <typename T, int M>
+// kGlu: x holds [gate | up] (2k columns) and the kernel stages silu(gate) * up.
+template <typename T, int M, bool kGlu>
 __global__ void __launch_bounds__(kLinearWarps * 32)
 LinearKernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
              const T* __restrict__ bias, T* __restrict__ y, int64_t y_stride, int n, int k) {
@@ -94,11 +109,19 @@ LinearKernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
   uint4 wv[kLinearUnroll];
   if (row < n) LoadBatch(row_ptr(row), lane, chunks, wv);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // A programmatic launch after this one (the next GEMM) may get its CTAs scheduled as these
+  // retire and start its own weight loads; it waits for this grid before it reads y.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+  GridDependencyWait();
   for (int i = threadIdx.x; i < M * chunks; i += blockDim.x) {
     const int m = i / chunks, c = i % chunks;
-    xs[i] = *reinterpret_cast<const uint4*>(x + m * x_stride + 8 * int64_t(c));
+    const T* xr = x + m * x_stride + 8 * int64_t(c);
+    if constexpr (kGlu)
+      xs[i] = SiluMul8<T>(*reinterpret_cast<const uint4*>(xr),
+                          *reinterpret_cast<const uint4*>(xr + k));
+    else
+      xs[i] = *reinterpret_cast<const uint4*>(xr);
   }
   __syncthreads();
 
