@@ -16,9 +16,6 @@
 namespace saw {
 namespace {
 thread_local char g_message[512] = "";
-
-constexpr size_t kAlign = 256;
-size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 }  // namespace
 
 cudaError_t SetError(int code, const char* fmt, ...) {

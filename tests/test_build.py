@@ -187,6 +187,18 @@ def test_linear_glu_bad_arguments_are_named(lib, args, code, message):
     assert message in lib.saw_last_error_message().decode()
 
 
+def test_workspace_covers_every_smaller_batch(lib):
+    """saw_workspace_bytes(B) is sized once for a maximum batch (the TensorRT plugin sizes it at
+    its profile's maxima): it must cover the split-KV partials of every batch b <= B, though
+    fewer sequences get more splits each, and the bound must be one some batch needs."""
+    cfg = _cfg()
+    ref = ctypes.byref(cfg)
+    for max_len in (512, 4096, 8192, 32768):
+        need = [lib.saw_workspace_bytes(ref, b, b, max_len) for b in range(1, 97)]
+        assert need == [max(need[:b]) for b in range(1, 97)], max_len
+    assert lib.saw_workspace_bytes(ref, 64, 64, 8192) > 0
+
+
 def test_zero_work_is_a_no_op(lib):
     cfg = _cfg()
     assert lib.saw_write_kv(ctypes.byref(cfg), None, 4096, None, 0, None, None) == 0

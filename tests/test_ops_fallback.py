@@ -2,6 +2,7 @@
 reference write + reference attention, and step_slots places each new token right."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sawtrt import kv_cache, reference
@@ -119,6 +120,10 @@ def test_qk_prologue_struct_takes_only_what_the_kernel_reads():
     assert pro.rope_stride == 2 * d and abs(pro.norm_eps - 1e-6) < 1e-12
     assert ops.QKPrologue(None, None, 0.0, None, None).struct(qkv, d).rope_cos is None
     for bad in (dict(q_norm=torch.ones(d + 1, dtype=dt)), dict(cos=cs.float()),
-                dict(sin=torch.ones(t + 1, d, dtype=dt)), dict(k_norm=torch.ones(d))):
+                dict(sin=torch.ones(t + 1, d, dtype=dt)), dict(k_norm=torch.ones(d)),
+                dict(cos=torch.ones(1, d, dtype=dt).expand(t, d),
+                     sin=torch.ones(1, d, dtype=dt).expand(t, d))):   # row stride 0
         kw = dict(q_norm=w, k_norm=w, eps=1e-6, cos=cs, sin=cs) | bad
         assert ops.QKPrologue(**kw).struct(qkv, d) is None, bad
+    with pytest.raises(ValueError, match="both cos and sin"):
+        ops.QKPrologue(w, w, 1e-6, cs, None)

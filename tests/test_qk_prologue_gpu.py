@@ -84,7 +84,9 @@ def test_prologue_in_the_write_kernel(decode, d, policy, dtype, parts):
     hkv = layout.num_kv_heads
     pro = ops.QKPrologue(qn if "norm" in parts else None, kn if "norm" in parts else None,
                          1e-6, cos if "rope" in parts else None, sin if "rope" in parts else None)
-    assert pro.struct(raw, d) is not None, "the kernel must take this prologue, not torch"
+    assert pro.struct(raw, d) is not None and ops.prologue_supported(DEV) \
+        and ops.kernel_config(layout, hq, dt, DEV) is not None, \
+        "the kernel must take this prologue, not torch"
     ref_pool = pool.clone()
     qkv = raw.clone()
     out = _run(layout, hq, pool, qkv, meta, pro)

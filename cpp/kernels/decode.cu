@@ -187,9 +187,18 @@ bool DecodeSupported(const SawConfig& cfg) {
   return P >= 16 && !(P & (P - 1)) && Dispatch(cfg, Probe{}) == cudaSuccess;
 }
 
+// The most any batch of 1 .. num_seqs sequences needs: fewer sequences get more splits each, so
+// the need is not monotone in the batch, and callers size the workspace once for their largest
+// batch (the TensorRT plugin at its profile's maxima).
 size_t DecodeWorkspaceBytes(const SawConfig& cfg, int32_t num_seqs, int32_t max_seq_len) {
   if (num_seqs <= 0 || cfg.num_kv_heads <= 0) return 0;
-  return PartialBytes(num_seqs, cfg.num_q_heads, cfg.head_dim, Plan(cfg, num_seqs, max_seq_len));
+  int occ = 4;
+  if (Dispatch(cfg, GetOccupancy{&occ}) != cudaSuccess) occ = 4;
+  size_t bytes = 0;
+  for (int b = 1; b <= num_seqs; ++b)
+    bytes = std::max(bytes, PartialBytes(b, cfg.num_q_heads, cfg.head_dim,
+                                         PlanSplits(b, cfg.num_kv_heads, max_seq_len, occ)));
+  return bytes;
 }
 
 cudaError_t LaunchDecode(const SawConfig& cfg, const void* q, int64_t q_stride,

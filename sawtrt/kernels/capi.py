@@ -9,11 +9,20 @@ from . import library
 from .library import SawConfig
 
 
+_sizes: dict[tuple, int] = {}
+
+
 def workspace_bytes(cfg: SawConfig, num_seqs: int, num_tokens: int, max_seq_len: int) -> int:
     """Workspace that attention_step_ptr (and decode/prefill) need for these sizes (upper
-    bounds are fine); 0 means none."""
-    lib = library.load()
-    return int(lib.saw_workspace_bytes(ctypes.byref(cfg), num_seqs, num_tokens, max_seq_len))
+    bounds are fine: it covers every smaller batch too); 0 means none. Remembered per
+    configuration and size: the library plans every batch up to num_seqs (~20 us at 256)."""
+    key = (bytes(cfg), id(library.load()), num_seqs, num_tokens, max_seq_len)
+    n = _sizes.get(key)
+    if n is None:
+        lib = library.load()
+        n = _sizes[key] = int(lib.saw_workspace_bytes(ctypes.byref(cfg), num_seqs, num_tokens,
+                                                      max_seq_len))
+    return n
 
 
 def attention_step_ptr(cfg: SawConfig, qkv_ptr: int, qkv_stride: int, pool_ptr: int,

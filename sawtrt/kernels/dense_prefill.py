@@ -40,7 +40,7 @@ import torch
 
 from .. import kv_cache, reference
 from ..spec import PageLayout
-from . import library, ops
+from . import capi, library, ops
 
 SEMANTICS = ("fresh", "cache")   # new tokens see their fresh K/V / read everything from the cache
 BACKENDS = ("auto", "flash", "cudnn", "cudnn-split", "cudnn-bucket", "cudnn-seq")
@@ -477,7 +477,7 @@ class StepKernels:
         q.stride(0)), tables [n, max_pages], lens [n] int32; returns [n, Hq*D]."""
         n, d = q.shape[0], self.layout.head_dim
         od = torch.empty(n, self.hq * d, dtype=q.dtype, device=q.device)
-        ws_bytes = int(self.lib.saw_workspace_bytes(ctypes.byref(self.cfg), n, n, max_len))
+        ws_bytes = capi.workspace_bytes(self.cfg, n, n, max_len)
         ws = ops._workspace(q.device, ws_bytes)
         library.check(self.lib.saw_decode(ctypes.byref(self.cfg), q.data_ptr(), q.stride(0),
                                           pool_layer.data_ptr(), tables.data_ptr(),

@@ -82,18 +82,31 @@ def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _dispatch_glu(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def glu_kernel_serves(gu: torch.Tensor, w: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Whether saw_linear_glu takes y = (silu(gate) * up) w^T for gu = [gate | up]."""
     k = w.shape[1]
     lib = library.try_load()
-    if gu.dim() == 2 and gu.shape[1] == 2 * k and lib is not None \
-            and hasattr(lib, "saw_linear_glu") and kernel_serves(gu[:, :k], w):
-        m, n = gu.shape[0], w.shape[0]
+    return (gu.dim() == 2 and gu.shape[1] == 2 * k and lib is not None
+            and hasattr(lib, "saw_linear_glu") and kernel_serves(gu[:, :k], w, None, max_rows))
+
+
+def skinny_linear_glu(gu: torch.Tensor, w: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """(silu(gate) * up) w^T through saw_linear_glu (the caller checked glu_kernel_serves)."""
+    m, n, k = gu.shape[0], w.shape[0], w.shape[1]
+    if out is None:
         out = torch.empty(m, n, dtype=gu.dtype, device=gu.device)
-        library.check(lib.saw_linear_glu(
-            library.act_dtype_code(gu.dtype), gu.data_ptr(), _row_stride(gu), w.data_ptr(),
-            out.data_ptr(), _row_stride(out), m, n, k,
-            torch.cuda.current_stream(gu.device).cuda_stream), lib)
-        return out
+    lib = library.load()
+    library.check(lib.saw_linear_glu(
+        library.act_dtype_code(gu.dtype), gu.data_ptr(), _row_stride(gu), w.data_ptr(),
+        out.data_ptr(), _row_stride(out), m, n, k,
+        torch.cuda.current_stream(gu.device).cuda_stream), lib)
+    return out
+
+
+def _dispatch_glu(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if glu_kernel_serves(gu, w):
+        return skinny_linear_glu(gu, w)
     return F.linear(_silu_mul(gu), w)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import kv_cache, reference
 from ..spec import PageLayout
-from . import cpu, library
+from . import capi, cpu, library
 
 _workspaces: dict[int, torch.Tensor] = {}       # device index -> uint8 buffer, grown on demand
 _outgrown: list[torch.Tensor] = []              # replaced buffers, kept alive (see _workspace)
@@ -175,7 +175,7 @@ def paged_attention(q, pool_layer, layout, block_tables, seq_lens, q_lens=None, 
     out = torch.empty(n, hq, d, dtype=q.dtype, device=dev)
     lib = library.load()
     stream = _stream(dev)
-    ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), batch, n, max_seq_len))
+    ws_bytes = capi.workspace_bytes(cfg, batch, n, max_seq_len)
     ws = _workspace(dev, ws_bytes)
     if max_q_len == 1 and n == batch:
         code = lib.saw_decode(ctypes.byref(cfg), q.data_ptr(), q.stride(0), pool_layer.data_ptr(),
@@ -221,6 +221,10 @@ class QKPrologue:
     cos: torch.Tensor | None
     sin: torch.Tensor | None
 
+    def __post_init__(self):
+        if (self.cos is None) != (self.sin is None):
+            raise ValueError("QKPrologue: RoPE needs both cos and sin (or neither)")
+
     def apply_(self, qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int,
                head_dim: int) -> None:
         """The prologue in torch, in place on qkv's q and k columns: fp32 with the kernel's
@@ -247,7 +251,7 @@ class QKPrologue:
         rows = (qkv.shape[0], head_dim)
         if not (ok(self.cos, rows) and ok(self.sin, rows) and ok(self.q_norm, (head_dim,))
                 and ok(self.k_norm, (head_dim,))
-                and (self.cos is None or self.cos.stride(0) == self.sin.stride(0))):
+                and (self.cos is None or self.cos.stride(0) == self.sin.stride(0) >= head_dim)):
             return None
         ptr = (lambda w: None if w is None else w.data_ptr())
         return library.SawQKPrologue(
@@ -307,7 +311,7 @@ def attention_step(qkv, pool_layer, layout, num_q_heads, block_tables, seq_lens,
     if out is None:
         out = torch.empty(t, num_q_heads * d, dtype=qkv.dtype, device=dev)
     lib = library.load()
-    ws_bytes = int(lib.saw_workspace_bytes(ctypes.byref(cfg), batch, t, max_seq_len))
+    ws_bytes = capi.workspace_bytes(cfg, batch, t, max_seq_len)
     ws = _workspace(dev, ws_bytes)
     args = (pool_layer.data_ptr(), tables.data_ptr(), max_pages, lens.data_ptr(), cu.data_ptr(),
             batch, t, max_q_len, max_seq_len, out.data_ptr(), ws.data_ptr(), ws.numel(),

@@ -78,7 +78,8 @@ int saw_prefill(const SawConfig* cfg, const void* q, int64_t q_stride, const voi
 
 // One attention layer for a mixed batch (what the TensorRT plugin's enqueue calls): derives
 // each new token's slot from block_tables/seq_lens/cu_q_lens, writes its K/V, then runs
-// attention for every new token (decode path when all q_lens are 1). out: [num_tokens, Hq*D].
+// attention for every new token. out: [num_tokens, Hq*D]. Decode path when max_q_len == 1 and
+// num_tokens == num_seqs: token b is then sequence b's new token (every q_len must be 1).
 int saw_attention_step(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
                        void* pool_layer, const int32_t* block_tables, int32_t max_pages_per_seq,
                        const int32_t* seq_lens, const int32_t* cu_q_lens, int32_t num_seqs,
