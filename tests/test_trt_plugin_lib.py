@@ -15,7 +15,6 @@ next to the repository (CI's layout)."""
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import shutil
 import subprocess
