@@ -121,7 +121,7 @@ int CheckQueryRows(int32_t num_seqs, int32_t num_tokens, int32_t max_q_len, int3
   return 0;
 }
 
-// The arguments saw_linear and saw_linear_glu share (x: what is staged, m x k elements).
+// The arguments saw_linear and saw_linear_fused share (x: what is staged, m x k elements).
 int CheckLinear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* y,
                 int64_t y_stride, int32_t m, int32_t n, int32_t k) {
   SAW_REQUIRE(dtype == SAW_DTYPE_FP16 || dtype == SAW_DTYPE_BF16, SAW_ERR_UNSUPPORTED,
@@ -337,16 +337,32 @@ int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, co
                void* y, int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream) {
   if (int e = CheckLinear(dtype, x, x_stride, w, y, y_stride, m, n, k)) return e;
   if (n == 0) return 0;
-  return saw::LaunchLinear(dtype, x, x_stride, w, bias, y, y_stride, m, n, k, false, stream);
+  return saw::LaunchLinear(dtype, x, x_stride, w, bias, y, y_stride, m, n, k, false, nullptr,
+                           stream);
 }
 
-int saw_linear_glu(int32_t dtype, const void* gu, int64_t gu_stride, const void* w, void* y,
-                   int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream) {
-  SAW_REQUIRE(gu_stride >= 2 * int64_t(k), SAW_ERR_BAD_ARGUMENT,
-              "linear_glu: gu_stride %lld < 2 * k (k %d)", (long long)gu_stride, k);
-  if (int e = CheckLinear(dtype, gu, gu_stride, w, y, y_stride, m, n, k)) return e;
+int saw_linear_fused(int32_t dtype, const void* x, int64_t x_stride, const void* w,
+                     const void* bias, void* y, int64_t y_stride, int32_t m, int32_t n,
+                     int32_t k, int32_t glu, const SawLinearFusion* fusion,
+                     cudaStream_t stream) {
+  if (glu)
+    SAW_REQUIRE(x_stride >= 2 * int64_t(k), SAW_ERR_BAD_ARGUMENT,
+                "linear: glu needs x_stride %lld >= 2 * k (k %d)", (long long)x_stride, k);
+  if (int e = CheckLinear(dtype, x, x_stride, w, y, y_stride, m, n, k)) return e;
+  if (fusion != nullptr) {
+    SAW_REQUIRE(!(glu && fusion->norm_weight), SAW_ERR_UNSUPPORTED,
+                "linear: glu and norm_weight together");
+    SAW_REQUIRE(!fusion->norm_weight || !(reinterpret_cast<uintptr_t>(fusion->norm_weight) % 16),
+                SAW_ERR_BAD_ARGUMENT, "linear: norm_weight %p must be 16-byte aligned",
+                fusion->norm_weight);
+    SAW_REQUIRE(!fusion->norm_weight || fusion->norm_eps >= 0.f, SAW_ERR_BAD_ARGUMENT,
+                "linear: norm_eps %g < 0", double(fusion->norm_eps));
+    SAW_REQUIRE(!fusion->residual || fusion->residual_stride >= n, SAW_ERR_BAD_ARGUMENT,
+                "linear: residual_stride %lld < n %d", (long long)fusion->residual_stride, n);
+  }
   if (n == 0) return 0;
-  return saw::LaunchLinear(dtype, gu, gu_stride, w, nullptr, y, y_stride, m, n, k, true, stream);
+  return saw::LaunchLinear(dtype, x, x_stride, w, bias, y, y_stride, m, n, k, glu != 0, fusion,
+                           stream);
 }
 
 }  // extern "C"

@@ -175,15 +175,22 @@ def test_attention_step_qk_bad_arguments_are_named(lib, fields, message):
     assert message in lib.saw_last_error_message().decode()
 
 
-@pytest.mark.parametrize("args, code, message", [
-    ((1, 16, 100, 16, 16, 64, 1, 64, 64), _B, "gu_stride 100 < 2 * k"),
-    ((1, 16, 128, 16, 16, 64, 9, 64, 64), _U, "m 9 outside [1, 8]"),
-    ((1, 24, 128, 16, 16, 64, 1, 64, 64), _B, "16-byte aligned"),
-    ((1, 16, 128, 16, 16, 32, 1, 64, 64), _B, "y_stride 32"),
+@pytest.mark.parametrize("args, fusion, code, message", [
+    ((1, 16, 100, 16, 16, 64, 1, 64, 64, 1), None, _B, "x_stride 100 >= 2 * k"),
+    ((1, 16, 128, 16, 16, 64, 9, 64, 64, 1), None, _U, "m 9 outside [1, 8]"),
+    ((1, 24, 128, 16, 16, 64, 1, 64, 64, 1), None, _B, "16-byte aligned"),
+    ((1, 16, 128, 16, 16, 32, 1, 64, 64, 1), None, _B, "y_stride 32"),
+    ((1, 16, 128, 16, 16, 64, 1, 64, 64, 1), dict(norm_weight=16), _U, "glu and norm_weight"),
+    ((1, 16, 64, 16, 16, 64, 1, 64, 64, 0), dict(norm_weight=24), _B, "norm_weight 0x18"),
+    ((1, 16, 64, 16, 16, 64, 1, 64, 64, 0), dict(norm_weight=16, norm_eps=-1.0), _B,
+     "norm_eps -1"),
+    ((1, 16, 64, 16, 16, 64, 1, 64, 64, 0), dict(residual=16, residual_stride=32), _B,
+     "residual_stride 32 < n 64"),
 ])
-def test_linear_glu_bad_arguments_are_named(lib, args, code, message):
-    dtype, gu, gs, w, y, ys, m, n, k = args
-    assert lib.saw_linear_glu(dtype, gu, gs, w, y, ys, m, n, k, None) == code
+def test_linear_fused_bad_arguments_are_named(lib, args, fusion, code, message):
+    dtype, x, xs, w, y, ys, m, n, k, glu = args
+    f = None if fusion is None else ctypes.byref(library.SawLinearFusion(**fusion))
+    assert lib.saw_linear_fused(dtype, x, xs, w, None, y, ys, m, n, k, glu, f, None) == code
     assert message in lib.saw_last_error_message().decode()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sawtrt.kernels import library
 from sawtrt.kernels import linear as lin
@@ -19,8 +18,8 @@ from sawtrt.kernels import linear as lin
 pytestmark = pytest.mark.gpu
 
 _LIB = library.try_load()
-if not torch.cuda.is_available() or _LIB is None or not hasattr(_LIB, "saw_linear"):
-    pytest.skip("needs a CUDA GPU and libsawtrt_kernels.so with saw_linear",
+if not torch.cuda.is_available() or _LIB is None or not hasattr(_LIB, "saw_linear_fused"):
+    pytest.skip("needs a CUDA GPU and libsawtrt_kernels.so with saw_linear_fused",
                 allow_module_level=True)
 
 DEV = torch.device("cuda")
@@ -43,7 +42,9 @@ def _check(y, x, w, bias, what):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("n, k", [(1, 8), (37, 24), (1000, 2568), (2560, 9728), (6144, 2560)])
+# (2560, 4096) and (2560, 9728): rows shared by 2 and 4 warps on the H200 (linear.cu PickSlices)
+@pytest.mark.parametrize("n, k", [(1, 8), (37, 24), (1000, 2568), (2560, 4096), (2560, 9728),
+                                  (6144, 2560)])
 def test_linear_matches_reference(dtype, m, n, k, with_bias):
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(1000 * m + n + k)
@@ -65,47 +66,99 @@ def test_linear_matches_reference(dtype, m, n, k, with_bias):
     assert torch.isnan(ybuf[:, n:]).all() and torch.isnan(ybuf[m]).all(), "wrote outside [m, n]"
 
 
-@pytest.mark.parametrize("glu", [False, True])
-def test_op_dispatch_and_compile(glu):
+@pytest.mark.parametrize("variant", ["plain", "glu", "norm_residual"])
+def test_op_dispatch_and_compile(variant):
     """linear() / linear_glu(): the kernel at <= MAX_ROWS rows, the plain ops above (cuBLAS,
     bit-equal to them), the same values under torch.compile (the op is opaque to inductor) and
-    inside a captured CUDA graph. Above MAX_ROWS inductor fuses linear_glu's silu * up with one
-    rounding where the eager ops round twice, so there only the eager call is compared."""
+    inside a captured CUDA graph. Above MAX_ROWS inductor fuses the elementwise work around the
+    product with fewer roundings than the eager ops (silu * up; the RMSNorm, the residual add),
+    so there only the eager call is compared."""
     dt = torch.bfloat16
-    gen = torch.Generator().manual_seed(7 + glu)
+    gen = torch.Generator().manual_seed(7 + len(variant))
     w = torch.randn(3000, 512, generator=gen).to(dt).to(DEV)
+    glu, fused = variant == "glu", variant == "norm_residual"
     width = 1024 if glu else 512
-    op = lin.linear_glu if glu else lin.linear
-    if glu and not hasattr(_LIB, "saw_linear_glu"):
-        pytest.skip("library without saw_linear_glu")
-    kernel = lin.skinny_linear_glu if glu else lin.skinny_linear
-    plain = (lambda a, b: F.linear(lin._silu_mul(a), b)) if glu else F.linear
+    norm_w = (torch.rand(512, generator=gen) + 0.5).to(dt).to(DEV)
+
+    def extra(m):
+        res = torch.randn(m, 3000, generator=gen).to(dt).to(DEV)
+        return dict(norm_weight=norm_w, eps=1e-6, residual=res) if fused else {}
+
+    def op(a, **kw):
+        return lin.linear_glu(a, w) if glu else lin.linear(a, w, **kw)
+
+    def kernel(a, **kw):
+        return lin.skinny_linear(a, w, glu=glu, **kw)
+
     assert lin.MAX_ROWS >= 1
     for m in sorted({1, lin.MAX_ROWS, lin.MAX_ROWS + 1, 64}):
         x = torch.randn(m, width, generator=gen).to(dt).to(DEV)
-        want = kernel(x, w) if m <= lin.MAX_ROWS else plain(x, w)
-        assert torch.equal(op(x, w), want), m
-        if m <= lin.MAX_ROWS or not glu:
-            fn = torch.compile(lambda a: op(a, w) * 2)
+        kw = extra(m)
+        want = kernel(x, **kw) if m <= lin.MAX_ROWS else lin._plain(x, w, glu=glu, **kw)
+        assert torch.equal(op(x, **kw), want), m
+        if m <= lin.MAX_ROWS:
+            fn = torch.compile(lambda a: op(a, **kw) * 2)
             assert torch.equal(fn(x), want * 2), m
     x = torch.randn(1, width, generator=gen).to(dt).to(DEV)
-    static_out = op(x, w)
+    kw = extra(1)
+    static_out = op(x, **kw)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_out = op(x, w)
+        static_out = op(x, **kw)
     x.copy_(torch.randn(1, width, generator=gen).to(dt))
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_out, kernel(x, w))
+    assert torch.equal(static_out, kernel(x, **kw))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n, k", [(37, 24), (1000, 2568), (2560, 4096), (9728, 2560)])
+def test_linear_norm_residual_matches_reference(dtype, m, n, k):
+    """residual + rms_norm(x, g) w^T + bias. The staged row is compared first, then the product
+    with _check's bound on the normalized x (the kernel's rsqrt and the reference's differ by
+    an ulp, which may move a staged element across a rounding: two such elements allowed per
+    row, as in the GLU test), then the add: the projection rounded, then the sum rounded."""
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(7000 * m + n + k)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[:, torch.randperm(k, generator=gen)[:max(1, k // 64)]] *= 40     # outlier channels
+    g = torch.rand(k, generator=gen) * 2
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    bias = torch.randn(n, generator=gen)
+    res = torch.randn(m, n, generator=gen) * 4
+    x, g, w, bias, res = (t.to(dt).to(DEV) for t in (x, g, w, bias, res))
+    ybuf = torch.full((m + 1, n + 3), float("nan"), dtype=dt, device=DEV)
+    assert lin.kernel_serves(x, w, bias, max_rows=8, norm_weight=g, residual=res)
+    lin.skinny_linear(x, w, bias, out=ybuf[:m, :n], norm_weight=g, eps=1e-6, residual=res)
+    torch.cuda.synchronize()
+    h = lin.rms_norm(x, g, 1e-6)
+    proj = h.double() @ w.double().T + bias.double()
+    mag = h.double().abs() @ w.double().abs().T
+    flips = 2 * (2 * _U[dt]) * h.double().abs().amax(-1, keepdim=True) \
+        * w.double().abs().amax(-1)[None]
+    # the projection's own error budget, then the add's rounding of the (rounded) sum
+    proj_bound = _U[dt] * proj.abs() + 2.0 ** -18 * mag + flips
+    ref = res.double() + proj
+    bound = proj_bound * (1 + _U[dt]) + _U[dt] * (ref.abs() + proj_bound) + 1e-30
+    y = ybuf[:m, :n].double()
+    assert torch.isfinite(y).all(), "unwritten (NaN) or non-finite outputs"
+    worst = ((y - ref).abs() / bound).max().item()
+    assert worst <= 1.0, f"error {worst:.2f} x bound"
+    assert torch.isnan(ybuf[:, n:]).all() and torch.isnan(ybuf[m]).all(), "wrote outside [m, n]"
+    # in place: the residual may be y itself
+    inplace = res.clone()
+    lin.skinny_linear(x, w, bias, out=inplace, norm_weight=g, eps=1e-6, residual=inplace)
+    torch.cuda.synchronize()
+    assert torch.equal(inplace, ybuf[:m, :n])
 
 
 def _silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in fp32, rounded once to gu's dtype (what saw_linear_glu stages)."""
+    """silu(gate) * up in fp32, rounded once to gu's dtype (what the kernel stages with glu)."""
     g, u = gu.float().chunk(2, dim=-1)
     return (g * torch.sigmoid(g) * u).to(gu.dtype)
 
 
-@pytest.mark.skipif(not hasattr(_LIB, "saw_linear_glu"), reason="library without saw_linear_glu")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("n, k", [(1, 8), (37, 24), (2560, 9728), (1000, 2568)])
@@ -124,8 +177,8 @@ def test_linear_glu_matches_reference(dtype, m, n, k):
     gbuf, w = gbuf.to(DEV), w.to(dt).to(DEV)
     gv = gbuf[:, :2 * k]
     ybuf = torch.full((m + 1, n + 3), float("nan"), dtype=dt, device=DEV)
-    assert lin.glu_kernel_serves(gv, w, max_rows=8)
-    lin.skinny_linear_glu(gv, w, out=ybuf[:m, :n])
+    assert lin.kernel_serves(gv, w, max_rows=8, glu=True)
+    lin.skinny_linear(gv, w, out=ybuf[:m, :n], glu=True)
     torch.cuda.synchronize()
     x = _silu_mul_ref(gv)
     ref = x.double() @ w.double().T

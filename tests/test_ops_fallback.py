@@ -74,7 +74,33 @@ def test_linear_cpu_is_cublas_path_and_op_matches():
         assert torch.equal(lin.linear(x, w, b), F.linear(x, w, b))
         assert torch.equal(lin.linear(x, w), F.linear(x, w))
         if lin.CUSTOM_OP_REGISTERED:
-            assert torch.equal(torch.ops.sawtrt.linear(x, w, b), F.linear(x, w, b))
+            assert torch.equal(torch.ops.sawtrt.linear(x, w, b, None, 0.0, None, False),
+                               F.linear(x, w, b))
+
+
+def test_linear_fusions_cpu_are_the_layer_ops():
+    """linear(norm_weight=, residual=) and linear_glu(residual=) on CPU are the ops a decoder
+    layer runs around its GEMMs (RMSNorm before, SiLU * up before, residual add after), bit for
+    bit; so is the sawtrt::linear op."""
+    import torch.nn.functional as F
+
+    from sawtrt.kernels import linear as lin
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 32, generator=gen).bfloat16()
+    g = torch.rand(32, generator=gen).bfloat16()
+    for m in (1, 3):
+        x = torch.randn(m, 32, generator=gen).bfloat16()
+        gu = torch.randn(m, 64, generator=gen).bfloat16()
+        r = torch.randn(m, 40, generator=gen).bfloat16()
+        want = r + F.linear(lin.rms_norm(x, g, 1e-5), w)
+        assert torch.equal(lin.linear(x, w, norm_weight=g, eps=1e-5, residual=r), want)
+        assert torch.equal(lin.linear(x, w, norm_weight=g, eps=1e-5),
+                           F.linear(lin.rms_norm(x, g, 1e-5), w))
+        gate, up = gu.chunk(2, -1)
+        assert torch.equal(lin.linear_glu(gu, w, residual=r), r + F.linear(F.silu(gate) * up, w))
+        assert not lin.kernel_serves(gu, w, max_rows=8, glu=True)
+        if lin.CUSTOM_OP_REGISTERED:
+            assert torch.equal(torch.ops.sawtrt.linear(x, w, None, g, 1e-5, r, False), want)
 
 
 def test_qk_prologue_is_the_model_prologue():

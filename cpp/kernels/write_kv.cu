@@ -23,6 +23,7 @@
 #include "saw/codec.cuh"
 #include "saw/dispatch.cuh"
 #include "saw/hadamard.cuh"
+#include "saw/launch.cuh"
 #include "saw/launchers.h"
 #include "saw/layout.cuh"
 #include "saw/quantize.cuh"
@@ -181,11 +182,12 @@ __global__ void __launch_bounds__(kWriteWarps * 32) WriteKVKernel(const WritePar
   constexpr int kLanes = D / E;               // lanes per vector
   constexpr int kVecs = 32 / kLanes;          // vectors per warp
   static_assert(D % E == 0 && 32 % kLanes == 0, "head_dim");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // the attention kernel after this one (programmatic launch) waits for this grid to finish
   // before it reads q or the cache: its CTAs may be scheduled now
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  LaunchDependents();
+  // launched programmatically itself (only its scheduling overlaps the kernel before, which
+  // wrote qkv): nothing is read before this
+  GridDependencyWait();
   const int lane = threadIdx.x & 31, sub = lane % kLanes;
   int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
 
@@ -312,9 +314,8 @@ cudaError_t Launch(const WriteParams<T>& p, cudaStream_t stream) {
   const int64_t pairs = int64_t(p.num_tokens) * p.num_kv_heads;
   const int64_t warps = p.q_warps + 2 * ((pairs + vecs_per_warp - 1) / vecs_per_warp);
   const dim3 grid(unsigned((warps + kWriteWarps - 1) / kWriteWarps));
-  // the kernel before it on the stream wrote qkv (the projection): no programmatic launch here
-  WriteKVKernel<T, KIND, D, kVec, kPrologue><<<grid, kWriteWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchProgrammatic(WriteKVKernel<T, KIND, D, kVec, kPrologue>, grid,
+                            dim3(kWriteWarps * 32), 0, stream, p);
 }
 
 }  // namespace

@@ -48,6 +48,12 @@ class SawQKPrologue(ctypes.Structure):
                 ("rope_sin", ctypes.c_void_p), ("rope_stride", ctypes.c_int64)]
 
 
+class SawLinearFusion(ctypes.Structure):
+    """What saw_linear_fused folds around the product (c_api.h): RMSNorm of x, residual add."""
+    _fields_ = [("norm_weight", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
+                ("residual", ctypes.c_void_p), ("residual_stride", ctypes.c_int64)]
+
+
 class SawPageLayout(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("code_bytes", "param_bytes", "k_codes",
                                               "k_params", "v_codes", "v_params",
@@ -124,9 +130,10 @@ _OPTIONAL = {
     "saw_linear": (_c_int, [ctypes.c_int32, _ptr, ctypes.c_int64, _ptr, _ptr, _ptr,
                             ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                             _ptr]),
-    "saw_linear_glu": (_c_int, [ctypes.c_int32, _ptr, ctypes.c_int64, _ptr, _ptr,
-                                ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                                _ptr]),
+    "saw_linear_fused": (_c_int, [ctypes.c_int32, _ptr, ctypes.c_int64, _ptr, _ptr, _ptr,
+                                  ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.POINTER(SawLinearFusion), _ptr]),
     "saw_attention_step_qk": (_c_int, [ctypes.POINTER(SawConfig), _ptr, ctypes.c_int64,
                                        ctypes.POINTER(SawQKPrologue), _ptr, _i32p,
                                        ctypes.c_int32, _i32p, _i32p, ctypes.c_int32,

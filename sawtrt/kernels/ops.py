@@ -20,6 +20,7 @@ import torch
 from .. import kv_cache, reference
 from ..spec import PageLayout
 from . import capi, cpu, library
+from .linear import rms_norm
 
 _workspaces: dict[int, torch.Tensor] = {}       # device index -> uint8 buffer, grown on demand
 _outgrown: list[torch.Tensor] = []              # replaced buffers, kept alive (see _workspace)
@@ -235,8 +236,7 @@ class QKPrologue:
             x = qkv[:, col:col + heads * d].view(t, heads, d)
             y = x.float()
             if w is not None:
-                y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-                y = (w.float() * y.to(x.dtype).float()).to(x.dtype).float()
+                y = rms_norm(x, w, self.eps).float()
             if self.cos is not None:
                 rot = torch.cat((-y[..., d // 2:], y[..., :d // 2]), -1)
                 y = y * self.cos[:, None, :].float() + rot * self.sin[:, None, :].float()

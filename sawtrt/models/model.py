@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import dense_prefill, ops
-from ..kernels.linear import linear, linear_glu
+from ..kernels.linear import linear, linear_glu, rms_norm
 from ..spec import PageLayout
 from . import kv_transform
 from .specs import ModelSpec
@@ -71,14 +71,6 @@ class AttentionMetadata:
                 "logits_indices", "cu_q_lens")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back (the Llama/Qwen3 convention)."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
-
-
 class Rope:
     """Rotary embedding, "rotate half" (NeoX) convention; cos/sin tables in fp32."""
 
@@ -105,13 +97,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def attn_in(x, in_norm, qkv_w, qkv_b, q_norm, k_norm, cos, sin, transform, eps: float,
             hq: int, hkv: int, d: int, projection_only: bool = False) -> torch.Tensor:
-    """A layer's prologue: RMSNorm, the fused q/k/v projection, q/k-norm, RoPE, the K transform
-    (kv_transform.apply's constants, or None), packed as the fused kernel reads it:
-    [T, (Hq + 2 Hkv) D]. projection_only: stop after the projection (the attention step's write
+    """A layer's prologue: RMSNorm and the fused q/k/v projection (one kernel at one row:
+    kernels.linear), q/k-norm, RoPE, the K transform (kv_transform.apply's constants, or None),
+    packed as the fused kernel reads it: [T, (Hq + 2 Hkv) D]. projection_only: stop after the projection (the attention step's write
     kernel runs q/k-norm and RoPE: ops.QKPrologue). Module-level and free of layer indices, so
     one compiled graph serves every layer."""
-    h = rms_norm(x, in_norm, eps)
-    qkv = linear(h, qkv_w, qkv_b)
+    qkv = linear(x, qkv_w, qkv_b, norm_weight=in_norm, eps=eps)
     if projection_only:
         return qkv
     t = qkv.shape[0]
@@ -130,14 +121,14 @@ def attn_in(x, in_norm, qkv_w, qkv_b, q_norm, k_norm, cos, sin, transform, eps: 
 
 def attn_out_mlp(x, o, o_w, post_norm, gate_up_w, down_w, eps: float) -> torch.Tensor:
     """A layer's epilogue: o-projection and residual, RMSNorm, SiLU-gated MLP and residual."""
-    x = x + linear(o.reshape(x.shape[0], -1).to(x.dtype), o_w)
-    h = rms_norm(x, post_norm, eps)
-    return x + linear_glu(linear(h, gate_up_w), down_w)
+    x = linear(o.reshape(x.shape[0], -1).to(x.dtype), o_w, residual=x)
+    gu = linear(x, gate_up_w, norm_weight=post_norm, eps=eps)
+    return linear_glu(gu, down_w, residual=x)
 
 
 def final_logits(x, rows, norm_w, head_w, eps: float) -> torch.Tensor:
     """fp32 logits of the hidden states x[rows]: final RMSNorm and LM head."""
-    return linear(rms_norm(x[rows], norm_w, eps), head_w).float()
+    return linear(x[rows], head_w, norm_weight=norm_w, eps=eps).float()
 
 
 def compile_mode(device: torch.device) -> bool:

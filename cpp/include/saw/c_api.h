@@ -134,11 +134,26 @@ int saw_gather_kv(const SawConfig* cfg, const void* pool_layer, const int32_t* b
 int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, const void* bias,
                void* y, int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream);
 
-// The gated MLP's down projection: y = (silu(gu[:, :k]) * gu[:, k:2k]) w^T, the product rounded
-// to dtype once (as the compiled layer work rounds it), then as saw_linear (no bias). gu:
-// [m, gu_stride] with gu_stride >= 2k; saves the SiLU-and-multiply kernel between the two GEMMs.
-int saw_linear_glu(int32_t dtype, const void* gu, int64_t gu_stride, const void* w, void* y,
-                   int64_t y_stride, int32_t m, int32_t n, int32_t k, cudaStream_t stream);
+// What saw_linear_fused does around the product; NULL members: nothing.
+//   norm_weight [k]: each staged x row RMS-normalized first, dtype(norm_weight * dtype(x *
+//     rsqrt(mean(x^2) + norm_eps))) (Llama / Qwen3 RMSNorm; every CTA reduces its own copy)
+//   residual [m, residual_stride]: y = dtype(residual + dtype(x w^T + bias)), the projection
+//     rounded before the add as a separate add would see it; may be y itself, not x
+typedef struct SawLinearFusion {
+  const void* norm_weight;
+  float norm_eps;
+  const void* residual;
+  int64_t residual_stride;
+} SawLinearFusion;
+
+// saw_linear with a decoder layer's neighbours folded in, so that a decode step's layer is a
+// chain of kernels with nothing between them. glu != 0: x = gu [m, x_stride >= 2k] and the
+// staged row is silu(gu[:, :k]) * gu[:, k:2k] rounded to dtype once (the gated MLP's down
+// projection), not combinable with norm_weight. fusion: NULL or as above.
+int saw_linear_fused(int32_t dtype, const void* x, int64_t x_stride, const void* w,
+                     const void* bias, void* y, int64_t y_stride, int32_t m, int32_t n,
+                     int32_t k, int32_t glu, const SawLinearFusion* fusion,
+                     cudaStream_t stream);
 
 #ifdef __cplusplus
 }

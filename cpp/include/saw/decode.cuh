@@ -683,11 +683,9 @@ DecodeKernel(const DecodeParams p) {
     __syncwarp();  // every lane is done reading stage j % S before it is refilled
   }
   CpAsyncWait<0>();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // let the split reducer (launched with programmatic stream serialization) get scheduled; it
   // waits in griddepcontrol.wait until this grid's writes are complete
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  LaunchDependents();
 
   // ---- merge the 4 warps' partials in shared memory ----
   float lsum[NT][2];
@@ -766,11 +764,9 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
   __shared__ float w[kDecodeMaxSplits];
   __shared__ float ob[256];
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // the output projection after it (saw_linear, a programmatic launch) may start streaming its
   // weights now; it waits for this grid before it reads the output
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  LaunchDependents();
   GridDependencyWait();
   const int num_q_heads = p.group * p.num_kv_heads;
   const int len = p.seq_lens[b];
@@ -797,11 +793,33 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
   __syncthreads();
   const float den = red[1][0] + red[1][1] + red[1][2] + red[1][3];
   const float inv = den > 0.f ? 1.f / den : 0.f;
-  for (int d = tid; d < D; d += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < n; ++s) acc += w[s] * p.part_o[(row0 + s) * D + d];
-    ob[d] = acc * inv;
+  // thread (split lane sl, column group cg) sums float4 column group cg of splits sl, sl + L,
+  // ... (L = 128 / (D / 4) split lanes), its loads unrolled so they are in flight together: at
+  // one sequence the merge is a chain of L2 round trips, not bandwidth
+  const int cols = D / 4, lanes_s = blockDim.x / cols;
+  const int cg = tid % cols, sl = tid / cols;
+  const float4* po = reinterpret_cast<const float4*>(p.part_o + row0 * D);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+  for (int s = sl; s < n; s += lanes_s) {
+    const float4 v = po[s * cols + cg];
+    const float ws = w[s];
+    acc.x = fmaf(ws, v.x, acc.x);
+    acc.y = fmaf(ws, v.y, acc.y);
+    acc.z = fmaf(ws, v.z, acc.z);
+    acc.w = fmaf(ws, v.w, acc.w);
+  }
+  __shared__ float4 lane_acc[128];
+  lane_acc[tid] = acc;
+  __syncthreads();
+  if (tid < cols) {
+    float4 t = lane_acc[tid];
+    for (int l = 1; l < lanes_s; ++l) {
+      const float4 u = lane_acc[l * cols + tid];
+      t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+    }
+    ob[4 * tid] = t.x * inv, ob[4 * tid + 1] = t.y * inv;
+    ob[4 * tid + 2] = t.z * inv, ob[4 * tid + 3] = t.w * inv;
   }
   T* out = static_cast<T*>(p.out) + ((int64_t)b * num_q_heads + hq) * D;
   if (p.rotate_v && p.rot_block) {

@@ -18,6 +18,14 @@ __device__ __forceinline__ void GridDependencyWait() {
 #endif
 }
 
+// Lets the programmatic launch after this grid get its CTAs scheduled once every CTA of this one
+// has called it (or exited); that grid still waits in GridDependencyWait for this one to finish.
+__device__ __forceinline__ void LaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 template <typename... KernelArgs, typename... Args>
 cudaError_t LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                                size_t smem_bytes, cudaStream_t stream, Args&&... args) {

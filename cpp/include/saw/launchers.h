@@ -55,9 +55,11 @@ cudaError_t LaunchGatherKV(const SawConfig& cfg, const void* pool_layer,
                            int64_t out_stride, cudaStream_t stream);
 
 // cpp/kernels/linear.cu — skinny GEMM y = x W^T (+ bias) for decode steps (m <= 8 rows);
-// glu: x = silu(x[:, :k]) * x[:, k:2k] (the gated MLP's down projection input).
+// glu: x = silu(x[:, :k]) * x[:, k:2k] (the gated MLP's down projection input); fusion: RMSNorm
+// of x, residual add (null: neither).
 cudaError_t LaunchLinear(int32_t dtype, const void* x, int64_t x_stride, const void* w,
                          const void* bias, void* y, int64_t y_stride, int32_t m, int32_t n,
-                         int32_t k, bool glu, cudaStream_t stream);
+                         int32_t k, bool glu, const SawLinearFusion* fusion,
+                         cudaStream_t stream);
 
 }  // namespace saw
