@@ -42,7 +42,8 @@ def _check(y, x, w, bias, what):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8])
-# (2560, 4096) and (2560, 9728): rows shared by 2 and 4 warps on the H200 (linear.cu PickSlices)
+# (2560, 4096) and (2560, 9728): rows shared by 2 and 4 warps at m >= 2 on the H200 (two CTAs
+# per SM; linear.cu PickSlices); test_linear_row_split covers one row
 @pytest.mark.parametrize("n, k", [(1, 8), (37, 24), (1000, 2568), (2560, 4096), (2560, 9728),
                                   (6144, 2560)])
 def test_linear_matches_reference(dtype, m, n, k, with_bias):
@@ -96,7 +97,7 @@ def test_op_dispatch_and_compile(variant):
         kw = extra(m)
         want = kernel(x, **kw) if m <= lin.MAX_ROWS else lin._plain(x, w, glu=glu, **kw)
         assert torch.equal(op(x, **kw), want), m
-        if m <= lin.MAX_ROWS:
+        if m <= lin.MAX_ROWS or variant == "plain":
             fn = torch.compile(lambda a: op(a, **kw) * 2)
             assert torch.equal(fn(x), want * 2), m
     x = torch.randn(1, width, generator=gen).to(dt).to(DEV)
@@ -151,6 +152,53 @@ def test_linear_norm_residual_matches_reference(dtype, m, n, k):
     lin.skinny_linear(x, w, bias, out=inplace, norm_weight=g, eps=1e-6, residual=inplace)
     torch.cuda.synchronize()
     assert torch.equal(inplace, ybuf[:m, :n])
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n, k", [(1500, 8192), (500, 8192), (64, 16384)])
+def test_linear_row_split(m, n, k):
+    """Rows shared by several warps (partial sums through shared memory, a named barrier per
+    group): on the H200 these shapes take 2, 4 and 8 warps a row at one row (three CTAs per SM,
+    3168 warps) and 4, 4 and 8 at three rows (two CTAs per SM, 2112 warps). Against the reference with the norm and the
+    residual (both read around the shared rows), and bit-identical over repeated launches (a
+    barrier race would show as run-to-run differences)."""
+    dt = torch.bfloat16
+    gen = torch.Generator().manual_seed(9000 * m + n + k)
+    x = torch.randn(m, k, generator=gen) * 2
+    x[:, torch.randperm(k, generator=gen)[:k // 64]] *= 30
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    x, w = x.to(dt).to(DEV), w.to(dt).to(DEV)
+    ybuf = torch.full((m + 1, n + 3), float("nan"), dtype=dt, device=DEV)
+    assert lin.kernel_serves(x, w, max_rows=8)
+    lin.skinny_linear(x, w, out=ybuf[:m, :n])
+    torch.cuda.synchronize()
+    _check(ybuf[:m, :n], x, w, None, f"m={m} n={n} k={k}")
+    assert torch.isnan(ybuf[:, n:]).all() and torch.isnan(ybuf[m]).all(), "wrote outside [m, n]"
+    g = (torch.rand(k, generator=gen) + 0.5).to(dt).to(DEV)
+    res = torch.randn(m, n, generator=gen).to(dt).to(DEV)
+    runs = [lin.skinny_linear(x, w, norm_weight=g, eps=1e-6, residual=res) for _ in range(5)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(r, runs[0]) for r in runs[1:]), "repeated launches differ"
+    want = res.float() + lin.skinny_linear(x, w, norm_weight=g, eps=1e-6).float()
+    assert torch.equal(runs[0], want.to(dt)), "the residual add is not the rounded sum"
+
+
+def test_kernel_serves_refuses_what_the_abi_refuses():
+    """A negative or NaN eps, norm with glu, a misaligned norm weight, a residual of the wrong
+    shape: kernel_serves says no (the plain ops run) instead of the C ABI raising."""
+    dt = torch.bfloat16
+    x = torch.randn(1, 64, device=DEV, dtype=dt)
+    w = torch.randn(32, 64, device=DEV, dtype=dt)
+    g = torch.ones(64, device=DEV, dtype=dt)
+    assert lin.kernel_serves(x, w, norm_weight=g, eps=1e-6)
+    assert not lin.kernel_serves(x, w, norm_weight=g, eps=-1.0)
+    assert not lin.kernel_serves(x, w, norm_weight=g, eps=float("nan"))
+    assert not lin.kernel_serves(torch.randn(1, 128, device=DEV, dtype=dt), w, norm_weight=g,
+                                 glu=True)
+    assert not lin.kernel_serves(x, w, norm_weight=torch.ones(65, device=DEV, dtype=dt)[1:])
+    assert not lin.kernel_serves(x, w, residual=torch.zeros(1, 31, device=DEV, dtype=dt))
+    y = lin.linear(x, w, norm_weight=g, eps=-1.0)       # falls back to the plain ops, no error
+    assert y.shape == (1, 32)
 
 
 def _silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:

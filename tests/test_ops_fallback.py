@@ -98,7 +98,6 @@ def test_linear_fusions_cpu_are_the_layer_ops():
                            F.linear(lin.rms_norm(x, g, 1e-5), w))
         gate, up = gu.chunk(2, -1)
         assert torch.equal(lin.linear_glu(gu, w, residual=r), r + F.linear(F.silu(gate) * up, w))
-        assert not lin.kernel_serves(gu, w, max_rows=8, glu=True)
         if lin.CUSTOM_OP_REGISTERED:
             assert torch.equal(torch.ops.sawtrt.linear(x, w, None, g, 1e-5, r, False), want)
 

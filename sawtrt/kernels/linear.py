@@ -62,17 +62,18 @@ def _row_stride(t: torch.Tensor) -> int:
 
 def kernel_serves(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                   max_rows: int = MAX_ROWS, max_weight_bytes: int = _MAX_W_BYTES, *,
-                  norm_weight: torch.Tensor | None = None,
+                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                   residual: torch.Tensor | None = None, glu: bool = False) -> bool:
-    """Whether saw_linear_fused takes these tensors (else the plain ops): everything the C ABI
-    requires, checked here so that a tensor it would refuse falls back instead. glu: x is
+    """Whether saw_linear_fused takes these arguments (else the plain ops): everything the C ABI
+    requires, checked here so that what it would refuse falls back instead. glu: x is
     [gate | up], 2k wide."""
     if not (x.is_cuda and x.dim() == 2 and w.dim() == 2 and x.dtype == w.dtype
             and w.device == x.device):
         return False
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     if not (1 <= m <= min(max_rows, _KERNEL_MAX_ROWS) and x.shape[1] == (2 * k if glu else k)
-            and k % 8 == 0 and not (glu and norm_weight is not None)):
+            and k % 8 == 0 and not (glu and norm_weight is not None)
+            and (norm_weight is None or eps >= 0.0)):      # False for a NaN eps too
         return False
 
     def vector_ok(v: torch.Tensor | None, size: int, aligned: bool = False) -> bool:
@@ -102,7 +103,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                   eps: float = 0.0, residual: torch.Tensor | None = None,
                   glu: bool = False) -> torch.Tensor:
     """_plain(x, w, bias, norm_weight, eps, residual, glu) through saw_linear_fused (the caller
-    checked kernel_serves with the same arguments)."""
+    checked kernel_serves with the same arguments; the kernel rounds silu(gate) * up once)."""
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -122,9 +123,9 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
 
 
 def _dispatch(x, w, bias, norm_weight, eps, residual, glu) -> torch.Tensor:
-    kw = dict(norm_weight=norm_weight, residual=residual, glu=glu)
+    kw = dict(norm_weight=norm_weight, eps=eps, residual=residual, glu=glu)
     if kernel_serves(x, w, bias, **kw):
-        return skinny_linear(x, w, bias, eps=eps, **kw)
+        return skinny_linear(x, w, bias, **kw)
     return _plain(x, w, bias, norm_weight, eps, residual, glu)
 
 

@@ -236,7 +236,7 @@ class QKPrologue:
             x = qkv[:, col:col + heads * d].view(t, heads, d)
             y = x.float()
             if w is not None:
-                y = rms_norm(x, w, self.eps).float()
+                y = rms_norm(x, w, self.eps).to(x.dtype).float()
             if self.cos is not None:
                 rot = torch.cat((-y[..., d // 2:], y[..., :d // 2]), -1)
                 y = y * self.cos[:, None, :].float() + rot * self.sin[:, None, :].float()

@@ -55,7 +55,9 @@ int saw_write_kv(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
                  const int32_t* slot_mapping, int32_t num_tokens, void* pool_layer,
                  cudaStream_t stream);
 
-// Bytes of workspace the attention launchers need (split-KV partials).
+// Bytes of workspace the attention launchers need (split-KV partials). The workspace must be
+// 16-byte aligned (the split merge reads the partials as float4; allocator and TensorRT
+// workspaces are).
 size_t saw_workspace_bytes(const SawConfig* cfg, int32_t num_seqs, int32_t num_tokens,
                            int32_t max_seq_len);
 
@@ -138,7 +140,8 @@ int saw_linear(int32_t dtype, const void* x, int64_t x_stride, const void* w, co
 //   norm_weight [k]: each staged x row RMS-normalized first, dtype(norm_weight * dtype(x *
 //     rsqrt(mean(x^2) + norm_eps))) (Llama / Qwen3 RMSNorm; every CTA reduces its own copy)
 //   residual [m, residual_stride]: y = dtype(residual + dtype(x w^T + bias)), the projection
-//     rounded before the add as a separate add would see it; may be y itself, not x
+//     rounded before the add as a separate add would see it; may be y itself (in place). y
+//     must not overlap x: other CTAs may still be staging x while one stores
 typedef struct SawLinearFusion {
   const void* norm_weight;
   float norm_eps;
