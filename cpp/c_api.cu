@@ -143,6 +143,18 @@ int CheckLinear(int32_t dtype, const void* x, int64_t x_stride, const void* w, c
   return 0;
 }
 
+// The split-KV partials: at least `need` bytes, 16-byte aligned (the split merge reads them as
+// float4). `what` names the launcher in the message.
+int CheckWorkspace(const void* workspace, size_t workspace_bytes, size_t need, const char* what) {
+  if (need == 0) return 0;
+  SAW_REQUIRE(workspace_bytes >= need && workspace, SAW_ERR_BAD_ARGUMENT,
+              "workspace of %zu bytes at %p, %s needs %zu (saw_workspace_bytes)", workspace_bytes,
+              workspace, what, need);
+  SAW_REQUIRE(reinterpret_cast<uintptr_t>(workspace) % 16 == 0, SAW_ERR_BAD_ARGUMENT,
+              "workspace %p must be 16-byte aligned", workspace);
+  return 0;
+}
+
 // saw_attention_step with an optional q/k prologue (saw_attention_step_qk).
 int AttentionStep(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
                   const SawQKPrologue* prologue, void* pool_layer, const int32_t* block_tables,
@@ -163,9 +175,7 @@ int AttentionStep(const SawConfig* cfg, const void* qkv, int64_t qkv_stride,
   const bool decode = max_q_len == 1 && num_tokens == num_seqs;
   const size_t need = decode ? saw::DecodeWorkspaceBytes(c, num_seqs, max_seq_len)
                              : saw::PrefillWorkspaceBytes(c, num_seqs, num_tokens, max_seq_len);
-  SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
-              "workspace of %zu bytes at %p, attention step needs %zu (saw_workspace_bytes)",
-              workspace_bytes, workspace, need);
+  if (int e = CheckWorkspace(workspace, workspace_bytes, need, "attention step")) return e;
   saw::WriteSlots slots;  // derived in the write kernel from the step
   slots.block_tables = block_tables;
   slots.max_pages_per_seq = max_pages_per_seq;
@@ -250,8 +260,7 @@ int saw_decode(const SawConfig* cfg, const void* q, int64_t q_stride, const void
     return e;
   if (num_seqs == 0) return 0;
   const size_t need = saw::DecodeWorkspaceBytes(*cfg, num_seqs, max_seq_len);
-  SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
-              "workspace of %zu bytes at %p, decode needs %zu", workspace_bytes, workspace, need);
+  if (int e = CheckWorkspace(workspace, workspace_bytes, need, "decode")) return e;
   return saw::LaunchDecode(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
                            seq_lens, num_seqs, max_seq_len, out, workspace, workspace_bytes,
                            stream);
@@ -269,9 +278,7 @@ int saw_prefill(const SawConfig* cfg, const void* q, int64_t q_stride, const voi
   if (int e = CheckQueryRows(num_seqs, num_tokens, max_q_len, max_seq_len, cu_q_lens)) return e;
   if (num_seqs == 0 || num_tokens == 0) return 0;
   const size_t need = saw::PrefillWorkspaceBytes(*cfg, num_seqs, num_tokens, max_seq_len);
-  SAW_REQUIRE(workspace_bytes >= need && (need == 0 || workspace), SAW_ERR_BAD_ARGUMENT,
-              "workspace of %zu bytes at %p, prefill needs %zu", workspace_bytes, workspace,
-              need);
+  if (int e = CheckWorkspace(workspace, workspace_bytes, need, "prefill")) return e;
   return saw::LaunchPrefill(*cfg, q, q_stride, pool_layer, block_tables, max_pages_per_seq,
                             seq_lens, cu_q_lens, num_seqs, num_tokens, max_q_len, max_seq_len,
                             out, workspace, workspace_bytes, stream);

@@ -70,13 +70,15 @@ def hf_checkpoint(path, spec, seed=3):
 
 # -- the transformers oracle -------------------------------------------------------------------
 def kv_storage_fn(policy: KVPolicy, head_dim: int, kv_dtype=None):
-    """x [..., D] -> x as our cache returns it (fp32, original basis). kv_dtype: round K/V to
-    this dtype first (a bf16 model hands the cache bf16 K/V)."""
+    """x [..., D] -> x as our cache returns it (original basis; the cache quantizes and
+    dequantizes in fp32, cast back to x's dtype). kv_dtype: round K/V to this dtype first (a bf16
+    model hands the cache bf16 K/V)."""
     layout = PageLayout(policy, head_dim, 1, 16)
     pol = layout.policy
     signs = pol.signs(head_dim)
 
     def store(x: torch.Tensor, rotate: bool) -> torch.Tensor:
+        dtype = x.dtype
         if kv_dtype is not None:
             x = x.to(kv_dtype)
         x = quant.sanitize(x)
@@ -89,7 +91,7 @@ def kv_storage_fn(policy: KVPolicy, head_dim: int, kv_dtype=None):
             y = quant.dequantize(codes, s, m)
         if rotate:
             y = hadamard.inverse_rotate(y, pol.rotation_block, signs)
-        return y
+        return y.to(dtype)
 
     return (lambda k: store(k, pol.rotated)), (lambda v: store(v, pol.rotated and pol.rotate_v))
 
@@ -124,9 +126,10 @@ def attn_impl_for(policy: KVPolicy, head_dim: int, kv_dtype=None) -> str:
     return name
 
 
-def hf_model(spec: ModelSpec, weights: dict, policy: KVPolicy | str = "bf16", kv_dtype=None):
-    """transformers' model for `spec` (fp32) holding `weights`, attention storing K/V like our
-    cache under `policy` (K/V rounded to kv_dtype first when given)."""
+def hf_model(spec: ModelSpec, weights: dict, policy: KVPolicy | str = "bf16", kv_dtype=None,
+             dtype: torch.dtype = torch.float32):
+    """transformers' model for `spec` (in `dtype`, fp32 or fp64) holding `weights`, attention
+    storing K/V like our cache under `policy` (K/V rounded to kv_dtype first when given)."""
     import transformers
     policy = KVPolicy.parse(policy) if isinstance(policy, str) else policy
     common = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
@@ -146,8 +149,8 @@ def hf_model(spec: ModelSpec, weights: dict, policy: KVPolicy | str = "bf16", kv
                                                               getattr(cfg, "rope_theta", None))
     assert theta == spec.rope_theta, f"transformers config dropped rope_theta ({theta})"
     cfg._attn_implementation = attn_impl_for(policy, spec.head_dim, kv_dtype)
-    model = cls(cfg).float().eval()
-    sd = {k: v.float() for k, v in weights.items()}
+    model = cls(cfg).to(dtype).eval()
+    sd = {k: v.to(dtype) for k, v in weights.items()}
     if spec.tie_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -173,8 +176,8 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 
 @torch.inference_mode()
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
-    """fp32 logits [len(ids), V] of one causal forward."""
-    return model(input_ids=torch.tensor([ids])).logits[0].float()
+    """Logits [len(ids), V] of one causal forward, in the model's dtype."""
+    return model(input_ids=torch.tensor([ids])).logits[0]
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -265,6 +265,44 @@ def test_failed_step_keeps_queued_outputs(eng_dir, async_scheduling):
     assert e.kv_cache_usage()["used_pages"] == 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("finish", ["length", "stop"])
+def test_failure_reporting_a_last_token_does_not_run_past_it(eng_dir, async_scheduling, finish):
+    """The detokenizer raises on a request's last token (its max_tokens-th, or its EOS): the
+    step raises, the token is taken back and sampled again, and the request still ends there,
+    with the outputs of a run without the failure."""
+    params = SamplingParams(max_tokens=3 if finish == "length" else 8, ignore_eos=True)
+    # a prompt whose first three greedy tokens differ, so that the third can be made the EOS
+    greedy = drive(_engine(eng_dir, False), [(f"p{i}", [i, i + 1, i + 2], params)
+                                             for i in range(0, 60, 3)])
+    i = next(int(r[1:]) for r, o in greedy.items() if len(set(stream_summary(o)[0][:3])) == 3)
+    prompt, ref, eos = [i, i + 1, i + 2], greedy[f"p{i}"], None
+    if finish == "stop":
+        eos = [stream_summary(ref)[0][2]]
+        params = SamplingParams(max_tokens=8)
+        ref = drive(_engine(eng_dir, False, eos=eos), [("r", prompt, params)])["r"]
+    want = stream_summary(ref)
+    assert len(want[0]) == 3 and want[2] == finish
+    e = _engine(eng_dir, async_scheduling, eos=eos)
+    e.add_request("r", prompt, params)
+    orig, calls = e.detokenizer.text, [0]
+
+    def text(seq, final=False):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected")
+        return orig(seq, final)
+    e.detokenizer.text = text
+    outs, failures = [], 0
+    while e.has_unfinished():
+        try:
+            outs += e.step()
+        except RuntimeError:
+            failures += 1
+    assert failures == 1 and stream_summary(outs) == want
+    assert e.kv_cache_usage()["used_pages"] == 0
+
+
 def test_llm_api_generate_and_stream(eng_dir):
     """LLM.generate / LLM.stream over the async engine: the synchronous engine's texts, tokens
     and reasons, call after call (a step still in flight after one call is absorbed by the
@@ -283,6 +321,32 @@ def test_llm_api_generate_and_stream(eng_dir):
     s = [list(llms[m].stream(prompts[0], SamplingParams(max_tokens=9, ignore_eos=True)))
          for m in (False, True)]
     assert s[0] == s[1]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_llm_api_interleaved_streams(eng_dir, async_scheduling):
+    """Two open streams and a generate() while they are open: each gets all of its own outputs
+    (what one call's step yields for another request waits for that request's call), and an
+    abandoned stream is aborted without disturbing the others."""
+    from sawtrt.engine.llm import LLM
+    llm = LLM(eng_dir, device="cpu", async_scheduling=async_scheduling)
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]]
+    ref = [o.token_ids for o in llm.generate(prompts, sp)]
+    a, b = (llm.stream_outputs(p, sp) for p in prompts[:2])
+    ta = list(next(a).new_token_ids)
+    tb = list(next(b).new_token_ids)
+    gen = llm.generate(prompts[2:], sp)
+    ta += [t for o in a for t in o.new_token_ids]
+    tb += [t for o in b for t in o.new_token_ids]
+    assert [ta, tb] + [o.token_ids for o in gen] == ref
+    c = llm.stream_outputs(prompts[0], sp)
+    next(c)
+    c.close()                                   # abandoned: aborted, its pages freed
+    assert [o.token_ids for o in llm.generate(prompts[1:2], sp)] == ref[1:2]
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert llm.engine.kv_cache_usage()["used_pages"] == 0
 
 
 def test_decode_step_bench_both_modes(eng_dir):

@@ -132,6 +132,10 @@ def test_bad_arguments_are_named(lib):
                                   need - 1, None)
     assert code == library.ERR_BAD_ARGUMENT
     assert "workspace" in lib.saw_last_error_message().decode()
+    # ... and one the split merge would read as float4 from a misaligned address
+    code = lib.saw_decode(ref, 16, 4096, 16, 16, 128, 16, 2, 8192, 16, 24, need, None)
+    assert code == library.ERR_BAD_ARGUMENT
+    assert "workspace 0x18 must be 16-byte aligned" in lib.saw_last_error_message().decode()
     assert lib.saw_error_string(library.ERR_UNSUPPORTED) == b"unsupported configuration"
 
 

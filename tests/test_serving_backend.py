@@ -616,7 +616,13 @@ def test_openai_request_parsing():
     bad = [({"prompt": "hi", "n": 2}, "only n=1"), ({"prompt": "hi", "logprobs": 1}, "logprobs"),
            ({"prompt": ["a", "b"]}, "one prompt per request"), ({"prompt": [1, 2]}, "string"),
            ({"prompt": "hi", "stop": ["a"] * 5}, "at most 4"), ({"prompt": "hi", "bogus": 1}, "bogus"),
-           ({"prompt": "hi", "max_tokens": 0}, "must be >= 1"),
+           ({"prompt": "hi", "max_tokens": 0}, "must be in [1, 2147483647]"),
+           ({"prompt": "hi", "max_tokens": 2**32 + 3}, "must be in [1, 2147483647]"),
+           ({"prompt": "hi", "top_k": 2**32 + 1}, "top_k"),
+           ({"prompt": "hi", "temperature": 1e300}, "finite 32-bit float"),
+           ({"prompt": "hi", "top_p": float("nan")}, "top_p"),
+           ({"prompt": "hi", "logprobs": 0}, "logprobs"),      # 0 asks for logprobs too
+           ({"prompt": "hi", "best_of": True}, "best_of"),
            ({"prompt": "hi", "max_tokens": "3"}, "an integer"),
            ({"prompt": "hi", "temperature": True}, "a number"),
            ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream=true"),
@@ -631,3 +637,52 @@ def test_openai_request_parsing():
         render_chat(tmpl, [{"role": "wizard", "content": "x"}])
     with pytest.raises(APIError, match="no chat template"):
         parse_chat({"messages": [{"role": "user", "content": "x"}]}, None, 64)
+
+
+def test_client_inputs_refuse_what_their_types_cannot_hold():
+    """numpy would wrap 2^32 + 3 into an int32 of 3: make_inputs raises instead."""
+    pytest.importorskip("tritonclient.grpc")
+    from sawtrt.serving.client import make_inputs
+    assert len(make_inputs("hi", 2**31 - 1, top_k=5, seed=2**64 - 1)) == 5
+    for kw, needle in [(dict(max_tokens=2**32 + 3), "max_tokens"),
+                       (dict(max_tokens=4, top_k=-2**31 - 1), "top_k"),
+                       (dict(max_tokens=4, seed=-1), "seed")]:
+        with pytest.raises(ValueError, match=needle):
+            make_inputs("hi", **kw)
+
+
+def test_generation_without_a_stream_stops_when_its_client_leaves():
+    """The OpenAI front end's non-streaming path: the generation is cancelled once the HTTP
+    client is gone (asked every poll), and runs to its end while the client stays."""
+    import asyncio
+    from sawtrt.serving.openai_api import _until_disconnected
+
+    class Request:
+        def __init__(self, leave_after: float):
+            self.t_leave = time.monotonic() + leave_after
+
+        async def is_disconnected(self):
+            return time.monotonic() >= self.t_leave
+
+    async def scenario(work_s, leave_after):
+        state = {"cancelled": False, "done": False}
+
+        async def work():
+            try:
+                await asyncio.sleep(work_s)
+                state["done"] = True
+            except asyncio.CancelledError:
+                state["cancelled"] = True
+                raise
+        completed = await _until_disconnected(work(), Request(leave_after), 0.01)
+        return completed, state
+
+    completed, state = asyncio.run(scenario(30.0, 0.05))
+    assert not completed and state == {"cancelled": True, "done": False}
+    completed, state = asyncio.run(scenario(0.05, 30.0))
+    assert completed and state == {"cancelled": False, "done": True}
+
+    async def failing():
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(_until_disconnected(failing(), Request(30.0), 0.01))

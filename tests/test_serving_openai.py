@@ -130,7 +130,11 @@ def test_bad_requests_get_openai_errors(client, served):
         (lambda: client.completions.create(model=MODEL, prompt="hi", top_p=7.0),
          openai.BadRequestError, "top_p"),
         (lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=0),
-         openai.BadRequestError, "'max_tokens' must be >= 1"),
+         openai.BadRequestError, "'max_tokens' must be in [1, 2147483647]"),
+        (lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2**32 + 3),
+         openai.BadRequestError, "'max_tokens' must be in [1, 2147483647]"),
+        (lambda: client.completions.create(model=MODEL, prompt="hi", logprobs=0),
+         openai.BadRequestError, "logprobs"),
         (lambda: client.chat.completions.create(model=MODEL, messages=[]),
          openai.BadRequestError, "'messages' must be a non-empty list"),
         (lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user",
@@ -153,11 +157,15 @@ def test_bad_requests_get_openai_errors(client, served):
         f"max_seq_len ({MAX_SEQ_LEN})" in err["message"], err
     code, text = post(f"{url}/completions", None, raw=b"{not json")
     assert code == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
+    # half of a UTF-16 pair is valid JSON but not text (a client cutting an emoji in two)
+    code, text = post(f"{url}/completions", None,
+                      raw=b'{"model": "%s", "prompt": "hi \\ud83d"}' % MODEL.encode())
+    assert code == 400 and "lone UTF-16 surrogate" in json.loads(text)["error"]["message"]
     code, text = post(f"{url}/completions", {"model": MODEL, "prompt": "hi", "frobnicate": 1})
     assert code == 400 and "frobnicate" in json.loads(text)["error"]["message"]
     code, text = post(url.removesuffix("/v1") + "/v1/nothing", {})
     assert code == 404 and "error" in json.loads(text)
-    n_bad = len(cases) + 4 - 1            # the 404 route is not a generation request
+    n_bad = len(cases) + 5 - 1            # the 404 route is not a generation request
     after = api_counts(served)
     assert after["rejected"] - before["rejected"] == n_bad
     assert after["failed"] == before["failed"]
@@ -214,6 +222,32 @@ def test_metrics_agree_with_what_clients_saw(client, served):
     assert m['sawtrt_kv_cache_total_pages{model="sawtrt"}'] > 0
     key = 'sawtrt_requests{model="sawtrt",outcome="cancelled"}'
     assert m[key] - before[key] == 1
+
+
+def test_a_client_that_leaves_without_a_stream_cancels_its_generation(served):
+    """A request without a stream whose client times out: counted cancelled, never completed,
+    and the engine lets go of it before its 200 tokens are out (several seconds here)."""
+    import httpx
+    base = served.openai.removesuffix("/v1")
+    counts0 = api_counts(served)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{served.openai}/completions", timeout=1.0,
+                   json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200,
+                         "temperature": 0, "ignore_eos": True})
+    wait_until(lambda: api_counts(served)["cancelled"] > counts0["cancelled"], 30,
+               "the cancelled counter")
+    m = wait_until(lambda: (lambda m: m if m.get('sawtrt_kv_cache_used_pages{model="sawtrt"}')
+                            == 0 else None)(scrape(base + "/metrics")), 30, "KV pages freed")
+    assert m['sawtrt_num_requests_running{model="sawtrt"}'] == 0
+    counts = api_counts(served)
+    assert counts["cancelled"] - counts0["cancelled"] == 1
+    assert counts["completed"] == counts0["completed"] and counts["failed"] == counts0["failed"]
+
+
+def test_cli_client_with_no_server_is_a_clean_error():
+    r = subprocess.run([sys.executable, "-m", "sawtrt", "client", "hi", "--url", "127.0.0.1:1",
+                        "--timeout", "20"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_concurrent_streams(client):

@@ -80,6 +80,8 @@ template <int D, int KIND, int NT, typename T>
 struct Instance {
   using TR = typename TraitsOf<D, KIND, NT>::type;
   static constexpr auto kernel = DecodeKernel<TR, T>;
+  static_assert(D % 4 == 0 && D <= kDecodeReduceMaxD,
+                "the split reducer stages a head in shared memory as float4 columns");
 
   static cudaError_t Configure() {  // once per instantiation (not a stream operation)
     static cudaError_t status = cudaFuncSetAttribute(
@@ -112,7 +114,7 @@ struct Instance {
     }
     if (p.num_splits > 1) {  // the reducer's launch overlaps the main grid's tail
       e = LaunchProgrammatic(DecodeReduceKernel<T>, dim3(p.group * p.num_kv_heads, num_seqs),
-                             dim3(128), 0, stream, p, int(D));
+                             dim3(kDecodeReduceThreads), 0, stream, p, int(D));
       if (e != cudaSuccess) return e;
     }
     return cudaGetLastError();

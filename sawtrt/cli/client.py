@@ -27,9 +27,12 @@ def client(prompt, url, model, max_tokens, temperature, top_k, top_p, seed, stop
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    r = generate(url, prompt, max_tokens, model=model, timeout=timeout, on_delta=on_delta,
-                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                 stream=not no_stream)
+    try:
+        r = generate(url, prompt, max_tokens, model=model, timeout=timeout, on_delta=on_delta,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                     stream=not no_stream)
+    except ValueError as e:         # a value the model's inputs cannot hold
+        raise click.BadParameter(str(e)) from None
     if as_json:
         click.echo(json.dumps({"text": r.text, "finish_reason": r.finish_reason,
                                "num_input_tokens": r.num_input_tokens,

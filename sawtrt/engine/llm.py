@@ -2,7 +2,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +23,9 @@ class LLM:
     def __init__(self, engine_dir, device=None, **engine_kwargs):
         self.engine = LLMEngine.from_engine_dir(engine_dir, device=device, **engine_kwargs)
         self._ids = itertools.count()
+        # request id -> its outputs not yet consumed: every call steps the one engine, so each
+        # routes what a step yields to the calls waiting on it (streams may interleave)
+        self._inbox: dict[str, deque[StepOutput]] = {}
 
     @property
     def tokenizer(self):
@@ -36,25 +41,14 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
         rids = [f"gen-{next(self._ids)}" for _ in prompts]
-        texts = {r: [] for r in rids}
-        toks = {r: [] for r in rids}
-        reasons: dict[str, str | None] = {}
-        try:
-            for rid, prompt, p in zip(rids, prompts, plist):
-                self.engine.add_request(rid, prompt, p)
-            while len(reasons) < len(rids):
-                for out in self.engine.step():
-                    if out.request_id not in texts:
-                        continue
-                    texts[out.request_id].append(out.new_text)
-                    toks[out.request_id].extend(out.new_token_ids)
-                    if out.finished:
-                        reasons[out.request_id] = out.finish_reason
-        finally:
-            for rid in rids:
-                if rid not in reasons:
-                    self.engine.abort_request(rid)
-        return [GenerationOutput("".join(texts[r]), toks[r], reasons[r]) for r in rids]
+        results = []
+        with self._requests(rids, prompts, plist) as finished:
+            for rid in rids:        # the others' outputs wait in their inboxes meanwhile
+                outs = list(self._outputs(rid, finished))
+                results.append(GenerationOutput("".join(o.new_text for o in outs),
+                                                [t for o in outs for t in o.new_token_ids],
+                                                outs[-1].finish_reason))
+        return results
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
@@ -68,14 +62,41 @@ class LLM:
         """Yield the request's StepOutputs as they come (token ids, text delta, finish reason);
         the request is aborted if the caller stops early."""
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, params or SamplingParams())
-        done = False
+        with self._requests([rid], [prompt], [params or SamplingParams()]) as finished:
+            yield from self._outputs(rid, finished)
+
+    @contextlib.contextmanager
+    def _requests(self, rids, prompts, plist):
+        """Add the requests with an inbox each; on exit abort those not finished (the caller
+        stopped early or raised) and drop their inboxes. Yields the set of finished ids."""
+        finished: set[str] = set()
+        for rid in rids:
+            self._inbox[rid] = deque()
         try:
-            while not done:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        done = out.finished
-                        yield out
+            for rid, prompt, p in zip(rids, prompts, plist):
+                self.engine.add_request(rid, prompt, p)
+            yield finished
         finally:
-            if not done:
-                self.engine.abort_request(rid)
+            for rid in rids:
+                if rid not in finished:
+                    self.engine.abort_request(rid)
+                self._inbox.pop(rid, None)
+
+    def _outputs(self, rid: str, finished: set[str]) -> Iterator[StepOutput]:
+        """rid's outputs up to its finishing one, stepping the engine while its inbox is empty."""
+        box = self._inbox[rid]
+        while True:
+            while not box:
+                outs = self.engine.step()
+                for out in outs:
+                    other = self._inbox.get(out.request_id)
+                    if other is not None:
+                        other.append(out)
+                if not outs and not self.engine.has_unfinished():
+                    raise RuntimeError(f"request {rid} ended without a finishing output")
+            out = box.popleft()
+            if out.finished:
+                finished.add(rid)
+            yield out
+            if out.finished:
+                return

@@ -272,10 +272,8 @@ class LLMEngine:
             tokens = self.runner.run(batch)
             for seq, n, tok in zip(batch.seqs, batch.num_tokens, tokens):
                 seq.num_computed += n
-                if tok is None:
-                    continue
-                seq.token_ids.append(tok)
-                outputs.append(self._process_token(seq, tok))
+                if tok is not None:
+                    outputs.append(self._accept_token(seq, tok))
             self._pending = []
             return outputs
 
@@ -323,23 +321,38 @@ class LLMEngine:
                 seq.num_pending -= 1
                 if seq.is_finished:     # aborted, or its EOS / stop string came a step late
                     continue
-                seq.token_ids.append(tok)
-                outputs.append(self._process_token(seq, tok))
+                outputs.append(self._accept_token(seq, tok))
         self._pending = []
         return outputs
 
+    def _ends_by_length(self, seq: Sequence, pending: int = 0) -> bool:
+        """seq is done by max_tokens or max_seq_len once `pending` more tokens arrive."""
+        return seq.num_output_tokens + pending >= seq.params.max_tokens \
+            or len(seq.token_ids) + pending >= self.max_seq_len
+
     def _last_token_in_flight(self, seq: Sequence) -> bool:
-        """The token seq waits for ends it by length whatever it is (what _process_token checks
-        after appending it)."""
-        return seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens \
-            or len(seq) >= self.max_seq_len
+        """The token seq waits for ends it by length whatever it is."""
+        return self._ends_by_length(seq, seq.num_pending)
+
+    def _accept_token(self, seq: Sequence, tok: int) -> StepOutput:
+        """Append a sampled token and report it. If reporting raises (the detokenizer, a stop
+        string), the token is taken back and its step recomputed: a last token (by length or
+        EOS) kept without its report would never finish the request."""
+        seq.token_ids.append(tok)
+        try:
+            return self._process_token(seq, tok)
+        except BaseException:
+            if not seq.is_finished:
+                seq.token_ids.pop()
+                seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+            raise
 
     def _process_token(self, seq: Sequence, tok: int) -> StepOutput:
         p = seq.params
         reason = None
         if not p.ignore_eos and tok in self.eos_token_ids:
             reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len:
+        elif self._ends_by_length(seq):
             reason = "length"
         text = self.detokenizer.text(seq, final=reason is not None)
         if p.stop:

@@ -270,13 +270,9 @@ class ModelRunner:
         return [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
 
     def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Sampled token per sequence of the batch (None where the chunk was a partial prefill)."""
-        want = self._sampled(batch)
-        logits = self.forward(batch)
-        toks = sampler.sample_tensor(logits, [s.params for s in want],
-                                     [s.generator for s in want]) if want else None
-        self._mark_end()
-        it = iter(toks.tolist() if want else [])
+        """Sampled token per sequence of the batch (None where the chunk was a partial prefill):
+        launch, then wait for this step's tokens."""
+        it = iter(self.launch(batch).results())
         return [next(it) if s.num_computed + n == len(s) else None
                 for s, n in zip(batch.seqs, batch.num_tokens)]
 

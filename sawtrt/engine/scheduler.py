@@ -6,7 +6,10 @@ prefill the rest of its prompt up to the remaining budget), then waiting ones ar
 budget, batch slots and pages allow. When a running sequence cannot get the pages for its share,
 the latest-arrived running sequences are preempted: their pages are freed, they go back to the
 front of the waiting queue and their K/V are recomputed (prompt + tokens generated so far) when
-they are admitted again. Generated tokens are kept, so preemption does not change outputs.
+they are admitted again. Generated tokens are kept, so preemption does not change outputs
+where prompt tokens read the cache (CausalLM prefill_kv "cache"); under "fresh" the recompute
+prefills the generated tokens with the prompt, as prompt tokens attending to their own chunk's
+unquantized K/V, so later tokens may differ as they would under another chunking.
 """
 from __future__ import annotations
 

@@ -70,8 +70,14 @@ def make_inputs(prompt: str, max_tokens: int, *, temperature: float | None = Non
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 stop: Sequence[str] = (), stream: bool = True, ignore_eos: bool | None = None,
                 cap_max_tokens: bool | None = None):
-    """tritonclient InferInputs with the TensorRT-LLM names and [1, 1] shapes."""
+    """tritonclient InferInputs with the TensorRT-LLM names and [1, 1] shapes. ValueError for
+    a value its tensor's type cannot hold (numpy would wrap an int32 around)."""
     import tritonclient.grpc as grpcclient
+
+    for name, v, lo, hi in (("max_tokens", max_tokens, -2**31, 2**31 - 1),
+                            ("top_k", top_k, -2**31, 2**31 - 1), ("seed", seed, 0, 2**64 - 1)):
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"{name} {v} does not fit the model's input (in [{lo}, {hi}])")
 
     def tensor(name, arr, dtype):
         t = grpcclient.InferInput(name, list(arr.shape), dtype)
@@ -118,7 +124,21 @@ def stream_infer(url: str, inputs, *, model: str = "sawtrt", timeout: float = 30
         rid = f"c{next(_ids)}"
     try:
         client.start_stream(callback=lambda result, error: q.put((time.perf_counter(), result, error)))
-        client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True)
+        try:
+            client.async_stream_infer(model, inputs, request_id=rid,
+                                      enable_empty_final_response=True)
+        except InferenceServerException as e:
+            # the stream broke before the request went out (nothing listening): the callback
+            # has the cause, this exception only that the stream is no longer valid
+            try:
+                error = q.get(timeout=1.0)[2] or e
+            except queue.Empty:
+                error = e
+            res.error = error.message() if isinstance(error, InferenceServerException) \
+                else str(error)
+            res.t_end = time.perf_counter()
+            finished = True
+            return res
         deadline = res.t_start + timeout
         n_responses = 0
         while True:

@@ -81,6 +81,10 @@ class GenRequest:
     ignore_eos: bool | None
 
 
+_INT32_MAX = 2**31 - 1       # the backend's INT32 inputs (max_tokens, top_k)
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(body, name, lo=None, hi=None, integer=False):
     v = body.get(name)
     if v is None:
@@ -90,6 +94,8 @@ def _number(body, name, lo=None, hi=None, integer=False):
         raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
     if lo is not None and v < lo or hi is not None and v > hi:
         raise _bad(f"'{name}' must be in [{lo}, {hi}], got {v!r}", name)
+    if not integer and not abs(v) <= _FLOAT32_MAX:         # NaN too: the backend takes FP32
+        raise _bad(f"'{name}' must be a finite 32-bit float, got {v!r}", name)
     return v
 
 
@@ -106,8 +112,8 @@ def _common(body: dict, allowed: set, *, default_max_tokens: int | None,
             raise _bad(f"'{name}' is not supported (only 0)", name)
     if body.get("logit_bias"):
         raise _bad("'logit_bias' is not supported", "logit_bias")
-    if body.get("logprobs") not in (None, False):
-        raise _bad("'logprobs' is not supported", "logprobs")
+    if body.get("logprobs") is not None and body.get("logprobs") is not False:
+        raise _bad("'logprobs' is not supported", "logprobs")    # 0 too: 0 == False
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise _bad(f"'stream' must be a boolean, got {stream!r}", "stream")
@@ -131,8 +137,8 @@ def _common(body: dict, allowed: set, *, default_max_tokens: int | None,
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", integer=True)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise _bad(f"'{name}' must be >= 1, got {max_tokens}", name)
+    if max_tokens is not None and not 1 <= max_tokens <= _INT32_MAX:
+        raise _bad(f"'{name}' must be in [1, {_INT32_MAX}], got {max_tokens}", name)
     cap = body.get("cap_max_tokens", False)
     if not isinstance(cap, bool):
         raise _bad(f"'cap_max_tokens' must be a boolean, got {cap!r}", "cap_max_tokens")
@@ -142,7 +148,7 @@ def _common(body: dict, allowed: set, *, default_max_tokens: int | None,
         max_tokens, cap = max_seq_len, True
     temperature = _number(body, "temperature")
     top_p = _number(body, "top_p")
-    top_k = _number(body, "top_k", integer=True)
+    top_k = _number(body, "top_k", hi=_INT32_MAX, integer=True)
     seed = _number(body, "seed", integer=True)
     if seed is not None and not 0 <= seed < 2**63:
         raise _bad(f"'seed' must be in [0, 2^63), got {seed}", "seed")
@@ -161,7 +167,8 @@ def parse_completion(body: dict, max_seq_len: int) -> GenRequest:
         raise _bad("'echo' is not supported", "echo")
     if body.get("suffix"):
         raise _bad("'suffix' is not supported", "suffix")
-    if body.get("best_of") not in (None, 1):
+    best_of = body.get("best_of")
+    if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise _bad("'best_of' must be 1", "best_of")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -324,6 +331,8 @@ class OpenAIFrontend:
         self.served_model_name = served_model_name
         self.chat_template, self.max_seq_len = chat_template, max_seq_len
         self.triton_metrics_url = triton_metrics_url
+        # how often a request without a stream asks whether its client is still there
+        self.disconnect_poll_s = 0.25
         self.metrics = Metrics()
         self.draining = False
         self.in_flight = 0
@@ -508,6 +517,11 @@ class OpenAIFrontend:
             raise _bad(f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
+        try:            # JSON may escape half of a UTF-16 pair (\ud83d alone): not text
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _bad(f"the body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), "
+                       "which is not Unicode text") from None
         return body
 
     async def _handle(self, request, *, chat: bool):
@@ -542,7 +556,11 @@ class OpenAIFrontend:
                 self._release()
                 self._finish(st, self._outcome_of(e))
                 raise
-            except BaseException:
+            except Exception as e:         # a bug of ours: an OpenAI error, counted as failed
+                self._release()
+                self._finish(st, "failed")
+                raise _internal(e) from e
+            except BaseException:          # the client disconnected (task cancelled)
                 self._release()
                 self._finish(st, "cancelled")
                 raise
@@ -550,21 +568,36 @@ class OpenAIFrontend:
                                             media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache"})
         text, reason = [], None
-        try:
+
+        async def collect():
+            nonlocal reason
             async for delta, n_in, n_out, r in stream:
                 st.n_in = n_in
                 self._on_tokens(st, n_out, time.perf_counter())
                 text.append(delta)
                 reason = r or reason
+
+        try:
+            # The server does not cancel a handler whose client left, and a request without a
+            # stream has nothing to write that would notice: ask the connection meanwhile,
+            # and cancel the generation (and the engine's work) once it is gone.
+            completed = await _until_disconnected(collect(), request, self.disconnect_poll_s)
         except APIError as e:
             self._finish(st, self._outcome_of(e))
             raise
+        except Exception as e:             # a bug of ours: an OpenAI error, counted as failed
+            self._finish(st, "failed")
+            raise _internal(e) from e
         except BaseException:              # the client disconnected (task cancelled)
             self._finish(st, "cancelled")
             raise
         finally:
             await stream.aclose()
             self._release()
+        if not completed:
+            self._finish(st, "cancelled")
+            return self._json_response(APIError(499, "the client disconnected").body(),
+                                       status_code=499)
         self._finish(st, "completed", reason)
         content = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": content},
@@ -624,9 +657,10 @@ class OpenAIFrontend:
                 yield f"data: {json.dumps(rec)}\n\n"
             yield "data: [DONE]\n\n"
             outcome = "completed"
-        except APIError as e:
-            outcome = self._outcome_of(e)
-            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:                # APIError, or a bug of ours: an error event
+            err = e if isinstance(e, APIError) else _internal(e)
+            outcome = self._outcome_of(err)
+            yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
         except BaseException:                 # the client disconnected
             outcome = "cancelled"
@@ -635,6 +669,31 @@ class OpenAIFrontend:
             await stream.aclose()
             self._release()
             self._finish(st, outcome, reason)
+
+
+async def _until_disconnected(work, request, poll_s: float) -> bool:
+    """Await the coroutine `work`, asking every poll_s seconds whether `request`'s client is
+    still connected: True once `work` is done (its exception raised), False when the client
+    left first (`work` cancelled and awaited)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                task.result()
+                return True
+            if await request.is_disconnected():
+                return False
+    finally:                      # the client left, or this handler was cancelled
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _internal(e: Exception) -> APIError:
+    log.error("internal error: %s", e, exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
 def _finish_reason(r: str | None) -> str | None:

@@ -758,11 +758,19 @@ DecodeKernel(const DecodeParams p) {
   }
 }
 
-// Merge split-KV partials: one CTA per (query head, sequence).
+// Merge split-KV partials: one CTA of kDecodeReduceThreads per (query head, sequence). Thread s
+// holds split s's log-sum-exp, and the float4 column groups of a head (D / 4 <= 64) leave at
+// least two split lanes.
+constexpr int kDecodeReduceThreads = 128;
+constexpr int kDecodeReduceMaxD = 256;   // the largest head_dim dispatched (saw/dispatch.cuh)
+
 template <typename T>
-__global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, int D) {
+__global__ void __launch_bounds__(kDecodeReduceThreads)
+DecodeReduceKernel(const DecodeParams p, int D) {
+  static_assert(kDecodeReduceThreads == 4 * 32, "the block reductions combine four warps");
+  static_assert(kDecodeMaxSplits <= kDecodeReduceThreads, "one split per reducer thread");
   __shared__ float w[kDecodeMaxSplits];
-  __shared__ float ob[256];
+  __shared__ float ob[kDecodeReduceMaxD];
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   // the output projection after it (saw_linear, a programmatic launch) may start streaming its
   // weights now; it waits for this grid before it reads the output
@@ -772,9 +780,7 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
   const int len = p.seq_lens[b];
   const int n = len <= 0 ? 0 : min(p.num_splits, (len + p.chunk - 1) / p.chunk);
   const int64_t row0 = ((int64_t)b * num_q_heads + hq) * p.num_splits;
-  // one parallel load of the n <= 128 log-sum-exps (thread s holds split s; 128 threads),
-  // block reductions
-  static_assert(kDecodeMaxSplits <= 128, "one split per reducer thread");
+  // one parallel load of the n <= kDecodeMaxSplits log-sum-exps, block reductions
   __shared__ float red[2][4];
   const int lane = tid & 31, wid = tid >> 5;
   const float lse = tid < n ? p.part_lse[row0 + tid] : -INFINITY;
@@ -794,7 +800,7 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
   const float den = red[1][0] + red[1][1] + red[1][2] + red[1][3];
   const float inv = den > 0.f ? 1.f / den : 0.f;
   // thread (split lane sl, column group cg) sums float4 column group cg of splits sl, sl + L,
-  // ... (L = 128 / (D / 4) split lanes), its loads unrolled so they are in flight together: at
+  // ... (L = kDecodeReduceThreads / (D / 4) split lanes), its loads unrolled so they are in flight together: at
   // one sequence the merge is a chain of L2 round trips, not bandwidth
   const int cols = D / 4, lanes_s = blockDim.x / cols;
   const int cg = tid % cols, sl = tid / cols;
@@ -809,7 +815,7 @@ __global__ void __launch_bounds__(128) DecodeReduceKernel(const DecodeParams p, 
     acc.z = fmaf(ws, v.z, acc.z);
     acc.w = fmaf(ws, v.w, acc.w);
   }
-  __shared__ float4 lane_acc[128];
+  __shared__ float4 lane_acc[kDecodeReduceThreads];
   lane_acc[tid] = acc;
   __syncthreads();
   if (tid < cols) {
