@@ -686,3 +686,26 @@ def test_generation_without_a_stream_stops_when_its_client_leaves():
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(_until_disconnected(failing(), Request(30.0), 0.01))
+
+
+def test_ports_and_urls_of_an_ipv6_host():
+    """`--host ::1`: ports are probed with an IPv6 socket (an IPv4 one called every port
+    taken) and URLs bracket the address."""
+    import socket
+    from pathlib import Path
+    from sawtrt.serving.server import TritonServer, free_port, port_in_use, url_host
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = free_port("::1")
+    assert not port_in_use("::1", port)
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", port))
+        taken.listen()
+        assert port_in_use("::1", port)
+    s = TritonServer(Path("repo"), grpc_port=8001, http_port=8000, metrics_port=8002, host="::1")
+    assert (s.grpc_url, s.http_url, s.metrics_url) == \
+        ("[::1]:8001", "http://[::1]:8000", "http://[::1]:8002/metrics")
+    assert url_host("127.0.0.1") == "127.0.0.1"

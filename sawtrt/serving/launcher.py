@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sawtrt.serving.server import ServerError, TritonServer, check_ports_free
+from sawtrt.serving.server import ServerError, TritonServer, check_ports_free, url_host
 
 
 def say(msg: str) -> None:
@@ -88,7 +88,7 @@ class Launcher:
                 # the ports are known only now (0 = picked free)
                 s = self.server
                 c.grpc_port, c.http_port, c.metrics_port = s.grpc_port, s.http_port, s.metrics_port
-                api = (f"  openai http://{c.host}:{self.frontend.port}/v1"
+                api = (f"  openai http://{url_host(c.host)}:{self.frontend.port}/v1"
                        if self.frontend is not None else "")
                 say(f"ready  grpc {s.grpc_url}  http {s.http_url}  metrics {s.metrics_url}{api}"
                     "  (Ctrl-C drains and stops)")

@@ -188,10 +188,19 @@ def server_env(dist: TritonDist, base: dict | None = None, stub_bin: Path | None
     return env
 
 
+def url_host(host: str) -> str:
+    """host as it goes into a URL: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether something listens on (host, port): a bind with SO_REUSEADDR fails only then
     (a port in TIME_WAIT is not "in use")."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -266,7 +275,7 @@ def _child_setup(parent_pid: int) -> None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS says is free now (bind port 0). Racy by nature; fine for tests."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -309,15 +318,15 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{url_host(self.host)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"http://{url_host(self.host)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{url_host(self.host)}:{self.metrics_port}/metrics"
 
     def command(self, dist: TritonDist, backend_dir: Path | None) -> list[str]:
         cmd = [os.fspath(dist.binary),

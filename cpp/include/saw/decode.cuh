@@ -800,8 +800,8 @@ DecodeReduceKernel(const DecodeParams p, int D) {
   const float den = red[1][0] + red[1][1] + red[1][2] + red[1][3];
   const float inv = den > 0.f ? 1.f / den : 0.f;
   // thread (split lane sl, column group cg) sums float4 column group cg of splits sl, sl + L,
-  // ... (L = kDecodeReduceThreads / (D / 4) split lanes), its loads unrolled so they are in flight together: at
-  // one sequence the merge is a chain of L2 round trips, not bandwidth
+  // ... (L = kDecodeReduceThreads / (D / 4) split lanes), its loads unrolled so they are in
+  // flight together: at one sequence the merge is a chain of L2 round trips, not bandwidth
   const int cols = D / 4, lanes_s = blockDim.x / cols;
   const int cg = tid % cols, sl = tid / cols;
   const float4* po = reinterpret_cast<const float4*>(p.part_o + row0 * D);
