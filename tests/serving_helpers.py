@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import sawtrt.serving.server as _server
+from sawtrt.engine.sampling import SamplingParams
 
 REPO_ROOT = _server.PACKAGE_ROOT
 READY = re.compile(r"ready  grpc (\S+)  http (\S+)  metrics (\S+)(?:  openai (\S+))?")
@@ -131,3 +132,42 @@ def wait_until(pred, timeout: float = 30.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached after {timeout} s")
         time.sleep(0.2)
+
+
+# Greedy outputs of a batched engine depend on the batch at near-ties: the fp32 GEMMs' op order
+# follows the step's row count, which can move one INT4 code of the cache, which moves this
+# model's logits by a few hundredths. Seen: " 32." locally against " 32\n\nThe answer is" served,
+# '.' and '\n' 0.041 apart (logits ~24).
+NEAR_TIE = 0.1
+
+
+def served_divergence(llm, prompt: str, ids: list[int], served: str) -> str | None:
+    """None when `served` follows the local greedy `ids` up to a position where the local top
+    two logits are within NEAR_TIE and takes the runner-up there; else what is wrong."""
+    tok = llm.tokenizer
+    k = 0
+    while k < len(ids) and served.startswith(tok.decode(ids[:k + 1])):
+        k += 1
+    if k == len(ids):
+        return "the served text extends the local one"
+    rows = []
+    runner = llm.engine.runner
+    forward = runner.forward
+
+    def recording(batch):
+        logits = forward(batch)
+        rows.append(logits[-1].clone())
+        return logits
+    runner.forward = recording
+    try:
+        llm.generate([tok.encode(prompt) + ids[:k]], SamplingParams(max_tokens=1))
+    finally:
+        runner.forward = forward
+    top = rows[-1].topk(2)
+    (first, second), (a, b) = top.values.tolist(), top.indices.tolist()
+    rest = served[len(tok.decode(ids[:k])):]
+    if a != ids[k] or first - second > NEAR_TIE or not tok.decode([b]) \
+            or not rest.startswith(tok.decode([b])):
+        return (f"diverges at token {k}: local top two {tok.decode([a])!r} {first:.3f}, "
+                f"{tok.decode([b])!r} {second:.3f}; served continues {rest!r}")
+    return None

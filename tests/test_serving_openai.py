@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 pytest.importorskip("fastapi", reason="serving extra not installed")
 pytest.importorskip("tritonclient.grpc", reason="serving extra not installed")
 
-from serving_helpers import scrape, start_serve, wait_until  # noqa: E402
+from serving_helpers import scrape, served_divergence, start_serve, wait_until  # noqa: E402
 
 from sawtrt.serving.client import generate  # noqa: E402
 
@@ -250,7 +250,9 @@ def test_cli_client_with_no_server_is_a_clean_error():
     assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_concurrent_streams(client):
+def test_concurrent_streams(client, smollm2_serving_engine):
+    """Eight concurrent streams; the first two are what the engine gives for their prompts
+    locally, but for a greedy pick at a near-tie that the batch decided otherwise."""
     prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(8)]
     out = [None] * len(prompts)
 
@@ -264,9 +266,14 @@ def test_concurrent_streams(client):
         t.start()
     for t in threads:
         t.join(300)
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=4,
-                                       temperature=0).choices[0].text for p in prompts[:2]]
-    assert out[:2] == alone and all(o is not None for o in out)
+    assert all(o is not None for o in out)
+    from sawtrt.engine.llm import LLM
+    from sawtrt.engine.sampling import SamplingParams
+    llm = LLM(smollm2_serving_engine, device="cpu")
+    for p, text in zip(prompts[:2], out[:2]):
+        local = llm.generate([p], SamplingParams(max_tokens=4))[0]
+        if text != local.text:
+            assert served_divergence(llm, p, local.token_ids, text) is None, (p, text, local)
 
 
 def test_aiperf_chat_endpoint(served, smollm2_serving_engine, tmp_path):

@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="serving extra not installed")  # dev includes it
 
-from serving_helpers import start_serve  # noqa: E402
+from serving_helpers import served_divergence, start_serve  # noqa: E402
 
 from sawtrt.serving.client import generate, make_inputs, stream_infer  # noqa: E402
 
@@ -72,7 +72,7 @@ def wait_metric(url, name, pred, timeout=30.0):
 
 def test_32_concurrent_streams_match_local_generate(served, engine_dir):
     """Each stream is what the engine gives locally for its prompt, but for a greedy pick at a
-    near-tie that the batch decided otherwise (see _divergence)."""
+    near-tie that the batch decided otherwise (serving_helpers.served_divergence)."""
     results = [None] * len(PROMPTS)
 
     def user(i):
@@ -97,51 +97,12 @@ def test_32_concurrent_streams_match_local_generate(served, engine_dir):
     mismatches = [(i, r.text, g) for i, (r, g) in enumerate(zip(results, local))
                   if (r.text, r.finish_reason, r.num_output_tokens)
                   != (g.text, g.finish_reason, len(g.token_ids))]
-    unexplained = [(PROMPTS[i], text, g.text, _divergence(llm, PROMPTS[i], g.token_ids, text))
+    unexplained = [(PROMPTS[i], text, g.text,
+                    served_divergence(llm, PROMPTS[i], g.token_ids, text))
                    for i, text, g in mismatches]
     unexplained = [m for m in unexplained if m[3] is not None]
     assert not unexplained, unexplained
     assert any(r.text.strip() for r in results)
-
-
-# Greedy outputs of a batched engine depend on the batch at near-ties: the fp32 GEMMs' op order
-# follows the step's row count, which can move one INT4 code of the cache, which moves this
-# model's logits by a few hundredths. Seen: " 32." locally against " 32\n\nThe answer is" served,
-# '.' and '\n' 0.041 apart (logits ~24).
-NEAR_TIE = 0.1
-
-
-def _divergence(llm, prompt: str, ids: list[int], served: str) -> str | None:
-    """None when `served` follows the local greedy `ids` up to a position where the local top
-    two logits are within NEAR_TIE and takes the runner-up there; else what is wrong."""
-    tok = llm.tokenizer
-    k = 0
-    while k < len(ids) and served.startswith(tok.decode(ids[:k + 1])):
-        k += 1
-    if k == len(ids):
-        return "the served text extends the local one"
-    rows = []
-    runner = llm.engine.runner
-    forward = runner.forward
-
-    def recording(batch):
-        logits = forward(batch)
-        rows.append(logits[-1].clone())
-        return logits
-    runner.forward = recording
-    try:
-        from sawtrt.engine.sampling import SamplingParams
-        llm.generate([tok.encode(prompt) + ids[:k]], SamplingParams(max_tokens=1))
-    finally:
-        runner.forward = forward
-    top = rows[-1].topk(2)
-    (first, second), (a, b) = top.values.tolist(), top.indices.tolist()
-    rest = served[len(tok.decode(ids[:k])):]
-    if a != ids[k] or first - second > NEAR_TIE or not tok.decode([b]) \
-            or not rest.startswith(tok.decode([b])):
-        return (f"diverges at token {k}: local top two {tok.decode([a])!r} {first:.3f}, "
-                f"{tok.decode([b])!r} {second:.3f}; served continues {rest!r}")
-    return None
 
 
 def _error_of(url, inputs) -> str | None:
